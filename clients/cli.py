@@ -1,0 +1,52 @@
+"""The `zostream` command: one subcommand module per area, each with `register(subparsers)`.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage / bad input (argparse convention), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules; each defines `register(subparsers) -> None` and sets `func` on its parsers.
+_COMMANDS = ("cmd_model", "cmd_generate", "cmd_train", "cmd_log", "cmd_serve", "cmd_jobs", "cmd_adapters")
+
+
+class UsageError(Exception):
+    """Bad arguments or input discovered after parsing: exit code 2 with the message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from zostream import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="zostream",
+        description="Stream a huge LLM through one GPU: generation and zeroth-order fine-tuning.",
+    )
+    parser.add_argument("--version", action="version", version=f"zostream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"zostream.clients.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"zostream.clients.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"zostream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"zostream {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,101 @@
+"""Frozen, validated configuration dataclasses. Errors say what to do."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+CODECS = ("none", "int8", "nf4")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str | int | float | None, field_name: str = "gpu_memory") -> int | None:
+    """'24GiB' / '24G' / '1.5e9' / 0 → bytes; None or 'auto' → None (use what the device has)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "auto")):
+        return None
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ValueError(f"{field_name} must be >= 0 bytes, got {text}")
+        return int(text)
+    m = _SIZE_RE.match(text)
+    if not m:
+        try:
+            return parse_size(float(text), field_name)
+        except ValueError:
+            raise ValueError(
+                f"{field_name}: cannot read size {text!r}; use a number of bytes or a unit, e.g. 24GiB, 512MB, 0"
+            ) from None
+    num, unit = float(m.group(1)), (m.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    mult = 1 if unit in ("", "b") else base ** ("kmgt".index(unit[0]) + 1)
+    return int(num * mult)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How blocks reach the compute device.
+
+    gpu_memory_bytes: weight budget on the device (None: all free memory; 0: stream every block).
+    prefetch_depth: blocks in flight ahead of compute (>= 2 hides the copy behind compute).
+    """
+
+    gpu_memory_bytes: int | None = None
+    prefetch_depth: int = 2
+    register_host_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 0:
+            raise ValueError("gpu_memory must be >= 0 (0 streams every block)")
+        if not 1 <= self.prefetch_depth <= 8:
+            raise ValueError(f"prefetch_depth must be in 1..8, got {self.prefetch_depth}")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Transfer codec for the frozen base: none (model dtype), int8 (blockwise) or nf4."""
+
+    name: str = "none"
+    blocksize: int = 64
+    cache_dir: str | None = None  # None: the user cache dir
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.name!r}")
+        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"codec blocksize must be a power of two in 64..4096, got {self.blocksize}")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Admission limits: what a request may ask and what the KV cache holds."""
+
+    max_batch: int = 8
+    max_seq_len: int = 2048
+    max_new_tokens: int = 1024
+    max_waiting: int = 256
+    max_prefill_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq_len", "max_new_tokens", "max_waiting", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compute_dtype: str = "auto"  # auto: the model's dtype
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir is required: a Hugging Face model directory")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

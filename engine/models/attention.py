@@ -1,0 +1,128 @@
+"""Attention over padded batches with an optional KV cache, shared by every family.
+
+One `AttentionBatch` describes a workload for a whole pass (same for every layer):
+rows are sequences, right-padded to T new tokens; row b has `lens[b]` valid new tokens
+that follow `past_lens[b]` tokens already in its KV-cache slot `slots[b]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V slots: k[i], v[i] are [S, Hkv, L, D] (S slots of L positions)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class AttentionBatch:
+    positions: torch.Tensor  # [B,T] int64 absolute positions (past_len + t)
+    lens: torch.Tensor  # [B] int64 valid new tokens per row
+    mask: torch.Tensor  # [B,1,T,Lk] bool, True = may attend
+    cache: KVCache | None = None
+    slots: torch.Tensor | None = None  # [B] int64
+    kv_len: int = 0  # Lk when a cache is used
+    write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        lens: torch.Tensor,
+        T: int,
+        past_lens: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> AttentionBatch:
+        device = lens.device
+        B = lens.shape[0]
+        past = past_lens if past_lens is not None else torch.zeros(B, dtype=torch.int64, device=device)
+        t = torch.arange(T, device=device)
+        positions = past[:, None] + t[None, :]
+        if cache is None:
+            j = t
+            mask = (j[None, None, :] <= t[None, :, None]) & (j[None, None, :] < lens[:, None, None])
+            return cls(positions, lens, mask[:, None])
+        assert slots is not None
+        kv_len = int((past + lens).max().item())
+        j = torch.arange(kv_len, device=device)
+        end = (past + lens)[:, None, None]
+        mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < end)
+        valid = t[None, :] < lens[:, None]  # [B,T]
+        b_idx, t_idx = valid.nonzero(as_tuple=True)
+        write = (b_idx, t_idx, slots[b_idx], positions[b_idx, t_idx])
+        return cls(positions, lens, mask[:, None], cache, slots, kv_len, write)
+
+    def layer(self, i: int) -> LayerAttention:
+        return LayerAttention(self, i)
+
+
+@dataclass
+class LayerAttention:
+    batch: AttentionBatch
+    layer: int
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+        """q [B,H,T,D], k/v [B,Hkv,T,D] (already rotated) -> [B,H,T,D]."""
+        ab = self.batch
+        if ab.cache is not None:
+            kc, vc = ab.cache.k[self.layer], ab.cache.v[self.layer]
+            b_idx, t_idx, s_idx, p_idx = ab.write_index
+            # Only valid tokens are written: padding never pollutes a slot.
+            kc[s_idx, :, p_idx] = k.transpose(1, 2)[b_idx, t_idx].to(kc.dtype)
+            vc[s_idx, :, p_idx] = v.transpose(1, 2)[b_idx, t_idx].to(vc.dtype)
+            k = kc[ab.slots, :, : ab.kv_len].to(q.dtype)
+            v = vc[ab.slots, :, : ab.kv_len].to(q.dtype)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ab.mask, scale=scale)
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's factors for one linear: y += scale * (x A^T) B^T on `rows` (None: all)."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+    rows: torch.Tensor | None = None  # [n] int64 batch rows using this adapter
+
+
+LoraSet = dict[str, list[LoraWeights]]  # block-local module name ("self_attn.q_proj") -> adapters
+
+
+def linear(x: torch.Tensor, w: dict, name: str, lora: LoraSet | None) -> torch.Tensor:
+    """x [B,T,in] -> [B,T,out] with the block's weight/bias `name` and any LoRA on it."""
+    y = F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    if lora and name in lora:
+        for ad in lora[name]:
+            xa = x if ad.rows is None else x[ad.rows]
+            delta = F.linear(F.linear(xa.to(ad.A.dtype), ad.A), ad.B).to(y.dtype) * ad.scale
+            if ad.rows is None:
+                y = y + delta
+            else:
+                y = y.index_add(0, ad.rows, delta)
+    return y

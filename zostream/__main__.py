@@ -1,0 +1,3 @@
+from zostream.clients.cli import main
+
+raise SystemExit(main())
