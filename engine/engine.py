@@ -1,0 +1,310 @@
+"""Engine: owns the device; every `step()` is one pass over the layers.
+
+One thread calls `step()` in a loop; other threads only `submit()` / `abort()`, which go
+through a lock-protected inbox drained at the start of the next step. The server talks
+only to this class (and imports grpc; this module does not).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import EngineConfig
+from .errors import NotFoundError, PreconditionError, RequestError
+from .forward import Workload, run_pass
+from .generation import (
+    FinishReason,
+    GenerateRequest,
+    GenerationWorkload,
+    Sequence,
+    TokenEvent,
+    new_sequence,
+)
+from .models.attention import KVCache, LoraSet
+from .scheduler import PassPlan, Scheduler
+from .store import WeightStore
+from .streamer import LayerStreamer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepStats:
+    """What one pass did; the metrics module turns it into Prometheus samples."""
+
+    seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    finished: list[TokenEvent] = field(default_factory=list)
+    first_token_latencies: list[float] = field(default_factory=list)
+    queue_times: list[float] = field(default_factory=list)
+    train: dict[str, Any] | None = None
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device cuda was asked for but CUDA is not available; use --device cpu", "device")
+    return dev
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, tokenizer: Any | None = None) -> None:
+        self.cfg = cfg
+        self.store = WeightStore(cfg.model_dir)
+        self.family, self.spec = self.store.family, self.store.spec
+        self.device = resolve_device(cfg.device)
+        self.dtype = self.store.dtype if cfg.compute_dtype == "auto" else _DTYPES[cfg.compute_dtype]
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_dir)
+        self.eos_ids = _eos_ids(self.tokenizer, self.store.raw_config)
+        self.codec, self.codec_cache = _open_codec(self.store, cfg, self.device)
+        self.streamer = self._base_streamer()
+        lim = cfg.limits
+        max_len = min(lim.max_seq_len, self.spec.max_positions)
+        self.limits = lim if max_len == lim.max_seq_len else _replace(lim, max_seq_len=max_len)
+        kv_heads = getattr(self.spec, "kv_heads", self.spec.heads)
+        self.cache = KVCache.allocate(
+            self.spec.num_layers, lim.max_batch, kv_heads, max_len, self.spec.head_dim, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(self.limits)
+        self.seqs: dict[str, Sequence] = {}
+        self.adapters: dict[str, Any] = {}  # adapter id -> peft.LoraAdapter (on the device)
+        self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
+        self._inbox: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def _base_streamer(self) -> LayerStreamer:
+        if self.codec_cache is None:
+            return LayerStreamer(self.store, self.device, self.dtype, self.cfg.stream)
+        from .codecs import decode_block
+
+        cc = self.codec_cache
+        return LayerStreamer(
+            self.store,
+            self.device,
+            self.dtype,
+            self.cfg.stream,
+            source=cc.block,
+            decoder=lambda packed, dev, dt: decode_block(self.codec, packed, dev, dt),
+            packed_nbytes=cc.block_nbytes,
+        )
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def step(self) -> StepStats:
+        """Schedule, run one pass over the layers, commit the outputs."""
+        t0 = time.monotonic()
+        self._drain_inbox()
+        plan = self.scheduler.schedule()
+        workloads = self._workloads(plan)
+        h2d, d2h = self.streamer.stats.h2d_bytes, self.streamer.stats.d2h_bytes
+        run_pass(self.streamer, [wl for _, wl in workloads])
+        stats = self._commit(plan, workloads)
+        stats.h2d_bytes = self.streamer.stats.h2d_bytes - h2d
+        stats.d2h_bytes = self.streamer.stats.d2h_bytes - d2h
+        stats.seconds = time.monotonic() - t0
+        return stats
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self.seqs or self.scheduler.waiting or self.scheduler.jobs)
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    # ---- requests (any thread) ---------------------------------------------------------------
+    def submit(self, req: GenerateRequest) -> int:
+        """Validate and enqueue; returns the seed the request will use. Raises RequestError."""
+        if req.adapter_id and req.adapter_id not in self.adapters:
+            raise NotFoundError(f"no adapter {req.adapter_id!r}; list them with ListAdapters", "adapter_id")
+        if any(not 0 <= t < self.spec.vocab for t in req.prompt_ids):
+            raise RequestError(f"token ids must be in [0, {self.spec.vocab})", "prompt_token_ids")
+        self.scheduler.check_fits(len(req.prompt_ids), req.stopping.max_new_tokens)
+        seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
+        self._post(lambda: self._admit(req, seed))
+        return seed
+
+    def abort(self, request_id: str) -> None:
+        self._post(lambda: self._finish(request_id, FinishReason.CANCELLED))
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on the engine thread before the next pass (jobs, adapters)."""
+        self._post(fn)
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(fn)
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for fn in inbox:
+            fn()
+
+    def _admit(self, req: GenerateRequest, seed: int) -> None:
+        try:
+            self.scheduler.add(req.request_id, len(req.prompt_ids), req.stopping.max_new_tokens)
+        except RequestError as exc:
+            _emit(req, TokenEvent(req.request_id, (), "", FinishReason.ERROR, len(req.prompt_ids), 0, seed,
+                                  str(exc)))
+            return
+        self.seqs[req.request_id] = new_sequence(req, -1, seed, self.tokenizer, self.device)
+
+    # ---- one pass -----------------------------------------------------------------------------
+    def _workloads(self, plan: PassPlan) -> list[tuple[str, Workload]]:
+        out: list[tuple[str, Workload]] = []
+        for ids, kind in ((plan.prefill, "prefill"), (plan.decode, "decode")):
+            seqs = [self.seqs[r] for r in ids if r in self.seqs]
+            for s in seqs:
+                s.slot = self.scheduler.slot_of(s.req.request_id)
+            if seqs:
+                wl = GenerationWorkload(self.family, self.spec, seqs, self.cache, self.device, self._lora_for)
+                out.append((kind, wl))
+        if plan.train_job and plan.train_job in self.trainers:
+            out.append(("train", self.trainers[plan.train_job].workload()))
+        return out
+
+    def _lora_for(self, seqs: list[Sequence], layer: int) -> LoraSet | None:
+        by_adapter: dict[str, list[int]] = {}
+        for b, s in enumerate(seqs):
+            if s.req.adapter_id:
+                by_adapter.setdefault(s.req.adapter_id, []).append(b)
+        if not by_adapter:
+            return None
+        lora: LoraSet = {}
+        all_rows = len(seqs)
+        for aid, rows in by_adapter.items():
+            adapter = self.adapters.get(aid)
+            if adapter is None:
+                continue
+            idx = None if len(rows) == all_rows else torch.tensor(rows, device=self.device)
+            for module, lw in adapter.layer(layer, rows=idx).items():
+                lora.setdefault(module, []).append(lw)
+        return lora
+
+    def _commit(self, plan: PassPlan, workloads: list[tuple[str, Workload]]) -> StepStats:
+        stats = StepStats()
+        now = time.monotonic()
+        for kind, wl in workloads:
+            if kind == "train":
+                stats.train = self.trainers[plan.train_job].commit(wl)
+                continue
+            assert isinstance(wl, GenerationWorkload)
+            n_new = int(wl.lens.sum())
+            if kind == "prefill":
+                stats.prefill_tokens += n_new
+            else:
+                stats.decode_tokens += n_new
+            for s, tok in zip(wl.seqs, wl.sample(), strict=True):
+                if s.finish is not None:
+                    continue  # aborted during the pass
+                if s.first_token_time is None:
+                    s.first_token_time = now
+                    stats.first_token_latencies.append(now - s.req.arrival)
+                s.output.append(tok)
+                delta = s.detok.add(tok)
+                reason = s.check_stop(tok, self.eos_ids)
+                _emit(s.req, TokenEvent(s.req.request_id, (tok,), delta, None, len(s.req.prompt_ids),
+                                        len(s.output), s.seed))
+                if reason is not None:
+                    stats.finished.append(self._finish(s.req.request_id, reason))
+        return stats
+
+    def _finish(self, request_id: str, reason: FinishReason) -> TokenEvent | None:
+        s = self.seqs.pop(request_id, None)
+        self.scheduler.finish(request_id)
+        if s is None:
+            return None
+        s.finish = reason
+        ev = TokenEvent(request_id, (), "", reason, len(s.req.prompt_ids), len(s.output), s.seed)
+        _emit(s.req, ev)
+        return ev
+
+    # ---- conveniences -------------------------------------------------------------------------
+    def encode_prompt(self, text: str | None = None, messages: list[dict] | None = None, chat: bool = False
+                      ) -> list[int]:
+        tok = self.tokenizer
+        if messages is not None or chat:
+            msgs = messages if messages is not None else [{"role": "user", "content": text or ""}]
+            if not getattr(tok, "chat_template", None):
+                raise PreconditionError("this model has no chat template; send a plain prompt", "messages")
+            rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return list(tok(rendered, add_special_tokens=False)["input_ids"])
+        return list(tok(text or "")["input_ids"])
+
+    def generate(self, requests: Iterable[GenerateRequest]) -> dict[str, TokenEvent]:
+        """Run requests to completion in this thread; returns the final event per request id."""
+        finals: dict[str, TokenEvent] = {}
+        texts: dict[str, list[str]] = {}
+        tokens: dict[str, list[int]] = {}
+        for req in requests:
+            user_cb = req.callback
+
+            def cb(ev: TokenEvent, user_cb=user_cb) -> None:
+                texts.setdefault(ev.request_id, []).append(ev.text)
+                tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+                if ev.finish_reason is not None:
+                    finals[ev.request_id] = ev
+                if user_cb:
+                    user_cb(ev)
+
+            req.callback = cb
+            self.submit(req)
+            finals.pop(req.request_id, None)
+            texts[req.request_id] = []
+        while len(finals) < len(texts):
+            self.step()
+        return {
+            rid: TokenEvent(rid, tuple(tokens.get(rid, ())), "".join(texts[rid]), ev.finish_reason,
+                            ev.prompt_tokens, ev.completion_tokens, ev.seed, ev.error)
+            for rid, ev in finals.items()
+        }
+
+
+def _emit(req: GenerateRequest, ev: TokenEvent) -> None:
+    if req.callback is not None:
+        req.callback(ev)
+
+
+def _eos_ids(tokenizer: Any, raw_config: dict) -> set[int]:
+    ids: set[int] = set()
+    for src in (raw_config.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def _open_codec(store: WeightStore, cfg: EngineConfig, device: torch.device):
+    if cfg.codec.name == "none":
+        return None, None
+    from .codecs import get_codec, open_codec_cache
+
+    codec = get_codec(cfg.codec)
+    return codec, open_codec_cache(store, cfg.codec, device=device if device.type == "cuda" else None)

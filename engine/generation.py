@@ -1,0 +1,174 @@
+"""Generation requests, their sequences, and the prefill / decode workloads of a pass."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RequestError
+from .models.attention import AttentionBatch, KVCache, LoraSet
+from .sampling import SamplingParams, make_generator, sample
+
+
+class FinishReason(enum.Enum):
+    MAX_TOKENS = "max_tokens"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    TIME_LIMIT = "time_limit"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StopParams:
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    time_limit_s: float = 0.0  # 0: none
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise RequestError(f"must be an integer >= 1, got {self.max_new_tokens!r}", field="max_new_tokens")
+        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 16:
+            raise RequestError("stop sequences must be 1..16 non-empty strings", field="stop")
+        if self.time_limit_s < 0 or self.time_limit_s != self.time_limit_s:
+            raise RequestError(f"must be >= 0 seconds, got {self.time_limit_s!r}", field="time_limit")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What a request's callback receives: new token ids + text, and the end when finished."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seed: int = 0
+    error: str = ""
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StopParams = field(default_factory=StopParams)
+    adapter_id: str = ""
+    callback: Callable[[TokenEvent], None] | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Detokenizer:
+    """Incremental detokenisation that never emits half a UTF-8 character."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+
+@dataclass
+class Sequence:
+    """A running request: its KV slot, tokens and sampling state."""
+
+    req: GenerateRequest
+    slot: int
+    seed: int
+    detok: Detokenizer
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the slot
+    finish: FinishReason | None = None
+    first_token_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.req.prompt_ids + self.output
+
+    def check_stop(self, token: int, eos_ids: set[int]) -> FinishReason | None:
+        st = self.req.stopping
+        if token in st.stop_token_ids:
+            return FinishReason.STOP_SEQUENCE
+        if not st.ignore_eos and token in eos_ids:
+            return FinishReason.EOS_TOKEN
+        if st.stop and any(s in self.detok.text for s in st.stop):
+            return FinishReason.STOP_SEQUENCE
+        if len(self.output) >= st.max_new_tokens:
+            return FinishReason.MAX_TOKENS
+        if st.time_limit_s and time.monotonic() - self.req.arrival > st.time_limit_s:
+            return FinishReason.TIME_LIMIT
+        return None
+
+
+def new_sequence(req: GenerateRequest, slot: int, seed: int, tokenizer: Any, device: torch.device) -> Sequence:
+    gen = None if req.sampling.greedy else make_generator(seed, device)
+    return Sequence(req, slot, seed, Detokenizer(tokenizer, req.prompt_ids), gen)
+
+
+class GenerationWorkload:
+    """A batch of sequences advancing by their un-cached tokens (prefill) or one token (decode)."""
+
+    def __init__(
+        self,
+        family: Any,
+        spec: Any,
+        seqs: list[Sequence],
+        cache: KVCache,
+        device: torch.device,
+        lora_for: Callable[[list[Sequence], int], LoraSet | None] | None = None,
+    ) -> None:
+        self.fam, self.spec, self.seqs, self.device = family, spec, seqs, device
+        self.lora_for = lora_for
+        chunks = [s.tokens[s.num_cached :] for s in seqs]
+        T = max(len(c) for c in chunks)
+        ids = torch.zeros(len(seqs), T, dtype=torch.int64)
+        for b, c in enumerate(chunks):
+            ids[b, : len(c)] = torch.tensor(c)
+        self.ids = ids.to(device)
+        self.lens = torch.tensor([len(c) for c in chunks], dtype=torch.int64)
+        self.attn = AttentionBatch.build(
+            self.lens.to(device),
+            T,
+            torch.tensor([s.num_cached for s in seqs], dtype=torch.int64, device=device),
+            cache,
+            torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=device),
+        )
+        self.h: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None  # [B,V] at each row's last valid token
+
+    def begin(self, outer: dict[str, torch.Tensor]) -> None:
+        self.h = self.fam.embed(outer, self.ids, self.attn.positions, self.spec)
+
+    def block(self, i: int, w: dict[str, torch.Tensor]) -> None:
+        lora = self.lora_for(self.seqs, i) if self.lora_for else None
+        self.h = self.fam.block(self.h, w, self.attn.layer(i), self.spec, lora)
+
+    def end(self, outer: dict[str, torch.Tensor]) -> None:
+        last = (self.lens - 1).to(self.device)
+        h_last = self.h[torch.arange(len(self.seqs), device=self.device), last][:, None]  # [B,1,H]
+        self.logits = self.fam.head(h_last, outer, self.spec)[:, 0].float()
+        self.h = None
+
+    def sample(self) -> list[int]:
+        """Next token per sequence; only called after the pass (logits are ready)."""
+        seen = [torch.tensor(s.tokens, dtype=torch.int64, device=self.device) for s in self.seqs]
+        toks = sample(self.logits, [s.req.sampling for s in self.seqs], [s.generator for s in self.seqs], seen)
+        for s, n in zip(self.seqs, self.lens.tolist(), strict=True):
+            s.num_cached += n
+        return toks.tolist()
