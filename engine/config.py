@@ -99,3 +99,76 @@ class EngineConfig:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+METHODS = ("full", "lora")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+NOISE = ("gaussian", "rademacher")
+MASTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """A zeroth-order fine-tuning job's hyperparameters (MeZO defaults for the method)."""
+
+    method: str = "lora"
+    steps: int = 100
+    lr: float | None = None  # None: 1e-6 full, 1e-4 lora
+    eps: float | None = None  # None: 1e-3
+    batch_size: int = 8
+    q: int = 1
+    seed: int = 0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    noise: str = "gaussian"
+    master_dtype: str = "auto"  # auto: float32 for lora; the base dtype (stochastic rounding) for full
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    max_len: int = 512
+    eval_every: int = 0
+    checkpoint_every: int = 0  # 0: only at the end (the update log is the durable record anyway)
+    divergence_guard: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, what: str) -> None:
+            raise ValueError(f"{field_name}: {what}")
+
+        if self.method not in METHODS:
+            bad("method", f"must be full or lora, got {self.method!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 10_000_000:
+            bad("steps", f"must be an integer in 1..10000000, got {self.steps!r}")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and v < 1e3):
+                bad(name, f"must be a positive number, got {v!r}")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
+            bad("batch_size", f"must be an integer in 1..4096, got {self.batch_size!r}")
+        if not isinstance(self.q, int) or not 1 <= self.q <= 64:
+            bad("q", f"must be an integer in 1..64, got {self.q!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            bad("warmup_steps", f"must be in 0..steps, got {self.warmup_steps!r}")
+        if not 0 <= self.weight_decay < 1:
+            bad("weight_decay", f"must be in [0, 1), got {self.weight_decay!r}")
+        if self.noise not in NOISE:
+            bad("noise", f"must be gaussian or rademacher, got {self.noise!r}")
+        if self.master_dtype not in MASTER_DTYPES:
+            bad("master_dtype", f"must be one of {', '.join(MASTER_DTYPES)}, got {self.master_dtype!r}")
+        if not 16 <= self.max_len <= 1 << 20:
+            bad("max_len", f"must be in 16..1048576, got {self.max_len!r}")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            bad("eval_every", "eval_every and checkpoint_every must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-6 if self.method == "full" else 1e-4)
+
+    @property
+    def epsilon(self) -> float:
+        return self.eps if self.eps is not None else 1e-3

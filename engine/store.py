@@ -58,23 +58,33 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if len(raw) < 8:
             raise ModelError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (hlen,) = struct.unpack("<Q", raw)
-        if hlen > min(size - 8, 100 * 2**20):
+        if hlen > 100 * 2**20:
             raise ModelError(f"{path}: corrupt safetensors header (length {hlen} for a {size}-byte file)")
+        if hlen > size - 8:
+            raise ModelError(
+                f"{path}: truncated file: the header needs {8 + hlen} bytes but the file has {size}; "
+                "re-download or re-convert the model"
+            )
         try:
             header = json.loads(f.read(hlen))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     base = 8 + hlen
     infos: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        dtype = _ST_DTYPES.get(h.get("dtype", ""))
+        try:
+            dtype = _ST_DTYPES.get(h.get("dtype", ""))
+            start, end = (int(x) for x in h["data_offsets"])
+            shape = tuple(int(s) for s in h["shape"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: corrupt safetensors header entry for {name} ({exc!r})") from None
         if dtype is None:
             raise ModelError(f"{path}: tensor {name} has unsupported dtype {h.get('dtype')!r}")
-        start, end = h["data_offsets"]
-        shape = tuple(int(s) for s in h["shape"])
         nbytes = math.prod(shape) * dtype.itemsize
-        if end - start != nbytes:
+        if start < 0 or end - start != nbytes:
             raise ModelError(f"{path}: tensor {name} spans {end - start} bytes but its shape needs {nbytes}")
         if base + end > size:
             raise ModelError(
@@ -88,11 +98,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 class MappedFile:
     """One file mapped privately: reads page in lazily, writes never reach the disk."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, writable: bool = False) -> None:
         self.path = path
         size = os.path.getsize(path)
-        # MAP_PRIVATE: copy-on-write, so the base file can never be modified through a view.
-        self.data = torch.from_file(path, shared=False, size=size, dtype=torch.uint8) if size else None
+        # MAP_PRIVATE (default): copy-on-write, so the base file can never be modified through a
+        # view. MAP_SHARED only for a job-owned working copy, whose writes must reach its file.
+        self.data = torch.from_file(path, shared=writable, size=size, dtype=torch.uint8) if size else None
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         assert self.data is not None
@@ -129,8 +140,9 @@ class WeightStore:
     one group per decoder block, keyed by the block-local name ("self_attn.q_proj.weight").
     """
 
-    def __init__(self, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model_dir: str | os.PathLike, writable: bool = False) -> None:
         self.dir = Path(model_dir)
+        self.writable = writable  # only job-owned working copies; never a base model
         if not self.dir.is_dir():
             raise ModelError(f"model directory {self.dir} does not exist or is not a directory")
         cfg_path = self.dir / "config.json"
@@ -220,7 +232,7 @@ class WeightStore:
         info = self.infos[name]
         mf = self._files.get(info.file)
         if mf is None:
-            mf = self._files[info.file] = MappedFile(info.file)
+            mf = self._files[info.file] = MappedFile(info.file, self.writable)
         return mf.view(info)
 
     @property

@@ -1,0 +1,152 @@
+"""Open (or resume) a fine-tuning job directory and build its trainer; checkpoint and export.
+
+Job directory:
+    update.log        the durable record: header + 16 bytes per step and direction
+    working/          full-parameter master (job-owned copy of the base, shared mmap)
+    checkpoints/      LoRA adapters at flushed steps (step-000100/ ...)
+    adapter/ | model/ the exported result at the end (PEFT adapter / HF model dir)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import rng
+from .config import StreamConfig, ZOConfig
+from .data import Dataset
+from .errors import PreconditionError, RequestError
+from .peft import LoraAdapter, LoraSpec
+from .store import WeightStore
+from .streamer import LayerStreamer
+from .trainer import Trainable, ZOTrainer, master_dtype_for
+from .update_log import LogHeader, UpdateLog
+from .working_copy import WorkingCopy
+
+_CKPT = re.compile(r"^step-(\d{6,})$")
+
+
+def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding: str) -> LogHeader:
+    scope: dict[str, Any] = {"kind": "full"}
+    if cfg.method == "lora":
+        scope = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed).to_scope()
+    return LogHeader(
+        base_fingerprint=store.fingerprint,
+        scope=scope,
+        noise=cfg.noise,
+        generator_version=rng.GENERATOR_VERSION,
+        master_dtype=str(master).removeprefix("torch."),
+        rounding=rounding,
+        eps=cfg.epsilon,
+        weight_decay=cfg.weight_decay,
+        decay_exclusions=["bias", "norm"],
+        job_seed=cfg.seed,
+        q=cfg.q,
+        extra={"lr": cfg.learning_rate, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
+               "min_lr_ratio": cfg.min_lr_ratio, "steps": cfg.steps, "batch_size": cfg.batch_size},
+    )
+
+
+def open_trainer(
+    cfg: ZOConfig,
+    job_dir: str | os.PathLike,
+    store: WeightStore,
+    train: Dataset,
+    pad_id: int,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    base_streamer: LayerStreamer,
+    stream_cfg: StreamConfig,
+    codec_name: str = "none",
+) -> ZOTrainer:
+    """Create the job's files on first open; on later opens resume from the last logged step."""
+    if cfg.method == "full" and codec_name != "none":
+        raise PreconditionError(
+            f"a full-parameter job cannot read its weights through the lossy {codec_name} codec (tiny ZO "
+            "updates would vanish in the quantisation); use --codec none, or --method lora",
+            "codec",
+        )
+    job = Path(job_dir)
+    job.mkdir(parents=True, exist_ok=True)
+    master, rounding = master_dtype_for(cfg, store.dtype)
+    header = log_header(cfg, store, master, rounding)
+    log_path = job / "update.log"
+    log = UpdateLog.open(log_path, expect=header) if log_path.exists() else UpdateLog.create(log_path, header)
+    if cfg.method == "lora":
+        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed)
+        adapter, at = _latest_lora(job, store, device, len(log))
+        if adapter is None:
+            adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0
+        tr = ZOTrainer(cfg, store.family, store.spec, base_streamer, log, train, pad_id, compute_dtype,
+                       adapter=adapter, rounding=rounding)
+        tr.applied = [at] * tr.trainable.num_groups
+        return tr
+    wc = WorkingCopy(job / "working", store, master)
+    streamer = LayerStreamer(wc.store, device, master, stream_cfg, mutable=True)
+
+    def groups(g: int, w: dict | None) -> dict[str, torch.Tensor]:
+        if w is not None:
+            return w
+        return wc.group_tensors(g)
+
+    def on_written(g: int, step: int, done: bool) -> None:
+        (wc.end_write if done else wc.begin_write)(g, step)
+
+    trainable = Trainable(groups, wc.groups, on_written)
+    tr = ZOTrainer(cfg, store.family, store.spec, streamer, log, train, pad_id, compute_dtype,
+                   trainable=trainable, rounding=rounding)
+    tr.applied = [int(a) for a in wc.applied]
+    tr.working_copy = wc  # type: ignore[attr-defined]
+    return tr
+
+
+def _latest_lora(job: Path, store: WeightStore, device: torch.device, n_steps: int):
+    ckpts = sorted((int(m.group(1)), p) for p in (job / "checkpoints").glob("step-*")
+                   if (m := _CKPT.match(p.name)) and (p / "adapter_config.json").exists())
+    for step, path in reversed(ckpts):
+        if step <= n_steps:
+            return LoraAdapter.load_peft(path, store.family, store.spec, device), step
+    return None, 0
+
+
+def checkpoint(tr: ZOTrainer, job_dir: str | os.PathLike, keep: int = 2) -> Path | None:
+    """Flush, then persist what the log cannot cheaply rebuild (LoRA factors at this step)."""
+    tr.flush()
+    job = Path(job_dir)
+    if tr.adapter is None:
+        return job / "working"
+    out = job / "checkpoints" / f"step-{tr.step:06d}"
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tr.adapter.save_peft(tmp)
+        os.replace(tmp, out)
+    old = sorted(p for p in (job / "checkpoints").glob("step-*") if _CKPT.match(p.name))[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return out
+
+
+def export(tr: ZOTrainer, job_dir: str | os.PathLike, base_model: str = "") -> Path:
+    """The job's result: JOBDIR/adapter (PEFT) for LoRA, JOBDIR/model (HF dir) for full."""
+    tr.flush()
+    job = Path(job_dir)
+    if tr.adapter is not None:
+        tmp = job / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tr.adapter.save_peft(tmp, base_model)
+        shutil.rmtree(job / "adapter", ignore_errors=True)
+        os.replace(tmp, job / "adapter")
+        return job / "adapter"
+    wc: WorkingCopy = tr.working_copy  # type: ignore[attr-defined]
+    return wc.export(job / "model")
+
+
+def validate_dataset(ds: Dataset, cfg: ZOConfig) -> None:
+    if not ds.examples:
+        raise RequestError(f"{ds.path}: no training examples", "training_dataset")

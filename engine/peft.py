@@ -1,0 +1,162 @@
+"""LoRA adapters: deterministic init, application inside `block`, PEFT-format save/load.
+
+Tensors are named exactly as PEFT names them ("base_model.model.model.layers.0.self_attn.
+q_proj.lora_A.weight"): those names key the ZO noise, the update log's replay and the
+exported adapter, so one name means one tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import rng
+from .errors import RequestError
+from .models.attention import LoraWeights
+from .store import open_safetensors, save_safetensors
+
+PEFT_PREFIX = "base_model.model."
+INIT_STREAM = 2  # rng stream reserved for adapter init (0: noise z, 1: stochastic rounding)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or not 1 <= self.r <= 1024:
+            raise RequestError(f"must be an integer in 1..1024, got {self.r!r}", "lora_r")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise RequestError(f"must be a positive number, got {self.alpha!r}", "lora_alpha")
+        if not self.targets:
+            raise RequestError("name at least one module, e.g. q_proj,v_proj", "lora_targets")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_scope(self) -> dict[str, Any]:
+        return {"kind": "lora", "r": self.r, "alpha": self.alpha, "targets": list(self.targets),
+                "init_seed": self.init_seed}
+
+
+class LoraAdapter:
+    """fp32 LoRA factors on the device; `layer(i)` hands them to the family's `block`."""
+
+    def __init__(self, spec: LoraSpec, family: Any, mspec: Any, tensors: dict[str, torch.Tensor]) -> None:
+        self.spec, self.family, self.mspec = spec, family, mspec
+        self.tensors = tensors
+        modules = family.module_names(mspec)
+        unknown = [t for t in spec.targets if t not in modules]
+        if unknown:
+            raise RequestError(
+                f"unknown module(s) {', '.join(unknown)}; this model has {', '.join(sorted(modules))}",
+                "lora_targets",
+            )
+        self.modules = {t: modules[t] for t in spec.targets}  # short -> block-local module name
+
+    # ---- names & shapes -----------------------------------------------------------------------
+    @staticmethod
+    def expected(spec: LoraSpec, family: Any, mspec: Any) -> dict[str, tuple[int, int]]:
+        shapes = family.block_tensors(mspec)
+        modules = family.module_names(mspec)
+        out: dict[str, tuple[int, int]] = {}
+        for i in range(mspec.num_layers):
+            for t in spec.targets:
+                if t not in modules:
+                    continue
+                out_f, in_f = shapes[modules[t] + ".weight"]
+                base = PEFT_PREFIX + family.layer_prefix(i) + modules[t]
+                out[base + ".lora_A.weight"] = (spec.r, in_f)
+                out[base + ".lora_B.weight"] = (out_f, spec.r)
+        return out
+
+    def layer_names(self, i: int) -> list[str]:
+        prefix = PEFT_PREFIX + self.family.layer_prefix(i)
+        return [n for n in self.tensors if n.startswith(prefix)]
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def init(cls, spec: LoraSpec, family: Any, mspec: Any, device: torch.device) -> LoraAdapter:
+        """PEFT's default init: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0; A from our generator."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape in cls.expected(spec, family, mspec).items():
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(shape[1])
+                u = rng.uniform(spec.init_seed, name, 0, shape[0] * shape[1], device, stream=INIT_STREAM)
+                tensors[name] = ((u * 2.0 - 1.0) * bound).view(shape)
+            else:
+                tensors[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return cls(spec, family, mspec, tensors)
+
+    def clone(self) -> LoraAdapter:
+        return LoraAdapter(self.spec, self.family, self.mspec, {k: v.clone() for k, v in self.tensors.items()})
+
+    def layer(
+        self, i: int, rows: torch.Tensor | None = None, tensors: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, LoraWeights]:
+        """Block-local module name -> LoraWeights for block i (`tensors` overrides, e.g. perturbed)."""
+        src = tensors if tensors is not None else self.tensors
+        prefix = PEFT_PREFIX + self.family.layer_prefix(i)
+        return {
+            local: LoraWeights(src[f"{prefix}{local}.lora_A.weight"], src[f"{prefix}{local}.lora_B.weight"],
+                               self.spec.scale, rows)
+            for local in self.modules.values()
+        }
+
+    # ---- PEFT format --------------------------------------------------------------------------
+    def save_peft(self, out_dir: str | os.PathLike, base_model: str = "") -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.spec.r,
+            "lora_alpha": self.spec.alpha,
+            "target_modules": list(self.spec.targets),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "base_model_name_or_path": base_model,
+            "modules_to_save": None,
+            "zostream_init_seed": self.spec.init_seed,
+        }
+        # PEFT stores names without the adapter name ("default"); so do we.
+        save_safetensors({k: v.detach().cpu() for k, v in self.tensors.items()}, out / "adapter_model.safetensors",
+                         metadata={"format": "pt"})
+        tmp = out / "adapter_config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, out / "adapter_config.json")
+        return out
+
+    @classmethod
+    def load_peft(cls, adapter_dir: str | os.PathLike, family: Any, mspec: Any, device: torch.device) -> LoraAdapter:
+        d = Path(adapter_dir)
+        try:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RequestError(f"{d}: not a PEFT adapter directory ({exc})", "adapter") from None
+        if cfg.get("peft_type") != "LORA":
+            raise RequestError(f"{d}: only LoRA adapters are supported, got {cfg.get('peft_type')}", "adapter")
+        targets = cfg["target_modules"]
+        targets = tuple(sorted(targets)) if isinstance(targets, list) else (targets,)
+        spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, int(cfg.get("zostream_init_seed", 0)))
+        raw = open_safetensors(d / "adapter_model.safetensors")
+        want = cls.expected(spec, family, mspec)
+        tensors = {}
+        for name, shape in want.items():
+            if name not in raw or tuple(raw[name].shape) != shape:
+                raise RequestError(f"{d}: adapter tensor {name} missing or of the wrong shape", "adapter")
+            tensors[name] = raw[name].to(device=device, dtype=torch.float32, copy=True)
+        return cls(spec, family, mspec, tensors)

@@ -1,0 +1,286 @@
+"""A zeroth-order fine-tuning job inside the pass over the layers (MeZO SPSA, ZO2 schedule).
+
+Step t, for every trainable group g (outer tensors, then block 0..L-1, in pass order):
+  1. catch up: apply the logged updates applied[g]..t-1 (normally just step t-1: the
+     lazy ZO2 update, fused in while the block is on the device);
+  2. run the 2q perturbed forwards of the batch through the group, on work copies
+     θ ± ε z (the master is never perturbed).
+At the end of the pass: L±_d → g_d, the record is fsync'd into the update log, and the
+step counts as done. `flush()` brings every group up to date (checkpoint, eval, export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import data as D
+from . import rng, zo
+from .config import ZOConfig
+from .forward import run_pass
+from .models.attention import AttentionBatch, LoraSet
+from .peft import LoraAdapter
+from .streamer import LayerStreamer
+from .update_log import LogHeader, Step, UpdateLog
+
+SR_DIRECTION = 0xFFFF  # step_seed(job, step, SR_DIRECTION) seeds the stochastic-rounding uniforms
+WeightFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Trainable:
+    """The trainable tensors and how to reach them: full names -> master tensors per group."""
+
+    groups: Callable[[int, dict[str, torch.Tensor] | None], dict[str, torch.Tensor]]
+    num_groups: int
+    on_written: Callable[[int, int, bool], None]  # (group, step, done) -> persist counters
+
+
+class LossWorkload:
+    """Forward of one token batch with given weight transforms; per-example NLL at the end."""
+
+    def __init__(self, fam: Any, spec: Any, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 outer_fn: WeightFn | None = None, block_fn: Callable[[int, dict], dict] | None = None,
+                 lora_fn: Callable[[int], LoraSet | None] | None = None) -> None:
+        self.fam, self.spec = fam, spec
+        self.ids, self.labels, lens = batch
+        self.attn = AttentionBatch.build(lens, self.ids.shape[1])
+        self.outer_fn, self.block_fn, self.lora_fn = outer_fn, block_fn, lora_fn
+        self.h: torch.Tensor | None = None
+        self.sums = self.counts = None
+
+    def begin(self, outer: dict[str, torch.Tensor]) -> None:
+        o = self.outer_fn(outer) if self.outer_fn else outer
+        self.h = self.fam.embed(o, self.ids, self.attn.positions, self.spec)
+
+    def block(self, i: int, w: dict[str, torch.Tensor]) -> None:
+        w = self.block_fn(i, w) if self.block_fn else w
+        lora = self.lora_fn(i) if self.lora_fn else None
+        self.h = self.fam.block(self.h, w, self.attn.layer(i), self.spec, lora)
+
+    def end(self, outer: dict[str, torch.Tensor]) -> None:
+        o = self.outer_fn(outer) if self.outer_fn else outer
+        logits = self.fam.head(self.h, o, self.spec)
+        self.h = None
+        self.sums, self.counts = D.nll_per_example(logits, self.labels)
+
+    def mean_loss(self) -> float:
+        # Sum of per-example sums, then one division: the reduction order data-parallel runs reproduce.
+        return float(self.sums.double().sum() / max(int(self.counts.sum()), 1))
+
+
+class ZOStepWorkload:
+    def __init__(self, tr: ZOTrainer, step: int, batch) -> None:
+        self.tr, self.step = tr, step
+        cfg, fam, spec = tr.cfg, tr.fam, tr.spec
+        self.subs: list[LossWorkload] = []
+        for d in range(cfg.q):
+            seed = rng.step_seed(cfg.seed, step, d)
+            for sign in (1, -1):
+                self.subs.append(LossWorkload(fam, spec, batch, *tr.perturbers(seed, sign)))
+
+    def begin(self, outer: dict[str, torch.Tensor]) -> None:
+        self.tr.catch_up(0, outer, self.step)
+        for s in self.subs:
+            s.begin(outer)
+
+    def block(self, i: int, w: dict[str, torch.Tensor]) -> None:
+        self.tr.catch_up(i + 1, w, self.step)
+        for s in self.subs:
+            s.block(i, w)
+
+    def end(self, outer: dict[str, torch.Tensor]) -> None:
+        for s in self.subs:
+            s.end(outer)
+
+    def losses(self) -> list[tuple[float, float]]:
+        return [(self.subs[2 * d].mean_loss(), self.subs[2 * d + 1].mean_loss()) for d in range(self.tr.cfg.q)]
+
+
+class ZOTrainer:
+    """One job's training state; the engine (or `zostream train`) drives it pass by pass."""
+
+    def __init__(self, cfg: ZOConfig, fam: Any, spec: Any, streamer: LayerStreamer, log: UpdateLog,
+                 train: D.Dataset, pad_id: int, compute_dtype: torch.dtype,
+                 trainable: Trainable | None = None, adapter: LoraAdapter | None = None,
+                 rounding: str = "nearest") -> None:
+        self.cfg, self.fam, self.spec = cfg, fam, spec
+        self.streamer, self.log, self.train, self.pad_id = streamer, log, train, pad_id
+        self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
+        self.device = streamer.device
+        self.trainable = trainable or self._lora_trainable()
+        self.steps: list[Step] = log.steps()
+        self.applied = [0] * self.trainable.num_groups  # overwritten by the owner on resume
+        self.schedule = zo.LRSchedule(cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps,
+                                      cfg.min_lr_ratio)
+        self.g_history: list[float] = []
+
+    @property
+    def step(self) -> int:
+        return len(self.steps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.steps
+
+    # ---- trainable groups ----------------------------------------------------------------------
+    def _lora_trainable(self) -> Trainable:
+        assert self.adapter is not None
+        ad = self.adapter
+
+        def groups(g: int, _w: dict | None) -> dict[str, torch.Tensor]:
+            return {} if g == 0 else {n: ad.tensors[n] for n in ad.layer_names(g - 1)}
+
+        return Trainable(groups, self.spec.num_layers + 1, lambda g, s, done: None)
+
+    def perturbers(self, seed: int, sign: int):
+        """(outer_fn, block_fn, lora_fn) making θ ± ε z work copies for one forward."""
+        cfg, eps, kind = self.cfg, self.cfg.epsilon, self.cfg.noise
+        if self.adapter is not None:
+            ad = self.adapter
+
+            def lora_fn(i: int) -> LoraSet:
+                pert = {n: zo.perturbed(ad.tensors[n], kind, seed, n, eps, sign, torch.float32)
+                        for n in ad.layer_names(i)}
+                return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
+
+            return None, None, lora_fn
+        prefix = self.fam.layer_prefix
+
+        def outer_fn(outer: dict) -> dict:
+            return {n: zo.perturbed(t, kind, seed, n, eps, sign, self.dtype) for n, t in outer.items()}
+
+        def block_fn(i: int, w: dict) -> dict:
+            return {k: zo.perturbed(t, kind, seed, prefix(i) + k, eps, sign, self.dtype) for k, t in w.items()}
+
+        del cfg
+        return outer_fn, block_fn, None
+
+    def catch_up(self, g: int, w: dict[str, torch.Tensor] | None, upto: int) -> None:
+        """Apply logged steps applied[g]..upto-1 to group g's master tensors, in place."""
+        if self.applied[g] >= upto:
+            return
+        tensors = self.trainable.groups(g, w)
+        if self.adapter is None and g > 0 and tensors:
+            prefix = self.fam.layer_prefix(g - 1)
+            tensors = {prefix + k: v for k, v in tensors.items()}
+        for s in range(self.applied[g], upto):
+            self.trainable.on_written(g, s, False)
+            apply_step(tensors, self.steps[s], self.log.header)
+            self.applied[g] = s + 1
+            self.trainable.on_written(g, s, True)
+        if self.adapter is None and g > 0 and self.streamer.mutable:
+            self.streamer.mark_dirty(g - 1)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def batch(self, step: int):
+        idx = D.batch_order(len(self.train.examples), self.cfg.batch_size, self.cfg.seed, step)
+        ids, labels, lens = D.collate([self.train.examples[i] for i in idx], self.pad_id)
+        return ids.to(self.device), labels.to(self.device), lens.to(self.device)
+
+    def workload(self) -> ZOStepWorkload:
+        return ZOStepWorkload(self, self.step, self.batch(self.step))
+
+    def commit(self, wl: ZOStepWorkload) -> dict[str, Any]:
+        """Turn the pass's losses into the logged step (fsync'd before it counts)."""
+        losses = wl.losses()
+        gs = [zo.projected_grad(lp, lm, self.cfg.epsilon) for lp, lm in losses]
+        reason = None
+        if self.cfg.divergence_guard:
+            for (lp, lm), g in zip(losses, gs, strict=True):
+                reason = reason or zo.divergence_check(g, lp, lm, self.g_history)
+        lr = self.schedule.lr_at(wl.step)
+        step = Step(wl.step, lr, tuple(gs), skipped=reason is not None)
+        self.log.append(step)
+        self.steps.append(step)
+        if reason is None:
+            self.g_history.extend(abs(g) for g in gs)
+            del self.g_history[:-256]
+        loss = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
+        return {"step": wl.step, "loss": loss, "loss_plus": losses[0][0], "loss_minus": losses[0][1],
+                "projected_grad": gs[0], "lr": lr, "skipped": reason, "tokens": int(wl.subs[0].counts.sum())}
+
+    def run_step(self) -> dict[str, Any]:
+        wl = self.workload()
+        run_pass(self.streamer, [wl])
+        return self.commit(wl)
+
+    def flush(self) -> None:
+        """Apply the pending update everywhere (ZO2 never does: its saves are a step stale)."""
+        upto = self.step
+        outer = self.streamer.outer()
+        self.catch_up(0, outer, upto)
+        if all(a >= upto for a in self.applied[1:]):
+            return
+        if self.adapter is not None:
+            for g in range(1, self.trainable.num_groups):
+                self.catch_up(g, None, upto)
+            return
+        with torch.inference_mode():
+            for i, w in self.streamer.blocks():
+                self.catch_up(i + 1, w, upto)
+        self.streamer.flush_resident()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, ds: D.Dataset, batch_size: int = 8) -> dict[str, float]:
+        """Loss (and multiple-choice accuracy) with the current, flushed weights."""
+        self.flush()
+        lora_fn = None
+        if self.adapter is not None:
+            ad = self.adapter
+            lora_fn = lambda i: {m: [lw] for m, lw in ad.layer(i).items()}  # noqa: E731
+        return evaluate(self.fam, self.spec, self.streamer, ds, self.pad_id, self.device, lora_fn, batch_size)
+
+
+def apply_step(tensors: dict[str, torch.Tensor], step: Step, h: LogHeader) -> None:
+    """One logged step onto master tensors (training, flush and replay all call this)."""
+    if step.skipped:
+        return
+    dirs = [(rng.step_seed(h.job_seed, step.step, d), g) for d, g in enumerate(step.directions)]
+    sr_seed = rng.step_seed(h.job_seed, step.step, SR_DIRECTION)
+    for name, t in tensors.items():
+        zo.apply_update(t, name, dirs, step.lr, h.weight_decay, h.noise, decay=zo.is_decayed(name),
+                        rounding=h.rounding, sr_seed=sr_seed)
+
+
+@torch.inference_mode()
+def evaluate(fam: Any, spec: Any, streamer: LayerStreamer, ds: D.Dataset, pad_id: int, device: torch.device,
+             lora_fn: Callable[[int], LoraSet | None] | None = None, batch_size: int = 8) -> dict[str, float]:
+    """Mean token loss over ds.examples; for choice datasets, length-normalised accuracy."""
+
+    def score(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, counts = [], []
+        for i in range(0, len(examples), batch_size):
+            ids, labels, lens = D.collate(examples[i : i + batch_size], pad_id)
+            wl = LossWorkload(fam, spec, (ids.to(device), labels.to(device), lens.to(device)), lora_fn=lora_fn)
+            run_pass(streamer, [wl])
+            sums.append(wl.sums.double().cpu())
+            counts.append(wl.counts.cpu())
+        return torch.cat(sums), torch.cat(counts)
+
+    sums, counts = score(ds.examples)
+    out = {"loss": float(sums.sum() / max(int(counts.sum()), 1))}
+    if ds.choices:
+        flat = [ex for ch in ds.choices for ex in D.choice_batches(ch)]
+        s, c = score(flat)
+        per = (-(s / c.clamp(min=1))).tolist()
+        scores, k = [], 0
+        for ch in ds.choices:
+            scores.append(per[k : k + len(ch.candidates)])
+            k += len(ch.candidates)
+        out["accuracy"] = D.choice_accuracy(scores, [ch.answer for ch in ds.choices])
+    return out
+
+
+def master_dtype_for(cfg: ZOConfig, base_dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """(master dtype, rounding): fp32 masters round to nearest; bf16/fp16 masters stochastically."""
+    if cfg.method == "lora":
+        return torch.float32, "nearest"
+    name = cfg.master_dtype
+    dt = base_dtype if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                             "float16": torch.float16}[name]
+    return dt, ("nearest" if dt == torch.float32 else "stochastic")
+

