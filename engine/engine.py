@@ -45,7 +45,8 @@ class StepStats:
     finished: list[TokenEvent] = field(default_factory=list)
     first_token_latencies: list[float] = field(default_factory=list)
     queue_times: list[float] = field(default_factory=list)
-    train: dict[str, Any] | None = None
+    train_job: str | None = None
+    train: dict[str, Any] | Exception | None = None  # the step's result, or why the job's step failed
     h2d_bytes: int = 0
     d2h_bytes: int = 0
 
@@ -115,8 +116,17 @@ class Engine:
         plan = self.scheduler.schedule()
         workloads = self._workloads(plan)
         h2d, d2h = self.streamer.stats.h2d_bytes, self.streamer.stats.d2h_bytes
-        run_pass(self.streamer, [wl for _, wl in workloads])
-        stats = self._commit(plan, workloads)
+        error = None
+        for streamer, wls in self._by_streamer(plan, workloads):
+            try:
+                run_pass(streamer, wls)
+            except Exception as exc:  # a job's pass failing must not take generation down
+                if not _is_train(wls):
+                    raise
+                # Generation in the same pass committed nothing: it simply runs again next pass.
+                workloads = [(k, w) for k, w in workloads if k == "train"]
+                error = exc
+        stats = self._commit(plan, workloads, error)
         stats.h2d_bytes = self.streamer.stats.h2d_bytes - h2d
         stats.d2h_bytes = self.streamer.stats.d2h_bytes - d2h
         stats.seconds = time.monotonic() - t0
@@ -183,6 +193,19 @@ class Engine:
             out.append(("train", self.trainers[plan.train_job].workload()))
         return out
 
+    def _by_streamer(self, plan: PassPlan, workloads: list[tuple[str, Workload]]):
+        """Generation and LoRA jobs read the base streamer; a full-parameter job its own copy."""
+        groups: list[tuple[LayerStreamer, list[Workload]]] = []
+        for kind, wl in workloads:
+            streamer = self.trainers[plan.train_job].streamer if kind == "train" else self.streamer
+            for s, wls in groups:
+                if s is streamer:
+                    wls.append(wl)
+                    break
+            else:
+                groups.append((streamer, [wl]))
+        return groups
+
     def _lora_for(self, seqs: list[Sequence], layer: int) -> LoraSet | None:
         by_adapter: dict[str, list[int]] = {}
         for b, s in enumerate(seqs):
@@ -201,12 +224,18 @@ class Engine:
                 lora.setdefault(module, []).append(lw)
         return lora
 
-    def _commit(self, plan: PassPlan, workloads: list[tuple[str, Workload]]) -> StepStats:
-        stats = StepStats()
+    def _commit(self, plan: PassPlan, workloads: list[tuple[str, Workload]], error: Exception | None = None
+                ) -> StepStats:
+        stats = StepStats(train_job=plan.train_job)
         now = time.monotonic()
         for kind, wl in workloads:
             if kind == "train":
-                stats.train = self.trainers[plan.train_job].commit(wl)
+                try:
+                    if error is not None:
+                        raise error
+                    stats.train = self.trainers[plan.train_job].commit(wl)
+                except Exception as exc:  # disk full, divergence...: the job fails, the engine serves on
+                    stats.train = exc
                 continue
             assert isinstance(wl, GenerationWorkload)
             n_new = int(wl.lens.sum())
@@ -278,6 +307,12 @@ class Engine:
                             ev.prompt_tokens, ev.completion_tokens, ev.seed, ev.error)
             for rid, ev in finals.items()
         }
+
+
+def _is_train(wls: list[Workload]) -> bool:
+    from .trainer import ZOStepWorkload
+
+    return any(isinstance(w, ZOStepWorkload) for w in wls)
 
 
 def _emit(req: GenerateRequest, ev: TokenEvent) -> None:

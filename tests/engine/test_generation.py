@@ -75,9 +75,9 @@ def test_streamed_equals_resident_bitwise(tmp_path, budget):
         wl_logits = []
         orig = e._commit
 
-        def grab(plan, workloads, orig=orig, wl_logits=wl_logits):
+        def grab(plan, workloads, *rest, orig=orig, wl_logits=wl_logits):
             wl_logits.extend(wl.logits.clone() for _, wl in workloads)
-            return orig(plan, workloads)
+            return orig(plan, workloads, *rest)
 
         e._commit = grab
         e.generate([greedy("p", PROMPTS[2], 3)])

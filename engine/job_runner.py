@@ -1,0 +1,212 @@
+"""Runs fine-tuning jobs on the engine thread: start, step bookkeeping, eval, checkpoint,
+export, cancel, fail, and resume after a restart. Every method runs on the engine thread."""
+
+from __future__ import annotations
+
+import shutil
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from . import data as D
+from . import finetune
+from .config import ZOConfig
+from .engine import Engine
+from .errors import PreconditionError
+from .jobs import JobRecord, JobStore
+from .peft import LoraAdapter
+from .replay import check_base, replay_lora
+from .trainer import ZOTrainer
+from .update_log import UpdateLog
+
+MAX_ACTIVE = 1  # one job trains at a time; the rest wait QUEUED
+
+
+@dataclass
+class ActiveJob:
+    rec: JobRecord
+    trainer: ZOTrainer
+    cfg: ZOConfig
+    eval_ds: D.Dataset | None
+
+
+def zo_config(spec: dict[str, Any]) -> ZOConfig:
+    hp = dict(spec.get("hyperparameters", {}))
+    hp["method"] = spec["method"]
+    if "lora_targets" in hp:
+        hp["lora_targets"] = tuple(hp["lora_targets"])
+    hp.pop("codec", None)
+    return ZOConfig(**hp)
+
+
+class JobRunner:
+    def __init__(self, engine: Engine, store: JobStore, on_log_bytes=None) -> None:
+        self.engine, self.store = engine, store
+        self.active: dict[str, ActiveJob] = {}
+        self.on_log_bytes = on_log_bytes or (lambda n: None)
+        for rec in store.list(("running", "cancelling")):
+            # Restarted (cleanly or after kill -9): resume from the last logged step.
+            store.event(rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}")
+            rec.status = "queued"
+            store.save(rec)
+        self.imported: dict[str, LoraAdapter] = {}
+        self._load_adapters()
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def _load_adapters(self) -> None:
+        for rec in self.store.list(("succeeded",)):
+            adir = self.store.job_dir(rec.id) / "adapter"
+            if rec.spec["method"] == "lora" and adir.exists():
+                self.engine.adapters[rec.id] = self._load(adir)
+        for d in sorted((self.store.root / "adapters").iterdir()):
+            if (d / "adapter" / "adapter_config.json").exists():
+                self.engine.adapters[d.name] = self._load(d / "adapter")
+
+    def _load(self, path) -> LoraAdapter:
+        e = self.engine
+        return LoraAdapter.load_peft(path, e.family, e.spec, e.device)
+
+    def import_log(self, adapter_id: str, log_path) -> int:
+        """Replay an imported LoRA log onto this base and serve it as `adapter_id`; returns steps."""
+        e = self.engine
+        with UpdateLog.open(log_path, repair=False) as log:
+            check_base(log.header, e.store)
+            if log.header.scope.get("kind") != "lora":
+                raise PreconditionError("only LoRA update logs can be served as adapters", "chunk")
+            adapter = replay_lora(e.store, log, device=e.device)
+            n = len(log)
+        adapter.save_peft(log_path.parent / "adapter", str(e.store.dir))
+        e.adapters[adapter_id] = adapter
+        return n
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self.engine.adapters.pop(adapter_id, None)
+        d = self.store.root / "adapters" / adapter_id
+        if d.exists():
+            shutil.rmtree(d)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Start queued jobs while there is room; finish cancellations."""
+        for rec in self.store.list(("cancelling",)):
+            if rec.id in self.active:
+                self._stop(rec.id, "cancelled", "cancelled by request")
+            else:
+                self.store.set_status(rec, "cancelled", "cancelled before it started")
+        if len(self.active) >= MAX_ACTIVE:
+            return
+        for rec in self.store.list(("queued",)):
+            if len(self.active) >= MAX_ACTIVE:
+                break
+            self._start(rec)
+
+    def _start(self, rec: JobRecord) -> None:
+        e = self.engine
+        try:
+            cfg = zo_config(rec.spec)
+            train = D.load_dataset(self.store.dataset_path(rec.spec["training_dataset"]), e.tokenizer, cfg.max_len)
+            val = rec.spec.get("validation_dataset") or ""
+            eval_ds = D.load_dataset(self.store.dataset_path(val), e.tokenizer, cfg.max_len) if val else None
+            pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
+            tr = finetune.open_trainer(cfg, self.store.job_dir(rec.id), e.store, train, pad, e.device, e.dtype,
+                                       e.streamer, e.cfg.stream, e.cfg.codec.name)
+        except Exception as exc:  # noqa: BLE001 - a job's failure never takes the engine down
+            self._fail(rec, exc)
+            return
+        self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
+        rec.steps_done = tr.step
+        self.store.set_status(rec, "running", f"training from step {tr.step}")
+        if tr.adapter is not None:
+            e.adapters[rec.id] = tr.adapter.clone()
+        if tr.done:
+            self._complete(rec.id)
+            return
+        e.trainers[rec.id] = tr
+        e.scheduler.add_job(rec.id)
+
+    def after_step(self, job_id: str, result: dict[str, Any] | BaseException) -> None:
+        aj = self.active.get(job_id)
+        if aj is None:
+            return
+        if isinstance(result, BaseException):
+            self._detach(job_id)
+            self._fail(aj.rec, result)
+            return
+        rec, tr = aj.rec, aj.trainer
+        rec.steps_done = tr.step
+        rec.tokens += int(result.get("tokens", 0))
+        rec.metrics.update({"step": result["step"], "train_loss": result["loss"], "loss_plus": result["loss_plus"],
+                            "loss_minus": result["loss_minus"], "projected_grad": result["projected_grad"],
+                            "learning_rate": result["lr"]})
+        self.on_log_bytes(16 * tr.cfg.q)
+        msg = f"skipped: {result['skipped']}" if result.get("skipped") else ""
+        self.store.event(job_id, "step", msg, result["step"],
+                         {k: result[k] for k in ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")})
+        try:
+            every = aj.cfg.checkpoint_every or max(1, aj.cfg.steps // 10)
+            if tr.step % every == 0 and not tr.done:
+                self._checkpoint(aj)
+            if aj.eval_ds is not None and aj.cfg.eval_every and tr.step % aj.cfg.eval_every == 0:
+                self._eval(aj)
+            if tr.done:
+                self._complete(job_id)
+            else:
+                self.store.save(rec)
+        except Exception as exc:  # noqa: BLE001
+            self._detach(job_id)
+            self._fail(rec, exc)
+
+    def _checkpoint(self, aj: ActiveJob) -> None:
+        path = finetune.checkpoint(aj.trainer, self.store.job_dir(aj.rec.id))
+        if aj.trainer.adapter is not None:
+            self.engine.adapters[aj.rec.id] = aj.trainer.adapter.clone()
+        self.store.event(aj.rec.id, "checkpoint", str(path.name if path else ""), aj.trainer.step)
+
+    def _eval(self, aj: ActiveJob) -> None:
+        res = aj.trainer.evaluate(aj.eval_ds)
+        aj.rec.metrics.update({"eval_step": aj.trainer.step, "eval_loss": res["loss"]})
+        if "accuracy" in res:
+            aj.rec.metrics["eval_accuracy"] = res["accuracy"]
+        self.store.event(aj.rec.id, "eval", "", aj.trainer.step, res)
+
+    def _complete(self, job_id: str) -> None:
+        aj = self.active[job_id]
+        if aj.eval_ds is not None:
+            self._eval(aj)
+        out = finetune.export(aj.trainer, self.store.job_dir(job_id), str(self.engine.store.dir))
+        if aj.trainer.adapter is not None:
+            self.engine.adapters[job_id] = aj.trainer.adapter.clone()
+        self._detach(job_id)
+        self.store.set_status(aj.rec, "succeeded", f"exported to {out.name}/")
+
+    def _stop(self, job_id: str, status: str, message: str) -> None:
+        aj = self.active[job_id]
+        try:
+            self._checkpoint(aj)
+        finally:
+            self._detach(job_id)
+            self.store.set_status(aj.rec, status, message)
+
+    def _detach(self, job_id: str) -> None:
+        self.active.pop(job_id, None)
+        self.engine.trainers.pop(job_id, None)
+        self.engine.scheduler.remove_job(job_id)
+
+    def _fail(self, rec: JobRecord, exc: BaseException) -> None:
+        field = getattr(exc, "field", "")
+        code = getattr(exc, "code", "INTERNAL")
+        if isinstance(exc, OSError):
+            code = "RESOURCE_EXHAUSTED" if exc.errno == 28 else "INTERNAL"  # ENOSPC
+        self.store.set_status(rec, "failed", f"{type(exc).__name__}: {exc}", code=code, message=str(exc),
+                              field=field)
+        if code == "INTERNAL":
+            traceback.print_exception(exc)
+
+    def shutdown(self) -> None:
+        """SIGTERM: checkpoint running jobs; they stay RUNNING on disk and resume on restart."""
+        for aj in list(self.active.values()):
+            try:
+                finetune.checkpoint(aj.trainer, self.store.job_dir(aj.rec.id))
+                self.store.event(aj.rec.id, "checkpoint", "server shutting down", aj.trainer.step)
+            except Exception as exc:  # noqa: BLE001
+                self.store.event(aj.rec.id, "error", f"checkpoint at shutdown failed: {exc}")

@@ -1,0 +1,210 @@
+"""Durable job bookkeeping (imports no torch): records, states, events, datasets on disk.
+
+data_dir/
+  datasets/<name>.jsonl (+ <name>.json metadata)   uploaded training data (names only, no paths)
+  jobs/<id>/spec.json      what was asked (immutable after create)
+  jobs/<id>/status.json    state, progress, last metrics, error (atomic replace)
+  jobs/<id>/events.jsonl   append-only, fsync'd, ids 1, 2, 3 ...
+  jobs/<id>/update.log ... the trainer's files (see engine/finetune.py)
+  adapters/<id>/           imported update logs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFoundError, PreconditionError, RequestError
+
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_DATASET_BYTES = 256 * 2**20
+
+
+def check_name(name: str, field_name: str) -> str:
+    """Names are identifiers, never paths: no separators, no '..', bounded length."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise RequestError(
+            f"{name[:40]!r} is not a valid name: use 1-100 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)",
+            field_name,
+        )
+    return name
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    spec: dict[str, Any]  # method, hyperparameters (ZOConfig fields), datasets, display_name, idempotency_key
+    status: str = "queued"
+    created_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    steps_done: int = 0
+    tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class JobStore:
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        self.root = Path(data_dir)
+        self.jobs_dir = self.root / "jobs"
+        self.datasets_dir = self.root / "datasets"
+        for d in (self.jobs_dir, self.datasets_dir, self.root / "adapters"):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self.jobs: dict[str, JobRecord] = {}
+        self._event_ids: dict[str, int] = {}
+        for d in sorted(self.jobs_dir.iterdir()):
+            if (d / "spec.json").exists() and (d / "status.json").exists():
+                rec = JobRecord(**json.loads((d / "status.json").read_text()))
+                self.jobs[rec.id] = rec
+                self._event_ids[rec.id] = len(self.events(rec.id))
+
+    # ---- datasets -----------------------------------------------------------------------------
+    def dataset_path(self, name: str) -> Path:
+        check_name(name, "training_dataset")
+        p = self.datasets_dir / f"{name}.jsonl"
+        if not p.exists():
+            raise NotFoundError(f"no dataset {name!r}; upload it with UploadDataset first", "training_dataset")
+        return p
+
+    def save_dataset(self, name: str, data: bytes, meta: dict[str, Any], overwrite: bool = False) -> dict:
+        check_name(name, "metadata.name")
+        p = self.datasets_dir / f"{name}.jsonl"
+        with self._lock:
+            if p.exists() and not overwrite:
+                raise PreconditionError(f"dataset {name!r} exists; set overwrite to replace it", "metadata.name")
+            _atomic_write(p, data)
+            info = {"name": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "created_at": time.time(), **meta}
+            _atomic_write(self.datasets_dir / f"{name}.json", json.dumps(info).encode())
+        return info
+
+    def list_datasets(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.datasets_dir.glob("*.json"))]
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def create(self, spec: dict[str, Any]) -> tuple[JobRecord, bool]:
+        """(record, created). An idempotency key returns the existing job instead of a second one."""
+        with self._lock:
+            key = spec.get("idempotency_key") or ""
+            if key:
+                for rec in self.jobs.values():
+                    if rec.spec.get("idempotency_key") == key:
+                        if {k: v for k, v in rec.spec.items()} != spec:
+                            raise PreconditionError(
+                                f"idempotency_key {key!r} was used for a different job ({rec.id})",
+                                "idempotency_key",
+                            )
+                        return rec, False
+            job_id = "job-" + uuid.uuid4().hex[:12]
+            d = self.job_dir(job_id)
+            d.mkdir(parents=True)
+            _atomic_write(d / "spec.json", json.dumps(spec, sort_keys=True).encode())
+            rec = JobRecord(job_id, spec)
+            self.jobs[job_id] = rec
+            self._event_ids[job_id] = 0
+            self.save(rec)
+            self.event(job_id, "created", f"{spec.get('method')} job queued")
+            return rec, True
+
+    def get(self, job_id: str) -> JobRecord:
+        rec = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if rec is None:
+            raise NotFoundError(f"no job {str(job_id)[:64]!r}", "job_id")
+        return rec
+
+    def save(self, rec: JobRecord) -> None:
+        with self._lock:
+            _atomic_write(self.job_dir(rec.id) / "status.json", json.dumps(asdict(rec)).encode())
+            self._cond.notify_all()
+
+    def set_status(self, rec: JobRecord, status: str, message: str = "", **error: str) -> None:
+        assert status in STATUSES
+        with self._lock:
+            rec.status = status
+            now = time.time()
+            if status == "running" and not rec.started_at:
+                rec.started_at = now
+            if status in TERMINAL:
+                rec.finished_at = now
+            if error:
+                rec.error = error
+            self.save(rec)
+            self.event(rec.id, status, message or status)
+
+    def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
+        with self._lock:
+            recs = sorted(self.jobs.values(), key=lambda r: (r.created_at, r.id))
+        return [r for r in recs if not statuses or r.status in statuses]
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        for r in list(self.jobs.values()):
+            out[r.status] += 1
+        return out
+
+    # ---- events -------------------------------------------------------------------------------
+    def event(self, job_id: str, type_: str, message: str = "", step: int = 0,
+              metrics: dict[str, float] | None = None) -> dict:
+        finite = {k: float(v) for k, v in (metrics or {}).items() if v is not None and math.isfinite(v)}
+        with self._lock:
+            self._event_ids[job_id] += 1
+            ev = {"id": self._event_ids[job_id], "job_id": job_id, "time": time.time(), "type": type_,
+                  "message": message, "step": step, "metrics": finite}
+            line = (json.dumps(ev, allow_nan=False, default=float) + "\n").encode()
+            fd = os.open(self.job_dir(job_id) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._cond.notify_all()
+            return ev
+
+    def events(self, job_id: str, after: int = 0) -> list[dict]:
+        p = self.job_dir(job_id) / "events.jsonl"
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+            if ev["id"] > after:
+                out.append(ev)
+        return out
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)

@@ -1,0 +1,292 @@
+"""The server: grpc.aio + health + reflection + auth, one engine thread, /metrics, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from zostream.engine.config import EngineConfig
+from zostream.engine.errors import PreconditionError
+from zostream.engine.jobs import JobStore
+from zostream.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    finetuning_pb2,
+    finetuning_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+)
+
+from .servicers import Adapters, FineTuning, TextGeneration
+
+log = logging.getLogger("zostream.server")
+SERVICES = ("zostream.v1.TextGeneration", "zostream.v1.FineTuning", "zostream.v1.Adapters")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig
+    data_dir: str
+    port: int = 50051
+    host: str = "127.0.0.1"
+    metrics_port: int | None = 9400  # None: no /metrics endpoint
+    metrics_addr: str = "127.0.0.1"
+    api_key: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_inflight: int = 256
+    drain_seconds: float = 20.0
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """With an API key, every RPC except health needs `authorization: Bearer <key>`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        token = got[7:] if isinstance(got, str) and got.startswith("Bearer ") else ""
+        if hmac.compare_digest(token.encode(), self.key):  # constant time
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler):
+    msg = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+        yield  # pragma: no cover
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(stream, **kw)
+
+
+class App:
+    """Shared state between the servicers (asyncio thread) and the engine thread."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        from zostream.engine.metrics import Metrics
+
+        self.cfg = cfg
+        self.jobs = JobStore(cfg.data_dir)
+        self.metrics = Metrics()
+        self.engine = None
+        self.runner = None
+        self.engine_error: str | None = None
+        self.inflight: set[str] = set()
+        self.max_inflight = cfg.max_inflight
+        self.draining = False
+        self.stopped = threading.Event()
+        self.device_name = "cpu"
+        self.health = health.aio.HealthServicer()
+        self._thread = threading.Thread(target=self._engine_main, name="zostream-engine", daemon=True)
+
+    # ---- used by servicers -------------------------------------------------------------------
+    def ready_engine(self):
+        if self.engine is None:
+            if self.engine_error:
+                raise PreconditionError(f"the engine failed to start: {self.engine_error}", "server")
+            raise PreconditionError("the engine is still loading the model; retry when health is SERVING",
+                                    "server")
+        return self.engine
+
+    async def on_engine(self, fn):
+        """Run fn on the engine thread and await its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+
+        self.ready_engine().call_soon(call)
+        return await asyncio.wrap_future(fut)
+
+    def request_done(self, req, ev) -> None:
+        self.metrics.observe_request_done(time.monotonic() - req.arrival, ev.completion_tokens,
+                                          ev.finish_reason.value)
+
+    def log_exception(self, exc: BaseException) -> None:
+        log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def start_engine(self) -> None:
+        self._thread.start()
+
+    def _engine_main(self) -> None:
+        from zostream.engine.engine import Engine
+        from zostream.engine.job_runner import JobRunner
+
+        try:
+            engine = Engine(self.cfg.engine)
+            self.runner = JobRunner(engine, self.jobs, on_log_bytes=self.metrics.add_log_bytes)
+            if engine.device.type == "cuda":
+                import torch
+
+                self.device_name = torch.cuda.get_device_name(engine.device)
+            plan = engine.streamer.plan
+            self.metrics.set_residency(len(plan.resident), len(plan.streamed))
+            self.engine = engine
+        except Exception as exc:  # noqa: BLE001
+            self.engine_error = f"{type(exc).__name__}: {exc}"
+            log.error("engine failed to start: %s", self.engine_error)
+            return
+        self._loop_engine(engine)
+
+    def _loop_engine(self, engine) -> None:
+        codec = self.cfg.engine.codec.name
+        while not self.stopped.is_set():
+            try:
+                self.runner.poll()
+                self.metrics.set_jobs(self.jobs.counts())
+                if not engine.has_work():
+                    engine.wait_for_work(0.05)
+                    continue
+                stats = engine.step()
+                method = None
+                if stats.train_job:
+                    aj = self.runner.active.get(stats.train_job)
+                    method = aj.cfg.method if aj else None
+                    self.runner.after_step(stats.train_job, stats.train)
+                if stats.train is not None and isinstance(stats.train, BaseException):
+                    stats.train = None
+                self.metrics.observe_step(stats, codec=codec, running=len(engine.scheduler.running),
+                                          waiting=len(engine.scheduler.waiting), method=method)
+            except Exception as exc:  # noqa: BLE001 - keep serving; the failing requests get errors
+                self.log_exception(exc)
+                for rid in list(engine.seqs):
+                    engine.abort(rid)
+        self.runner.shutdown()
+
+
+async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    app = App(cfg)
+    interceptors = [AuthInterceptor(cfg.api_key)] if cfg.api_key else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+    generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGeneration(app), server)
+    finetuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuning(app), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(Adapters(app), server)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    names = (
+        generation_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name,
+        finetuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
+        adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    for svc in ("", *SERVICES):
+        await app.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    addr = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
+    await server.start()
+    if cfg.metrics_port is not None:
+        app.metrics.start_http(cfg.metrics_port, cfg.metrics_addr)
+    app.bound_port = port
+    log.info("listening on %s:%d (metrics %s)", cfg.host, port, cfg.metrics_port)
+    app.start_engine()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (RuntimeError, ValueError):  # not the main thread (tests)
+            pass
+    if ready is not None:
+        ready.app = app  # type: ignore[attr-defined]
+    serving = False
+    while not stop.is_set():
+        if not serving and app.engine is not None:
+            for svc in ("", *SERVICES):
+                await app.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+            serving = True
+            print(f"zostream: serving on {cfg.host}:{port}", flush=True)
+        if ready is not None and (serving or app.engine_error):
+            ready.set()
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except TimeoutError:
+            pass
+    await _drain(app)
+    await server.stop(grace=2.0)
+    app.stopped.set()
+    app._thread.join(timeout=60)
+
+
+async def _drain(app: App) -> None:
+    """SIGTERM: refuse new work, let in-flight generations finish, then cancel the rest."""
+    app.draining = True
+    for svc in ("", *SERVICES):
+        await app.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    deadline = time.monotonic() + app.cfg.drain_seconds
+    while app.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if app.engine is not None:
+        for rid in list(app.inflight):
+            app.engine.abort(rid)  # their streams end with a final CANCELLED message
+    t0 = time.monotonic()
+    while app.inflight and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.05)
+
+
+def run_forever(cfg: ServerConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(cfg))
+
+
+def start_in_thread(cfg: ServerConfig, timeout: float = 120.0) -> tuple[Any, Any]:
+    """For tests: run a server in a background thread; returns (app, stop function)."""
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def main() -> None:
+        async def run() -> None:
+            holder["loop"] = asyncio.get_running_loop()
+            holder["stop"] = asyncio.Event()
+            await serve(cfg, ready, holder["stop"])
+
+        asyncio.run(run())
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    if not ready.wait(timeout):
+        raise TimeoutError("server did not become ready")
+
+    def stop() -> None:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        t.join(timeout=60)
+
+    return ready.app, stop  # type: ignore[attr-defined]

@@ -1,0 +1,277 @@
+"""The one place where wire types (pb2) meet engine types. Validation errors name the field."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from zostream.engine.config import ZOConfig
+from zostream.engine.errors import RequestError
+from zostream.engine.generation import FinishReason, GenerateRequest, StopParams, TokenEvent
+from zostream.engine.jobs import JobRecord, check_name
+from zostream.engine.sampling import MAX_SEED, SamplingParams
+from zostream.v1 import adapters_pb2, common_pb2, finetuning_pb2, generation_pb2
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 256
+MAX_ID_CHARS = 128
+
+FINISH = {
+    FinishReason.MAX_TOKENS: generation_pb2.FINISH_REASON_MAX_TOKENS,
+    FinishReason.EOS_TOKEN: generation_pb2.FINISH_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: generation_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.TIME_LIMIT: generation_pb2.FINISH_REASON_TIME_LIMIT,
+    FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR,
+}
+JOB_STATUS = {
+    "queued": finetuning_pb2.JOB_STATUS_QUEUED,
+    "running": finetuning_pb2.JOB_STATUS_RUNNING,
+    "cancelling": finetuning_pb2.JOB_STATUS_CANCELLING,
+    "succeeded": finetuning_pb2.JOB_STATUS_SUCCEEDED,
+    "failed": finetuning_pb2.JOB_STATUS_FAILED,
+    "cancelled": finetuning_pb2.JOB_STATUS_CANCELLED,
+}
+STATUS_NAME = {v: k for k, v in JOB_STATUS.items()}
+METHOD = {common_pb2.TUNING_METHOD_FULL: "full", common_pb2.TUNING_METHOD_LORA: "lora"}
+METHOD_PB = {v: k for k, v in METHOD.items()}
+SCHEDULE = {finetuning_pb2.LR_SCHEDULE_UNSPECIFIED: "constant", finetuning_pb2.LR_SCHEDULE_CONSTANT: "constant",
+            finetuning_pb2.LR_SCHEDULE_LINEAR: "linear", finetuning_pb2.LR_SCHEDULE_COSINE: "cosine"}
+SCHEDULE_PB = {"constant": finetuning_pb2.LR_SCHEDULE_CONSTANT, "linear": finetuning_pb2.LR_SCHEDULE_LINEAR,
+               "cosine": finetuning_pb2.LR_SCHEDULE_COSINE}
+NOISE = {finetuning_pb2.NOISE_KIND_UNSPECIFIED: "gaussian", finetuning_pb2.NOISE_KIND_GAUSSIAN: "gaussian",
+         finetuning_pb2.NOISE_KIND_RADEMACHER: "rademacher"}
+NOISE_PB = {"gaussian": finetuning_pb2.NOISE_KIND_GAUSSIAN, "rademacher": finetuning_pb2.NOISE_KIND_RADEMACHER}
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    if seconds:
+        t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def _check_id(value: str, field: str) -> str:
+    if len(value) > MAX_ID_CHARS or any(ord(c) < 32 for c in value):
+        raise RequestError(f"must be at most {MAX_ID_CHARS} printable characters", field)
+    return value
+
+
+# ---- generation ---------------------------------------------------------------------------------
+def prompt_ids(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest, engine: Any) -> list[int]:
+    which = req.WhichOneof("prompt" if isinstance(req, generation_pb2.GenerateRequest) else "input")
+    if which == "text":
+        if len(req.text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"is longer than {MAX_PROMPT_CHARS} characters", "text")
+        if not req.text:
+            raise RequestError("is empty; send a prompt", "text")
+        return engine.encode_prompt(req.text)
+    if which == "token_ids":
+        ids = list(req.token_ids.ids)
+        vocab = engine.spec.vocab
+        if not ids:
+            raise RequestError("is empty; send at least one token id", "token_ids")
+        if any(t >= vocab for t in ids):
+            raise RequestError(f"token ids must be < vocab size {vocab}", "token_ids")
+        return ids
+    if which == "chat":
+        msgs = req.chat.messages
+        if not msgs or len(msgs) > MAX_MESSAGES:
+            raise RequestError(f"send 1..{MAX_MESSAGES} messages", "chat.messages")
+        for i, m in enumerate(msgs):
+            if m.role not in ("system", "user", "assistant", "tool"):
+                raise RequestError(f"role must be system, user, assistant or tool, got {m.role[:20]!r}",
+                                   f"chat.messages[{i}].role")
+            if len(m.content) > MAX_PROMPT_CHARS:
+                raise RequestError("is too long", f"chat.messages[{i}].content")
+        return engine.encode_prompt(messages=[{"role": m.role, "content": m.content} for m in msgs])
+    raise RequestError("set one of text, token_ids or chat", "prompt")
+
+
+def generate_request(req: generation_pb2.GenerateRequest, engine: Any, deadline_s: float | None) -> GenerateRequest:
+    s, st = req.sampling, req.stopping
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    if s.HasField("seed") and s.seed > MAX_SEED:
+        raise RequestError(f"must be <= {MAX_SEED}", "sampling.seed")
+    try:
+        sampling = SamplingParams(
+            temperature=float(temperature),
+            top_k=int(s.top_k),
+            top_p=float(s.top_p) if s.HasField("top_p") else 1.0,
+            repetition_penalty=float(s.repetition_penalty) if s.HasField("repetition_penalty") else 1.0,
+            seed=int(s.seed) if s.HasField("seed") else None,
+        )
+    except RequestError as exc:
+        raise RequestError(str(exc).split(": ", 1)[-1], f"sampling.{exc.field}") from None
+    lim = engine.limits
+    max_new = int(st.max_new_tokens) or min(lim.max_new_tokens, 256)
+    if not math.isfinite(st.time_limit_seconds) or st.time_limit_seconds < 0:
+        raise RequestError("must be a finite number of seconds >= 0", "stopping.time_limit_seconds")
+    time_limit = st.time_limit_seconds
+    if deadline_s is not None and deadline_s > 0:
+        # End with TIME_LIMIT (and a final message) just before the client's deadline hits.
+        margin = deadline_s * 0.9
+        time_limit = min(time_limit, margin) if time_limit else margin
+    if any(len(x) > 256 for x in st.stop):
+        raise RequestError("each stop sequence must be at most 256 characters", "stopping.stop")
+    try:
+        stopping = StopParams(max_new, tuple(st.stop), tuple(int(t) for t in st.stop_token_ids), st.ignore_eos,
+                              time_limit)
+    except RequestError as exc:
+        raise RequestError(str(exc).split(": ", 1)[-1], f"stopping.{exc.field}") from None
+    rid = _check_id(req.request_id, "request_id") or "req-" + uuid.uuid4().hex[:16]
+    adapter = _check_id(req.adapter_id, "adapter_id")
+    return GenerateRequest(rid, prompt_ids(req, engine), sampling, stopping, adapter)
+
+
+def generate_response(ev: TokenEvent, final_text: str | None = None, token_ids=None) -> generation_pb2.GenerateResponse:
+    out = generation_pb2.GenerateResponse(
+        request_id=ev.request_id,
+        token_ids=list(token_ids if token_ids is not None else ev.token_ids),
+        text=final_text if final_text is not None else ev.text,
+    )
+    if ev.finish_reason is not None:
+        out.finish_reason = FINISH[ev.finish_reason]
+        out.usage.prompt_tokens = ev.prompt_tokens
+        out.usage.completion_tokens = ev.completion_tokens
+        out.seed = ev.seed
+        if ev.error:
+            out.error.code, out.error.message = "INVALID_ARGUMENT", ev.error
+    return out
+
+
+# ---- jobs -----------------------------------------------------------------------------------------
+def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str) -> dict[str, Any]:
+    method = METHOD.get(req.method)
+    if method is None:
+        raise RequestError("must be TUNING_METHOD_FULL or TUNING_METHOD_LORA", "method")
+    check_name(req.training_dataset, "training_dataset")
+    if req.validation_dataset:
+        check_name(req.validation_dataset, "validation_dataset")
+    hp = req.hyperparameters
+    if hp.lr_schedule not in SCHEDULE:
+        raise RequestError("unknown value", "hyperparameters.lr_schedule")
+    if hp.noise not in NOISE:
+        raise RequestError("unknown value", "hyperparameters.noise")
+    if not hp.steps:
+        raise RequestError("is required (number of ZO steps, >= 1)", "hyperparameters.steps")
+    fields: dict[str, Any] = {
+        "steps": int(hp.steps),
+        "batch_size": int(hp.batch_size) or 8,
+        "q": int(hp.q) or 1,
+        "seed": int(hp.seed) if hp.HasField("seed") else 0,
+        "lr_schedule": SCHEDULE[hp.lr_schedule],
+        "warmup_steps": int(hp.warmup_steps),
+        "min_lr_ratio": float(hp.min_lr_ratio),
+        "weight_decay": float(hp.weight_decay),
+        "noise": NOISE[hp.noise],
+        "master_dtype": hp.master_dtype or "auto",
+        "max_len": int(hp.max_len) or 512,
+        "eval_every": int(hp.eval_every),
+        "checkpoint_every": int(hp.checkpoint_every),
+        "lora_r": int(hp.lora.r) or 8,
+        "lora_alpha": float(hp.lora.alpha) if hp.lora.HasField("alpha") else float(int(hp.lora.r) or 8) * 2,
+        "lora_targets": list(hp.lora.target_modules) or ["q_proj", "v_proj"],
+    }
+    if hp.HasField("learning_rate"):
+        fields["lr"] = float(hp.learning_rate)
+    if hp.HasField("eps"):
+        fields["eps"] = float(hp.eps)
+    for k in ("lr", "eps", "weight_decay", "min_lr_ratio"):
+        if k in fields and not math.isfinite(fields[k]):
+            raise RequestError("must be a finite number", f"hyperparameters.{k}")
+    codec = hp.codec or default_codec
+    if codec != default_codec:
+        raise RequestError(f"this server streams the base through {default_codec!r}; omit codec or use it",
+                           "hyperparameters.codec")
+    try:
+        ZOConfig(method=method, **{**fields, "lora_targets": tuple(fields["lora_targets"])})
+    except ValueError as exc:
+        name, _, msg = str(exc).partition(": ")
+        raise RequestError(msg or str(exc), f"hyperparameters.{name}") from None
+    if method == "full" and codec != "none":
+        from zostream.engine.errors import PreconditionError
+
+        raise PreconditionError(f"full-parameter jobs cannot read the base through the lossy {codec} codec; "
+                                "use method LORA or a server started with --codec none", "method")
+    return {
+        "method": method,
+        "hyperparameters": fields,
+        "training_dataset": req.training_dataset,
+        "validation_dataset": req.validation_dataset,
+        "display_name": _check_id(req.display_name, "display_name"),
+        "idempotency_key": _check_id(req.idempotency_key, "idempotency_key"),
+        "codec": codec,
+    }
+
+
+def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
+    spec, hp = rec.spec, rec.spec["hyperparameters"]
+    h = finetuning_pb2.Hyperparameters(
+        steps=hp["steps"], batch_size=hp["batch_size"], q=hp["q"], seed=hp["seed"],
+        lr_schedule=SCHEDULE_PB[hp["lr_schedule"]], warmup_steps=hp["warmup_steps"],
+        weight_decay=hp["weight_decay"], noise=NOISE_PB[hp["noise"]], master_dtype=hp["master_dtype"],
+        codec=spec.get("codec", "none"), eval_every=hp["eval_every"], max_len=hp["max_len"],
+        checkpoint_every=hp["checkpoint_every"], min_lr_ratio=hp["min_lr_ratio"],
+        lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
+    )
+    if "lr" in hp:
+        h.learning_rate = hp["lr"]
+    if "eps" in hp:
+        h.eps = hp["eps"]
+    job = finetuning_pb2.Job(
+        id=rec.id, display_name=spec.get("display_name", ""), status=JOB_STATUS[rec.status],
+        method=METHOD_PB[spec["method"]], hyperparameters=h, training_dataset=spec["training_dataset"],
+        validation_dataset=spec.get("validation_dataset", ""), created_at=ts(rec.created_at),
+        progress=finetuning_pb2.JobProgress(steps_done=rec.steps_done, steps_total=hp["steps"],
+                                            tokens_processed=rec.tokens),
+        adapter_id=rec.id if spec["method"] == "lora" else "", update_log="update.log",
+        idempotency_key=spec.get("idempotency_key", ""),
+    )
+    if rec.started_at:
+        job.started_at.CopyFrom(ts(rec.started_at))
+    if rec.finished_at:
+        job.finished_at.CopyFrom(ts(rec.finished_at))
+    m = rec.metrics
+    job.metrics.step = int(m.get("step", 0))
+    job.metrics.eval_step = int(m.get("eval_step", 0))
+    for k in ("train_loss", "loss_plus", "loss_minus", "projected_grad", "learning_rate", "eval_loss",
+              "eval_accuracy"):
+        if k in m and m[k] is not None and math.isfinite(m[k]):
+            setattr(job.metrics, k, float(m[k]))
+    if rec.error:
+        job.error.code = rec.error.get("code", "")
+        job.error.message = rec.error.get("message", "")
+        job.error.field = rec.error.get("field", "")
+    return job
+
+
+def event_pb(ev: dict) -> finetuning_pb2.JobEvent:
+    return finetuning_pb2.JobEvent(id=ev["id"], job_id=ev["job_id"], time=ts(ev["time"]), type=ev["type"],
+                                   message=ev["message"], step=ev["step"], metrics=ev["metrics"])
+
+
+def adapter_pb(aid: str, kind: str, fingerprint: str, steps: int, job_id: str, created: float, size: int,
+               status: int, lora: dict | None, log_bytes: int) -> adapters_pb2.Adapter:
+    a = adapters_pb2.Adapter(id=aid, kind=METHOD_PB[kind], base_fingerprint=fingerprint, steps=steps,
+                             source_job_id=job_id, created_at=ts(created), size_bytes=size, status=status,
+                             update_log_bytes=log_bytes)
+    if lora:
+        a.lora.r, a.lora.alpha = lora["r"], lora["alpha"]
+        a.lora.target_modules.extend(lora["targets"])
+    return a
+
+
+def page(items: list, page_size: int, token: str, field: str = "page_token") -> tuple[list, str]:
+    size = min(page_size or 50, 1000)
+    try:
+        start = int(token) if token else 0
+    except ValueError:
+        raise RequestError("is not a token from a previous response", field) from None
+    if start < 0 or start > len(items):
+        raise RequestError("is out of range", field)
+    end = start + size
+    return items[start:end], (str(end) if end < len(items) else "")

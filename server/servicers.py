@@ -1,0 +1,395 @@
+"""Thin gRPC servicers: decode the request, call the engine, encode the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from zostream import __version__
+from zostream.engine import data as D
+from zostream.engine.errors import NotFoundError, PreconditionError, RequestError, ResourceExhaustedError
+from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
+from zostream.engine.update_log import UpdateLog, read_header
+from zostream.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    finetuning_pb2,
+    finetuning_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+)
+
+from . import convert as C
+
+CHUNK = 1 << 20
+MAX_LOG_BYTES = 64 * 2**20
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def rpc(fn):
+    """Map RequestError (and subclasses) to their status; anything else is INTERNAL, logged."""
+
+    async def fail(exc: Exception, context) -> None:
+        if isinstance(exc, RequestError):
+            await context.abort(_CODES.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if not isinstance(exc, RequestError):
+                    self.app.log_exception(exc)
+                await fail(exc, context)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, RequestError):
+                self.app.log_exception(exc)
+            await fail(exc, context)
+
+    return unary
+
+
+class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    @rpc
+    async def Generate(self, request, context):
+        engine = self.app.ready_engine()
+        if self.app.draining:
+            raise PreconditionError("the server is shutting down; retry on another replica", "request")
+        req = C.generate_request(request, engine, context.time_remaining())
+        if len(self.app.inflight) >= self.app.max_inflight:
+            raise ResourceExhaustedError(f"{len(self.app.inflight)} requests in flight; retry later", "request")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        req.callback = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        engine.submit(req)
+        self.app.inflight.add(req.request_id)
+        finished = False
+        texts: list[str] = []
+        ids: list[int] = []
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.finish_reason is not None:
+                    finished = True
+                    self.app.request_done(req, ev)
+                    if request.stream:
+                        yield C.generate_response(ev)
+                    else:
+                        yield C.generate_response(ev, "".join(texts), ids)
+                    return
+                if request.stream:
+                    yield C.generate_response(ev)
+                else:
+                    texts.append(ev.text)
+                    ids.extend(ev.token_ids)
+        finally:
+            self.app.inflight.discard(req.request_id)
+            if not finished:  # client cancelled or deadline passed
+                engine.abort(req.request_id)
+
+    @rpc
+    async def Abort(self, request, context):
+        engine = self.app.ready_engine()
+        for rid in request.request_ids:
+            engine.abort(rid)
+        return generation_pb2.AbortResponse(aborted_request_ids=[r for r in request.request_ids
+                                                                  if r in self.app.inflight])
+
+    @rpc
+    async def Tokenize(self, request, context):
+        engine = self.app.ready_engine()
+        if request.WhichOneof("input") is None:
+            raise RequestError("set text or chat", "input")
+        ids = C.prompt_ids(request, engine)
+        return generation_pb2.TokenizeResponse(token_ids=ids, tokens=engine.tokenizer.convert_ids_to_tokens(ids))
+
+    @rpc
+    async def GetModelInfo(self, request, context):
+        e = self.app.ready_engine()
+        plan = e.streamer.plan
+        return generation_pb2.ModelInfo(
+            model_id=Path(e.cfg.model_dir).name, family=e.spec.model_type, num_layers=e.spec.num_layers,
+            num_parameters=e.store.num_parameters(), dtype=str(e.store.dtype).removeprefix("torch."),
+            compute_dtype=str(e.dtype).removeprefix("torch."), vocab_size=e.spec.vocab,
+            max_sequence_length=e.limits.max_seq_len, max_new_tokens=e.limits.max_new_tokens,
+            codec=e.cfg.codec.name, device=str(e.device), device_name=self.app.device_name,
+            gpu_memory_budget_bytes=plan.budget or 0, resident_blocks=len(plan.resident),
+            streamed_blocks=len(plan.streamed), has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
+            base_fingerprint=e.store.fingerprint, eos_token_ids=sorted(e.eos_ids), server_version=__version__,
+        )
+
+
+class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    @property
+    def jobs(self):
+        return self.app.jobs
+
+    @rpc
+    async def UploadDataset(self, request_iterator, context):
+        engine = self.app.ready_engine()
+        meta = None
+        buf = bytearray()
+        async for part in request_iterator:
+            which = part.WhichOneof("part")
+            if meta is None:
+                if which != "metadata":
+                    raise RequestError("the first message must carry metadata (name)", "metadata")
+                meta = part.metadata
+                check_name(meta.name, "metadata.name")
+            elif which == "chunk":
+                buf += part.chunk
+                if len(buf) > MAX_DATASET_BYTES:
+                    raise ResourceExhaustedError(f"datasets are limited to {MAX_DATASET_BYTES} bytes", "chunk")
+            else:
+                raise RequestError("metadata may only be sent first", "metadata")
+        if meta is None:
+            raise RequestError("no metadata received", "metadata")
+        data = bytes(buf)
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"dataset is not valid UTF-8 (byte {exc.start})", "chunk") from None
+        ds = await asyncio.to_thread(D.load_records, lines, meta.name, engine.tokenizer, 1 << 16)
+        if meta.kind and meta.kind != ds.kind:
+            raise RequestError(f"declared kind {meta.kind!r} but the records are {ds.kind!r}", "metadata.kind")
+        n = len(ds.choices) if ds.kind == "choice" else len(ds.examples)
+        info = self.jobs.save_dataset(meta.name, data, {"kind": ds.kind, "num_records": n}, meta.overwrite)
+        return _dataset_pb(info)
+
+    @rpc
+    async def ListDatasets(self, request, context):
+        items, token = C.page(self.jobs.list_datasets(), request.page_size, request.page_token)
+        return finetuning_pb2.ListDatasetsResponse(datasets=[_dataset_pb(i) for i in items], next_page_token=token)
+
+    @rpc
+    async def CreateJob(self, request, context):
+        engine = self.app.ready_engine()
+        spec = C.job_spec(request, engine.cfg.codec.name)
+        self.jobs.dataset_path(spec["training_dataset"])
+        if spec["validation_dataset"]:
+            try:
+                self.jobs.dataset_path(spec["validation_dataset"])
+            except NotFoundError as exc:
+                raise NotFoundError(str(exc).split(": ", 1)[-1], "validation_dataset") from None
+        if self.app.draining:
+            raise PreconditionError("the server is shutting down", "request")
+        rec, _created = self.jobs.create(spec)
+        engine.call_soon(lambda: None)  # wake the engine loop
+        return C.job_pb(rec)
+
+    @rpc
+    async def GetJob(self, request, context):
+        return C.job_pb(self.jobs.get(request.job_id))
+
+    @rpc
+    async def ListJobs(self, request, context):
+        bad = [s for s in request.statuses if s not in C.STATUS_NAME]
+        if bad:
+            raise RequestError(f"unknown status value {bad[0]}", "statuses")
+        recs = self.jobs.list(tuple(C.STATUS_NAME[s] for s in request.statuses))
+        items, token = C.page(recs, request.page_size, request.page_token)
+        return finetuning_pb2.ListJobsResponse(jobs=[C.job_pb(r) for r in items], next_page_token=token)
+
+    @rpc
+    async def CancelJob(self, request, context):
+        rec = self.jobs.get(request.job_id)
+        if rec.terminal:
+            raise PreconditionError(f"job {rec.id} already {rec.status}", "job_id")
+        if rec.status != "cancelling":
+            self.jobs.set_status(rec, "cancelling", "cancel requested")
+            self.app.ready_engine().call_soon(lambda: None)
+        return C.job_pb(rec)
+
+    @rpc
+    async def ListJobEvents(self, request, context):
+        self.jobs.get(request.job_id)
+        items, token = C.page(self.jobs.events(request.job_id), request.page_size, request.page_token)
+        return finetuning_pb2.ListJobEventsResponse(events=[C.event_pb(e) for e in items], next_page_token=token)
+
+    @rpc
+    async def StreamJobEvents(self, request, context):
+        rec = self.jobs.get(request.job_id)
+        if request.after_event_id < 0:
+            raise RequestError("must be >= 0", "after_event_id")
+        last = request.after_event_id
+        while True:
+            for ev in self.jobs.events(rec.id, last):
+                last = ev["id"]
+                yield C.event_pb(ev)
+            if rec.terminal and not self.jobs.events(rec.id, last):
+                return
+            await asyncio.to_thread(self.jobs.wait_for_change, 0.5)
+
+    @rpc
+    async def ListCheckpoints(self, request, context):
+        rec = self.jobs.get(request.job_id)
+        d = self.jobs.job_dir(rec.id) / "checkpoints"
+        cps = []
+        for p in sorted(d.glob("step-*")) if d.exists() else []:
+            if p.name.endswith(".tmp"):
+                continue
+            size = sum(f.stat().st_size for f in p.iterdir())
+            cps.append(finetuning_pb2.Checkpoint(name=p.name, step=int(p.name.split("-")[1]), size_bytes=size,
+                                                 created_at=C.ts(p.stat().st_mtime)))
+        items, token = C.page(cps, request.page_size, request.page_token)
+        return finetuning_pb2.ListCheckpointsResponse(checkpoints=items, next_page_token=token)
+
+
+def _dataset_pb(info: dict) -> finetuning_pb2.Dataset:
+    return finetuning_pb2.Dataset(name=info["name"], size_bytes=info["size_bytes"], num_records=info["num_records"],
+                                  kind=info["kind"], created_at=C.ts(info["created_at"]), sha256=info["sha256"])
+
+
+class Adapters(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def _all(self) -> list[adapters_pb2.Adapter]:
+        e, jobs = self.app.ready_engine(), self.app.jobs
+        out = []
+        for rec in jobs.list():
+            if rec.spec["method"] != "lora" or rec.id not in e.adapters:
+                continue
+            log = jobs.job_dir(rec.id) / "update.log"
+            status = (adapters_pb2.ADAPTER_STATUS_READY if rec.status == "succeeded" else
+                      adapters_pb2.ADAPTER_STATUS_TRAINING if not rec.terminal else adapters_pb2.ADAPTER_STATUS_STOPPED)
+            out.append(self._pb(rec.id, rec.id, rec.steps_done, rec.created_at, status, log))
+        for d in sorted((jobs.root / "adapters").iterdir()):
+            if d.name in e.adapters and (d / "update.log").exists():
+                log = d / "update.log"
+                out.append(self._pb(d.name, "", _steps(log), log.stat().st_mtime, adapters_pb2.ADAPTER_STATUS_READY,
+                                    log))
+        return out
+
+    def _pb(self, aid, job_id, steps, created, status, log: Path) -> adapters_pb2.Adapter:
+        ad = self.app.ready_engine().adapters[aid]
+        size = sum(t.numel() * 4 for t in ad.tensors.values())
+        lora = {"r": ad.spec.r, "alpha": ad.spec.alpha, "targets": list(ad.spec.targets)}
+        fp = read_header(log).base_fingerprint if log.exists() else ""
+        return C.adapter_pb(aid, "lora", fp, steps, job_id, created, size, status, lora,
+                            log.stat().st_size if log.exists() else 0)
+
+    @rpc
+    async def ListAdapters(self, request, context):
+        items, token = C.page(self._all(), request.page_size, request.page_token)
+        return adapters_pb2.ListAdaptersResponse(adapters=items, next_page_token=token)
+
+    @rpc
+    async def GetAdapter(self, request, context):
+        for a in self._all():
+            if a.id == request.adapter_id:
+                return a
+        raise NotFoundError(f"no adapter {request.adapter_id[:64]!r}", "adapter_id")
+
+    @rpc
+    async def DeleteAdapter(self, request, context):
+        aid = request.adapter_id
+        await self.GetAdapter(request, context)
+        if aid in self.app.jobs.jobs:
+            rec = self.app.jobs.get(aid)
+            if not rec.terminal:
+                raise PreconditionError("the job is still training; cancel it first", "adapter_id")
+            shutil.rmtree(self.app.jobs.job_dir(aid) / "adapter", ignore_errors=True)
+        await self.app.on_engine(lambda: self.app.runner.delete_adapter(aid))
+        return adapters_pb2.DeleteAdapterResponse()
+
+    @rpc
+    async def ExportUpdateLog(self, request, context):
+        which = request.WhichOneof("source")
+        if which is None:
+            raise RequestError("set adapter_id or job_id", "source")
+        ident = getattr(request, which)
+        jobs = self.app.jobs
+        if ident in jobs.jobs:
+            path = jobs.job_dir(ident) / "update.log"
+        else:
+            check_name(ident, which)
+            path = jobs.root / "adapters" / ident / "update.log"
+        if not path.exists():
+            raise NotFoundError(f"no update log for {ident[:64]!r}", which)
+        data = path.read_bytes()
+        for i in range(0, max(len(data), 1), CHUNK):
+            yield adapters_pb2.ExportUpdateLogResponse(chunk=data[i : i + CHUNK], total_bytes=len(data))
+
+    @rpc
+    async def ImportUpdateLog(self, request_iterator, context):
+        self.app.ready_engine()
+        meta, buf = None, bytearray()
+        async for part in request_iterator:
+            which = part.WhichOneof("part")
+            if meta is None:
+                if which != "metadata":
+                    raise RequestError("the first message must carry metadata (adapter_id)", "metadata")
+                meta = part.metadata
+            elif which == "chunk":
+                buf += part.chunk
+                if len(buf) > MAX_LOG_BYTES:
+                    raise ResourceExhaustedError(f"update logs are limited to {MAX_LOG_BYTES} bytes", "chunk")
+            else:
+                raise RequestError("metadata may only be sent first", "metadata")
+        if meta is None:
+            raise RequestError("no metadata received", "metadata")
+        aid = check_name(meta.adapter_id or f"imported-{int(time.time())}", "metadata.adapter_id")
+        if aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs:
+            raise PreconditionError(f"adapter {aid!r} exists; delete it first or pick another id",
+                                    "metadata.adapter_id")
+        d = self.app.jobs.root / "adapters" / aid
+        tmp = d.with_name(d.name + ".importing")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "update.log").write_bytes(bytes(buf))
+        try:
+            with UpdateLog.open(tmp / "update.log", repair=False) as log:
+                if log.damage:
+                    raise RequestError(f"the log is damaged: {log.damage}", "chunk")
+            await self.app.on_engine(lambda: self.app.runner.import_log(aid, tmp / "update.log"))
+        except (ValueError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(f"not a valid update log: {exc}", "chunk") from None
+        tmp.rename(d)
+        return await self.GetAdapter(adapters_pb2.GetAdapterRequest(adapter_id=aid), context)
+
+
+def _steps(log: Path) -> int:
+    try:
+        with UpdateLog.open(log, repair=False) as lg:
+            return len(lg)
+    except (ValueError, OSError):
+        return 0
+
