@@ -49,6 +49,8 @@ class StepStats:
     train: dict[str, Any] | Exception | None = None  # the step's result, or why the job's step failed
     h2d_bytes: int = 0
     d2h_bytes: int = 0
+    transfer_seconds: float = 0.0
+    stall_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +91,7 @@ class Engine:
         self.adapters: dict[str, Any] = {}  # adapter id -> peft.LoraAdapter (on the device)
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
         self._inbox: list[Callable[[], None]] = []
+        self._queue_times: list[float] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
@@ -115,7 +118,8 @@ class Engine:
         self._drain_inbox()
         plan = self.scheduler.schedule()
         workloads = self._workloads(plan)
-        h2d, d2h = self.streamer.stats.h2d_bytes, self.streamer.stats.d2h_bytes
+        st = self.streamer.stats
+        h2d, d2h, xfer, stall = st.h2d_bytes, st.d2h_bytes, st.transfer_seconds, st.stall_seconds
         error = None
         for streamer, wls in self._by_streamer(plan, workloads):
             try:
@@ -127,8 +131,9 @@ class Engine:
                 workloads = [(k, w) for k, w in workloads if k == "train"]
                 error = exc
         stats = self._commit(plan, workloads, error)
-        stats.h2d_bytes = self.streamer.stats.h2d_bytes - h2d
-        stats.d2h_bytes = self.streamer.stats.d2h_bytes - d2h
+        stats.queue_times, self._queue_times = self._queue_times, []
+        stats.h2d_bytes, stats.d2h_bytes = st.h2d_bytes - h2d, st.d2h_bytes - d2h
+        stats.transfer_seconds, stats.stall_seconds = st.transfer_seconds - xfer, st.stall_seconds - stall
         stats.seconds = time.monotonic() - t0
         return stats
 
@@ -186,6 +191,8 @@ class Engine:
             seqs = [self.seqs[r] for r in ids if r in self.seqs]
             for s in seqs:
                 s.slot = self.scheduler.slot_of(s.req.request_id)
+                if kind == "prefill":
+                    self._queue_times.append(time.monotonic() - s.req.arrival)
             if seqs:
                 wl = GenerationWorkload(self.family, self.spec, seqs, self.cache, self.device, self._lora_for)
                 out.append((kind, wl))

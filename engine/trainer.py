@@ -261,18 +261,21 @@ def evaluate(fam: Any, spec: Any, streamer: LayerStreamer, ds: D.Dataset, pad_id
             counts.append(wl.counts.cpu())
         return torch.cat(sums), torch.cat(counts)
 
-    sums, counts = score(ds.examples)
-    out = {"loss": float(sums.sum() / max(int(counts.sum()), 1))}
-    if ds.choices:
-        flat = [ex for ch in ds.choices for ex in D.choice_batches(ch)]
-        s, c = score(flat)
-        per = (-(s / c.clamp(min=1))).tolist()
-        scores, k = [], 0
-        for ch in ds.choices:
-            scores.append(per[k : k + len(ch.candidates)])
-            k += len(ch.candidates)
-        out["accuracy"] = D.choice_accuracy(scores, [ch.answer for ch in ds.choices])
-    return out
+    if not ds.choices:
+        sums, counts = score(ds.examples)
+        return {"loss": float(sums.sum() / max(int(counts.sum()), 1))}
+    # Multiple choice: one pass scores every candidate; the loss is that of the correct ones.
+    flat = [ex for ch in ds.choices for ex in D.choice_batches(ch)]
+    s, c = score(flat)
+    per = (-(s / c.clamp(min=1))).tolist()
+    scores, k, loss_sum, loss_count = [], 0, 0.0, 0
+    for ch in ds.choices:
+        scores.append(per[k : k + len(ch.candidates)])
+        loss_sum += float(s[k + ch.answer])
+        loss_count += int(c[k + ch.answer])
+        k += len(ch.candidates)
+    return {"loss": loss_sum / max(loss_count, 1),
+            "accuracy": D.choice_accuracy(scores, [ch.answer for ch in ds.choices])}
 
 
 def master_dtype_for(cfg: ZOConfig, base_dtype: torch.dtype) -> tuple[torch.dtype, str]:

@@ -130,9 +130,9 @@ class App:
         self.ready_engine().call_soon(call)
         return await asyncio.wrap_future(fut)
 
-    def request_done(self, req, ev) -> None:
+    def request_done(self, req, ev, ttft: float | None = None) -> None:
         self.metrics.observe_request_done(time.monotonic() - req.arrival, ev.completion_tokens,
-                                          ev.finish_reason.value)
+                                          ev.finish_reason.value, ttft_s=ttft)
 
     def log_exception(self, exc: BaseException) -> None:
         log.error("internal error: %s", "".join(traceback.format_exception(exc)))
@@ -180,6 +180,12 @@ class App:
                     stats.train = None
                 self.metrics.observe_step(stats, codec=codec, running=len(engine.scheduler.running),
                                           waiting=len(engine.scheduler.waiting), method=method)
+                if engine.device.type == "cuda":
+                    import torch
+
+                    self.metrics.set_gpu_memory(torch.cuda.memory_allocated(engine.device),
+                                                torch.cuda.memory_reserved(engine.device),
+                                                self.cfg.engine.stream.gpu_memory_bytes)
             except Exception as exc:  # noqa: BLE001 - keep serving; the failing requests get errors
                 self.log_exception(exc)
                 for rid in list(engine.seqs):
@@ -233,6 +239,7 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
             for svc in ("", *SERVICES):
                 await app.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
             serving = True
+            app.metrics.set_engine_up(True)
             print(f"zostream: serving on {cfg.host}:{port}", flush=True)
         if ready is not None and (serving or app.engine_error):
             ready.set()
@@ -249,6 +256,7 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
 async def _drain(app: App) -> None:
     """SIGTERM: refuse new work, let in-flight generations finish, then cancel the rest."""
     app.draining = True
+    app.metrics.set_engine_up(False)
     for svc in ("", *SERVICES):
         await app.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     deadline = time.monotonic() + app.cfg.drain_seconds

@@ -95,14 +95,17 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         engine.submit(req)
         self.app.inflight.add(req.request_id)
         finished = False
+        first: float | None = None
         texts: list[str] = []
         ids: list[int] = []
         try:
             while True:
                 ev = await queue.get()
+                if first is None and ev.token_ids:
+                    first = time.monotonic() - req.arrival
                 if ev.finish_reason is not None:
                     finished = True
-                    self.app.request_done(req, ev)
+                    self.app.request_done(req, ev, first)
                     if request.stream:
                         yield C.generate_response(ev)
                     else:

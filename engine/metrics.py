@@ -1,0 +1,271 @@
+"""Prometheus metrics: StepStats and server events → samples.
+
+The only module in the project that imports prometheus_client. Inputs are duck-typed
+(StepStats, TokenEvent, the trainer's commit dict), so nothing here imports the engine.
+
+Every label has a small, fixed set of values (finish reason, job status, pass kind, memory
+kind, fine-tuning method, codec): request and job ids are never labels, so the number of
+series stays constant however many requests and jobs the engine serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+
+# No `*_created` timestamp series next to every counter and histogram: they double the series
+# count and nothing here reads them. Process-wide, which is fine: nothing else imports the client.
+disable_created_metrics()
+
+# 1 ms .. 120 s: a decode token on a resident model is ~ms, a streamed pass over a huge model is
+# seconds, a queued long generation is minutes (anything slower lands in +Inf).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+# Mirrors engine.generation.FinishReason values (a test checks they agree).
+FINISH_REASONS = ("max_tokens", "eos_token", "stop_sequence", "cancelled", "time_limit", "error")
+JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+MEMORY_KINDS = ("allocated", "reserved", "budget")
+PASS_KINDS = ("generate", "train", "mixed")
+METHODS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str  # gauge | counter | histogram
+    name: str  # the sample name as PromQL sees it (counters end in _total)
+    doc: str
+    label: str | None = None
+    values: tuple[str, ...] = ()  # the allowed label values; () = open (bounded by config, e.g. codec)
+    preset: bool = True  # create every allowed series at 0 from the start (absent until set if False)
+
+
+# One line per family; "what" is the one-line meaning the README renders (DOCS).
+# fmt: off
+_SPECS: tuple[_Spec, ...] = (
+    # ---- gauges ----
+    _Spec("gauge", "zostream_engine_up", "1 while the engine is serving, 0 otherwise"),
+    _Spec("gauge", "zostream_requests_running", "generation requests holding a KV-cache slot"),
+    _Spec("gauge", "zostream_requests_waiting", "generation requests queued for a slot"),
+    _Spec("gauge", "zostream_gpu_memory_bytes", "device bytes: torch allocated / reserved, weight budget",
+          "kind", MEMORY_KINDS, preset=False),  # a CPU engine has none; 0 would read "stream all"
+    _Spec("gauge", "zostream_jobs", "fine-tuning jobs by status", "status", JOB_STATUSES),
+    _Spec("gauge", "zostream_finetune_loss", "mean of L+ and L- of the latest fine-tuning step"),
+    _Spec("gauge", "zostream_finetune_loss_plus", "L+ = loss(theta + eps z) of the latest step"),
+    _Spec("gauge", "zostream_finetune_loss_minus", "L- = loss(theta - eps z) of the latest step"),
+    _Spec("gauge", "zostream_finetune_projected_grad", "g = (L+ - L-) / 2eps of the latest step"),
+    _Spec("gauge", "zostream_finetune_learning_rate", "learning rate of the latest step"),
+    _Spec("gauge", "zostream_resident_blocks", "transformer blocks kept on the device"),
+    _Spec("gauge", "zostream_streamed_blocks", "transformer blocks streamed from host memory every pass"),
+    # ---- histograms (seconds) ----
+    _Spec("histogram", "zostream_time_to_first_token_seconds", "arrival to first generated token"),
+    _Spec("histogram", "zostream_time_per_output_token_seconds",
+          "per request: (latency - TTFT) / (tokens - 1), or latency / tokens when TTFT is unknown"),
+    _Spec("histogram", "zostream_request_latency_seconds", "end to end: arrival to the final event"),
+    _Spec("histogram", "zostream_request_queue_seconds", "arrival to admission into a pass"),
+    _Spec("histogram", "zostream_pass_seconds", "one pass over the layers, by what it carried",
+          "kind", PASS_KINDS),
+    _Spec("histogram", "zostream_finetune_step_seconds", "wall time of a pass that carried a ZO step"),
+    # ---- counters ----
+    _Spec("counter", "zostream_prompt_tokens_total", "prompt tokens prefilled"),
+    _Spec("counter", "zostream_generation_tokens_total", "tokens generated"),
+    _Spec("counter", "zostream_requests_total", "finished generation requests by finish reason",
+          "finish_reason", FINISH_REASONS),
+    _Spec("counter", "zostream_h2d_bytes_total", "bytes copied host to device, by transfer codec", "codec"),
+    _Spec("counter", "zostream_d2h_bytes_total", "bytes copied device to host (write-back)"),
+    _Spec("counter", "zostream_transfer_stall_seconds_total",
+          "seconds compute waited on a layer transfer (its rate is the stalled fraction)"),
+    _Spec("counter", "zostream_layer_transfer_seconds_total", "seconds spent moving layers to the device"),
+    _Spec("counter", "zostream_layer_compute_seconds_total", "pass seconds not stalled on a transfer"),
+    _Spec("counter", "zostream_finetune_steps_total", "fine-tuning steps logged (skipped ones included)",
+          "method", METHODS),
+    _Spec("counter", "zostream_finetune_skipped_steps_total", "steps the divergence guard skipped"),
+    _Spec("counter", "zostream_finetune_tokens_total", "tokens the fine-tuning steps trained on"),
+    _Spec("counter", "zostream_update_log_bytes_total", "bytes appended to update logs"),
+)
+# fmt: on
+
+DOCS: dict[str, str] = {s.name: s.doc for s in _SPECS}
+
+
+class Metrics:
+    """All zostream metrics in one registry of their own (tests may create several)."""
+
+    METRIC_NAMES: tuple[str, ...] = tuple(DOCS)
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            # host RSS / fds / CPU of this process: the base model is mmap'd, so RSS matters
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self.port: int | None = None
+        self._http: Any = None
+        self._m: dict[str, Any] = {}
+        self._specs = {s.name: s for s in _SPECS}
+        for s in _SPECS:
+            labels = (s.label,) if s.label else ()
+            if s.kind == "gauge":
+                m: Any = Gauge(s.name, s.doc, labels, registry=registry)
+            elif s.kind == "counter":
+                m = Counter(s.name, s.doc, labels, registry=registry)
+            else:
+                m = Histogram(s.name, s.doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
+            for v in s.values if s.preset else ():
+                m.labels(v)  # rate() and sum by () see every series from the first scrape
+            self._m[s.name] = m
+
+    def _get(self, name: str, label: str | None = None) -> Any:
+        spec, m = self._specs[name], self._m[name]
+        if spec.label is None:
+            return m
+        if spec.values and label not in spec.values:
+            raise ValueError(f"{name}: {spec.label} must be one of {', '.join(spec.values)}, got {label!r}")
+        return m.labels(label)
+
+    # ---- engine loop ------------------------------------------------------------------------
+    def observe_step(
+        self, stats: Any, *, codec: str, running: int, waiting: int, method: str | None = None
+    ) -> None:
+        """One `Engine.step()`'s StepStats; `method` (full | lora) names the job a train pass served.
+
+        Never raises for a well-formed call, so the engine loop can call it unguarded; a label
+        value outside its fixed set (a programming error) raises ValueError before any change.
+
+        Requests are counted by `observe_request_done` (it also sees cancels and admission
+        errors, which never reach a pass), not from `stats.finished`.
+        """
+        # stats.train: the trainer's commit dict, an exception (the step failed: the pass still
+        # ran for it, but nothing was logged) or None (no step in this pass)
+        training = stats.train is not None
+        train = stats.train if isinstance(stats.train, dict) else None
+        steps = None
+        method = method or (train or {}).get("method")
+        if train is not None and method is not None:  # validate first: a bad call changes no sample
+            steps = self._get("zostream_finetune_steps_total", method)
+        self._get("zostream_requests_running").set(running)
+        self._get("zostream_requests_waiting").set(waiting)
+        self._get("zostream_prompt_tokens_total").inc(stats.prefill_tokens)
+        # every sequence in a prefill samples its first token, every decode row one more
+        generated = getattr(stats, "generated_tokens", None)
+        if generated is None:
+            generated = stats.decode_tokens + len(stats.first_token_latencies)
+        self._get("zostream_generation_tokens_total").inc(generated)
+        for t in stats.first_token_latencies:
+            self._get("zostream_time_to_first_token_seconds").observe(t)
+        for t in stats.queue_times:
+            self._get("zostream_request_queue_seconds").observe(t)
+
+        self._get("zostream_h2d_bytes_total", codec).inc(stats.h2d_bytes)
+        self._get("zostream_d2h_bytes_total").inc(stats.d2h_bytes)
+        # Optional per-pass deltas of StreamStats; compute falls back to the unstalled pass time.
+        stall = float(getattr(stats, "stall_seconds", 0.0) or 0.0)
+        compute = getattr(stats, "compute_seconds", None)
+        compute = max(stats.seconds - stall, 0.0) if compute is None else float(compute)
+        self._get("zostream_transfer_stall_seconds_total").inc(stall)
+        transfer = float(getattr(stats, "transfer_seconds", 0.0) or 0.0)
+        self._get("zostream_layer_transfer_seconds_total").inc(transfer)
+
+        generating = stats.prefill_tokens + stats.decode_tokens > 0
+        if not (generating or training):
+            return  # an idle step did no layer work
+        self._get("zostream_layer_compute_seconds_total").inc(compute)
+        kind = "mixed" if generating and training else "generate" if generating else "train"
+        self._get("zostream_pass_seconds", kind).observe(stats.seconds)
+        if train is not None:
+            if steps is not None:  # None: the job's method is unknown (it ended during the pass)
+                steps.inc()
+            self._observe_train(train, stats.seconds)
+
+    def _observe_train(self, train: dict[str, Any], seconds: float) -> None:
+        if train.get("skipped"):
+            self._get("zostream_finetune_skipped_steps_total").inc()
+        self._get("zostream_finetune_step_seconds").observe(seconds)
+        self._get("zostream_finetune_tokens_total").inc(int(train.get("tokens", 0)))
+        # Set even on a skipped (non-finite) step: the dashboard should show the divergence.
+        for key, name in (
+            ("loss", "zostream_finetune_loss"),
+            ("loss_plus", "zostream_finetune_loss_plus"),
+            ("loss_minus", "zostream_finetune_loss_minus"),
+            ("projected_grad", "zostream_finetune_projected_grad"),
+            ("lr", "zostream_finetune_learning_rate"),
+        ):
+            if train.get(key) is not None:
+                self._get(name).set(float(train[key]))
+
+    # ---- server events ----------------------------------------------------------------------
+    def observe_request_done(
+        self, latency_s: float, completion_tokens: int, finish_reason: str, ttft_s: float | None = None
+    ) -> None:
+        """Once per generation request, at its final event (every outcome, cancels and errors too)."""
+        self._get("zostream_requests_total", finish_reason).inc()
+        self._get("zostream_request_latency_seconds").observe(latency_s)
+        if completion_tokens > 1:
+            if ttft_s is not None:
+                tpot = max(latency_s - ttft_s, 0.0) / (completion_tokens - 1)
+            else:
+                tpot = latency_s / completion_tokens
+            self._get("zostream_time_per_output_token_seconds").observe(tpot)
+
+    def set_jobs(self, counts: dict[str, int]) -> None:
+        """Jobs per status; a status missing from `counts` is 0."""
+        for status in counts:
+            self._get("zostream_jobs", status)  # validates
+        for status in JOB_STATUSES:
+            self._get("zostream_jobs", status).set(counts.get(status, 0))
+
+    def set_gpu_memory(self, allocated: int, reserved: int, budget: int | None) -> None:
+        """Device bytes; budget None (use what is free) drops that series rather than faking a value."""
+        self._get("zostream_gpu_memory_bytes", "allocated").set(allocated)
+        self._get("zostream_gpu_memory_bytes", "reserved").set(reserved)
+        if budget is None:
+            with contextlib.suppress(KeyError):  # not set yet
+                self._m["zostream_gpu_memory_bytes"].remove("budget")
+        else:
+            self._get("zostream_gpu_memory_bytes", "budget").set(budget)
+
+    def set_residency(self, resident: int, streamed: int) -> None:
+        self._get("zostream_resident_blocks").set(resident)
+        self._get("zostream_streamed_blocks").set(streamed)
+
+    def set_engine_up(self, up: bool) -> None:
+        self._get("zostream_engine_up").set(1 if up else 0)
+
+    def add_log_bytes(self, n: int) -> None:
+        self._get("zostream_update_log_bytes_total").inc(n)
+
+    # ---- exposition -------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        """The Prometheus text format of this registry (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+    def start_http(self, port: int, addr: str = "127.0.0.1") -> Any:
+        """Serve /metrics in a daemon thread; port 0 picks a free port (then read `self.port`)."""
+        if self._http is not None:
+            raise RuntimeError(f"metrics are already served on port {self.port}; call close() first")
+        server, _thread = start_http_server(port, addr, registry=self.registry)
+        self._http, self.port = server, server.server_port
+        return server
+
+    def close(self) -> None:
+        """Stop the HTTP server, if one was started."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
