@@ -1,4 +1,4 @@
-"""`zostream model ...`: model-level commands (fetch-demo; `info` and friends plug in here)."""
+"""`zostream model ...`: model-level commands (fetch-demo, info)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `model` and its sub-subcommands; each sets `func` on its parser."""
-    model = sub.add_parser("model", help="model utilities (fetch the demo model, ...)")
+    model = sub.add_parser("model", help="model utilities (fetch the demo model, inspect a model dir)")
     model_sub = model.add_subparsers(dest="model_command", metavar="MODEL_COMMAND", required=True)
     _register_fetch_demo(model_sub)
+    _register_info(model_sub)
 
 
 def _register_fetch_demo(model_sub: argparse._SubParsersAction) -> None:
@@ -51,3 +52,195 @@ def _fetch_demo(args: argparse.Namespace) -> int:
     else:
         print(path)
     return 0
+
+
+# ---- model info ---------------------------------------------------------------------------------
+FITS_WARNING = "fits in the GPU budget: every block stays resident; streaming buys nothing"
+
+
+def _register_info(model_sub: argparse._SubParsersAction) -> None:
+    from zostream.clients.common import add_json_arg, positive_float, size_arg
+    from zostream.engine.config import CODECS, COMPUTE_DTYPES
+
+    p = model_sub.add_parser(
+        "info",
+        help="layers, parameters, bytes per block and the streaming plan for a GPU budget",
+        description=(
+            "Describe a model dir without reading its weights (safetensors headers only): size, bytes "
+            "per block (packed by --codec), which blocks a --gpu-memory budget keeps resident, and the "
+            "predicted seconds per pass over the layers = streamed bytes / link rate."
+        ),
+    )
+    p.add_argument("model", metavar="DIR", help="Hugging Face model directory")
+    p.add_argument(
+        "--gpu-memory",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="device memory budget for weights, e.g. 24GiB (default: none, every block resident)",
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=positive_float,
+        default=54.0,
+        metavar="GB/S",
+        help="host-to-device link rate in GB/s (10^9 bytes/s; default 54, PCIe Gen5 x16 pinned)",
+    )
+    p.add_argument("--codec", choices=CODECS, default="none", help="transfer codec (default: none)")
+    p.add_argument(
+        "--dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="compute dtype of decoded blocks (default: auto, the model's dtype)",
+    )
+    add_json_arg(p)
+    p.set_defaults(func=_info)
+
+
+def model_info(
+    model_dir: str, gpu_memory: int | None, link_gbps: float, codec: str = "none", dtype: str = "auto"
+) -> dict:
+    """The facts `zostream model info` prints, from the safetensors headers alone."""
+    import math
+
+    import torch
+
+    from zostream.clients.common import open_store
+    from zostream.engine.config import CodecConfig, StreamConfig
+    from zostream.engine.streamer import plan_residency
+
+    store = open_store(model_dir)
+    fam, spec = store.family, store.spec
+    compute = store.dtype if dtype == "auto" else getattr(torch, dtype)
+    n = store.num_layers
+    block_bytes = [store.block_nbytes(i) for i in range(n)]
+    dense = [
+        {
+            local: (
+                store.infos[fam.layer_prefix(i) + local].shape,
+                store.infos[fam.layer_prefix(i) + local].dtype,
+            )
+            for local in fam.block_tensors(spec)
+        }
+        for i in range(n)
+    ]
+    packed = block_bytes if codec == "none" else [_packed_nbytes(codec, d) for d in dense]
+    decoded = [sum(math.prod(s) for s, _ in d.values()) * compute.itemsize for d in dense]
+    outer = sum(math.prod(store.infos[name].shape) for name in fam.outer_tensors(spec)) * compute.itemsize
+    depth = StreamConfig().prefetch_depth
+    rate = link_gbps * 1e9
+    out = {
+        "model": str(store.dir),
+        "family": spec.family,
+        "model_type": spec.model_type,
+        "layers": n,
+        "parameters": store.num_parameters(),
+        "dtype": str(store.dtype).removeprefix("torch."),
+        "compute_dtype": str(compute).removeprefix("torch."),
+        "bytes_per_block": max(block_bytes, default=0),
+        "block_bytes": block_bytes,
+        "outer_bytes": store.outer_nbytes(),
+        "codec": CodecConfig(name=codec).name,
+        "packed_bytes_per_block": max(packed, default=0),
+        "packed_block_bytes": packed,
+        "link_gbps": link_gbps,
+        "all_streamed_bytes_per_pass": sum(packed),
+        "all_streamed_seconds_per_pass": sum(packed) / rate,
+        "budget_bytes": gpu_memory,
+        "prefetch_depth": depth,
+        "warnings": [],
+    }
+    plan = plan_residency(packed, decoded, outer, gpu_memory, depth)
+    streamed = sum(packed[i] for i in plan.streamed)
+    out |= {
+        "resident_blocks": list(plan.resident),
+        "streamed_blocks": list(plan.streamed),
+        "resident_bytes": plan.resident_bytes + outer,
+        "slot_bytes": plan.slot_bytes,
+        "streamed_bytes_per_pass": streamed,
+        "seconds_per_pass": streamed / rate,
+        "fits": gpu_memory is not None and plan.all_resident,
+    }
+    if out["fits"]:
+        out["warnings"].append(FITS_WARNING)
+    return out
+
+
+def _packed_nbytes(codec: str, dense: dict) -> int:
+    """Bytes of one block on the link under a lossy codec (only 2-D linear weights are encoded)."""
+    import math
+
+    from zostream.engine.codecs import block_layout, get_codec
+    from zostream.engine.config import CodecConfig
+
+    layout = block_layout(get_codec(CodecConfig(name=codec)), dense)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in layout.values())
+
+
+def _info(args: argparse.Namespace) -> int:
+    from zostream.clients.common import print_json, warn
+
+    info = model_info(args.model, args.gpu_memory, args.link_gbps, args.codec, args.dtype)
+    for w in info["warnings"]:
+        warn("model info", f"WARNING: {w}")
+    if args.json:
+        print_json(info)
+        return 0
+    n = info["layers"]
+    lines = [
+        ("model", info["model"]),
+        ("family", f"{info['family']} ({info['model_type']})"),
+        ("layers", str(n)),
+        ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
+        ("dtype", f"{info['dtype']} (compute {info['compute_dtype']})"),
+        ("bytes/block", f"{info['bytes_per_block']:,} ({_human(info['bytes_per_block'], 'B')})"),
+        ("outer bytes", f"{info['outer_bytes']:,} (embeddings, final norm, head: always resident)"),
+    ]
+    if info["codec"] != "none":
+        ratio = info["bytes_per_block"] / max(info["packed_bytes_per_block"], 1)
+        lines.append(
+            (
+                "codec",
+                f"{info['codec']}: {info['packed_bytes_per_block']:,} bytes/block on the link "
+                f"({ratio:.2f}x smaller)",
+            )
+        )
+    if info["budget_bytes"] is None:
+        lines.append(
+            ("budget", "none given: every block resident (pass --gpu-memory SIZE to plan streaming)")
+        )
+    else:
+        lines.append(
+            (
+                "budget",
+                f"{info['budget_bytes']:,} bytes: {len(info['resident_blocks'])} of {n} blocks "
+                f"resident, {len(info['streamed_blocks'])} streamed",
+            )
+        )
+    rate = f"at {info['link_gbps']:g} GB/s"
+    lines.append(
+        (
+            "pass",
+            f"{info['seconds_per_pass']:.4g} s {rate} ({info['streamed_bytes_per_pass']:,} bytes "
+            "streamed per pass)",
+        )
+    )
+    lines.append(
+        (
+            "all streamed",
+            f"{info['all_streamed_seconds_per_pass']:.4g} s {rate} "
+            f"({info['all_streamed_bytes_per_pass']:,} bytes per pass)",
+        )
+    )
+    for k, v in lines:
+        print(f"{k:<13}{v}")
+    return 0
+
+
+def _human(x: float, unit: str = "") -> str:
+    """34336 -> '34.3 k', 7.2e9 bytes -> '7.2 GB' (decimal prefixes, like --gpu-memory's GB)."""
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(x) < 1000 or prefix == "T":
+            return f"{x:.3g} {prefix}{unit}".rstrip()
+        x /= 1000
+    raise AssertionError("unreachable")

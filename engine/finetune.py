@@ -71,6 +71,14 @@ def open_trainer(
             "updates would vanish in the quantisation); use --codec none, or --method lora",
             "codec",
         )
+    if cfg.method == "lora":
+        modules = store.family.module_names(store.spec)
+        unknown = [t for t in cfg.lora_targets if t not in modules]
+        if unknown:  # before any file is written, so a bad request leaves no job directory behind
+            raise RequestError(
+                f"unknown module(s) {', '.join(unknown)}; this model has {', '.join(sorted(modules))}",
+                "lora_targets",
+            )
     job = Path(job_dir)
     job.mkdir(parents=True, exist_ok=True)
     master, rounding = master_dtype_for(cfg, store.dtype)

@@ -15,7 +15,7 @@ from .engine import Engine
 from .errors import PreconditionError
 from .jobs import JobRecord, JobStore
 from .peft import LoraAdapter
-from .replay import check_base, replay_lora
+from .replay import replay_lora
 from .trainer import ZOTrainer
 from .update_log import UpdateLog
 
@@ -70,7 +70,10 @@ class JobRunner:
         """Replay an imported LoRA log onto this base and serve it as `adapter_id`; returns steps."""
         e = self.engine
         with UpdateLog.open(log_path, repair=False) as log:
-            check_base(log.header, e.store)
+            if log.header.base_fingerprint != e.store.fingerprint:  # not replay.check_base: it names server paths
+                raise PreconditionError(
+                    f"the log was made on base {log.header.base_fingerprint}, this server serves "
+                    f"{e.store.fingerprint}; import it on a server of the base model it was trained from", "base")
             if log.header.scope.get("kind") != "lora":
                 raise PreconditionError("only LoRA update logs can be served as adapters", "chunk")
             adapter = replay_lora(e.store, log, device=e.device)
@@ -113,6 +116,9 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - a job's failure never takes the engine down
             self._fail(rec, exc)
             return
+        # On resume the divergence guard must judge the next steps against the same history of
+        # accepted |g| as an uninterrupted run would (else the logs differ after a restart).
+        tr.g_history = [abs(g) for s in tr.steps if not s.skipped for g in s.directions][-256:]
         self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
         rec.steps_done = tr.step
         self.store.set_status(rec, "running", f"training from step {tr.step}")
@@ -140,7 +146,8 @@ class JobRunner:
                             "learning_rate": result["lr"]})
         self.on_log_bytes(16 * tr.cfg.q)
         msg = f"skipped: {result['skipped']}" if result.get("skipped") else ""
-        self.store.event(job_id, "step", msg, result["step"],
+        # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
+        self.store.event(job_id, "step", msg, tr.step,
                          {k: result[k] for k in ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")})
         try:
             every = aj.cfg.checkpoint_every or max(1, aj.cfg.steps // 10)

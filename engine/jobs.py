@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NotFoundError, PreconditionError, RequestError
+from .errors import NotFoundError, RequestError
 
 STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -99,7 +99,8 @@ class JobStore:
         p = self.datasets_dir / f"{name}.jsonl"
         with self._lock:
             if p.exists() and not overwrite:
-                raise PreconditionError(f"dataset {name!r} exists; set overwrite to replace it", "metadata.name")
+                raise RequestError(f"dataset {name!r} exists; set overwrite to replace it", "metadata.name",
+                                   code="ALREADY_EXISTS")
             _atomic_write(p, data)
             info = {"name": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                     "created_at": time.time(), **meta}
@@ -121,9 +122,10 @@ class JobStore:
                 for rec in self.jobs.values():
                     if rec.spec.get("idempotency_key") == key:
                         if {k: v for k, v in rec.spec.items()} != spec:
-                            raise PreconditionError(
+                            raise RequestError(
                                 f"idempotency_key {key!r} was used for a different job ({rec.id})",
                                 "idempotency_key",
+                                code="ALREADY_EXISTS",
                             )
                         return rec, False
             job_id = "job-" + uuid.uuid4().hex[:12]
@@ -160,7 +162,7 @@ class JobStore:
             if error:
                 rec.error = error
             self.save(rec)
-            self.event(rec.id, status, message or status)
+            self.event(rec.id, status, message or status, rec.steps_done)
 
     def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
         with self._lock:

@@ -116,7 +116,8 @@ class ZOTrainer:
         self.applied = [0] * self.trainable.num_groups  # overwritten by the owner on resume
         self.schedule = zo.LRSchedule(cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps,
                                       cfg.min_lr_ratio)
-        self.g_history: list[float] = []
+        # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
+        self.g_history: list[float] = [abs(g) for s in self.steps if not s.skipped for g in s.directions][-256:]
 
     @property
     def step(self) -> int:

@@ -7,7 +7,7 @@ that follow `past_lens[b]` tokens already in its KV-cache slot `slots[b]`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ class AttentionBatch:
     slots: torch.Tensor | None = None  # [B] int64
     kv_len: int = 0  # Lk when a cache is used
     write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    memo: dict = field(default_factory=dict)  # per-pass values every layer shares (RoPE tables)
 
     @classmethod
     def build(

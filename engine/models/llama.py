@@ -175,7 +175,10 @@ def block(h: torch.Tensor, w: dict, attn: LayerAttention, s: Spec, lora: LoraSet
         q = rms_norm(q, w["self_attn.q_norm.weight"], s.eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], s.eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,heads,T,D]
-    cos, sin = rope_tables(attn.batch.positions, s, h.dtype)
+    key = ("rope", h.dtype)
+    if key not in attn.batch.memo:  # the same for every layer of the pass: compute once
+        attn.batch.memo[key] = rope_tables(attn.batch.positions, s, h.dtype)
+    cos, sin = attn.batch.memo[key]
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     o = attn(q, k, v).transpose(1, 2).reshape(B, T, s.heads * s.head_dim)
     h = h + linear(o, w, "self_attn.o_proj", lora)

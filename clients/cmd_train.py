@@ -1,0 +1,559 @@
+"""`zostream train` (a ZO fine-tuning job in this process) and `zostream eval`.
+
+The job directory is the job's whole state (see engine/finetune.py): running `train` again on
+the same --out resumes from the last logged step, after checking that the flags match the log.
+JOBDIR/metrics.jsonl gets one line per step and per evaluation (appended across runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from zostream.clients.cli import UsageError
+from zostream.clients.common import (
+    add_json_arg,
+    add_runtime_args,
+    load_adapter,
+    load_tokenizer,
+    nonneg_int,
+    open_engine,
+    open_store,
+    positive_int,
+    print_json,
+    usage_error,
+    warn,
+)
+from zostream.engine.config import LR_SCHEDULES, MASTER_DTYPES, METHODS, NOISE, ZOConfig
+
+_ZO_FLAGS = {"lr": "--lr", "eps": "--eps", "q": "--q"}
+_LIMITS = dict(max_batch=1, max_seq_len=1, max_new_tokens=1, max_waiting=1, max_prefill_tokens=1)  # no KV use
+_FINAL_LOSS_STEPS = 10
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_train(sub)
+    _register_eval(sub)
+
+
+# ---- arguments -------------------------------------------------------------------------------
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    d = {f.name: f.default for f in dataclasses.fields(ZOConfig)}
+    p = sub.add_parser(
+        "train",
+        help="zeroth-order (MeZO/ZO2) fine-tuning job in this process",
+        description="Fine-tune --model on --data with zeroth-order SPSA steps (LoRA or full-parameter). "
+        "JOBDIR receives update.log (a few bytes per step, replayable with `zostream log replay`), "
+        "metrics.jsonl, checkpoints and, at the end, adapter/ (lora) or model/ (full). Running the "
+        "command again on the same JOBDIR resumes it. Ctrl-C stops after the current step.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="base model directory")
+    p.add_argument(
+        "--data", required=True, metavar="FILE", help="training JSONL (see engine/data.py formats)"
+    )
+    p.add_argument("--eval", metavar="FILE", help="evaluation JSONL (loss; accuracy for choice records)")
+    p.add_argument("--method", required=True, choices=METHODS, help="lora (frozen base) or full-parameter")
+    p.add_argument(
+        "--out", required=True, metavar="JOBDIR", help="job directory (created; resumed if present)"
+    )
+    p.add_argument("--steps", type=int, default=d["steps"], metavar="N", help=f"default: {d['steps']}")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-4 lora, 1e-6 full)")
+    p.add_argument("--eps", type=float, default=None, help="perturbation scale epsilon (default: 1e-3)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        metavar="N",
+        help=f"examples per step (default: {d['batch_size']})",
+    )
+    p.add_argument(
+        "--q", type=int, default=d["q"], metavar="Q", help="perturbation directions per step (default: 1)"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="job seed: noise, batch order, LoRA init")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"], help="default: constant")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], metavar="N", help="default: 0")
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d["min_lr_ratio"],
+        metavar="R",
+        help="final lr of linear/cosine schedules as a fraction of --lr (default: 0)",
+    )
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default: 0")
+    p.add_argument(
+        "--noise", choices=NOISE, default=d["noise"], help="perturbation distribution (default: gaussian)"
+    )
+    p.add_argument(
+        "--master-dtype",
+        choices=MASTER_DTYPES,
+        default=d["master_dtype"],
+        help="full-parameter master dtype (default: auto, the base dtype with stochastic rounding)",
+    )
+    p.add_argument("--lora-r", type=int, default=d["lora_r"], metavar="R", help=f"default: {d['lora_r']}")
+    p.add_argument(
+        "--lora-alpha", type=float, default=d["lora_alpha"], metavar="A", help=f"default: {d['lora_alpha']:g}"
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=",".join(d["lora_targets"]),
+        metavar="M1,M2",
+        help="comma-separated module names (default: q_proj,v_proj)",
+    )
+    p.add_argument("--max-len", type=int, default=d["max_len"], metavar="N", help="tokens per example")
+    p.add_argument(
+        "--eval-every",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="evaluate every N steps (and before and after training) when --eval is given",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="checkpoint every N steps (default: only at the end)",
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="examples per evaluation pass (default: --batch-size)",
+    )
+    p.add_argument(
+        "--no-divergence-guard",
+        action="store_true",
+        help="apply every step, even one whose |g| or loss is non-finite or an outlier",
+    )
+    add_runtime_args(p)
+    add_json_arg(p, "a JSON summary as the last stdout line")
+    p.set_defaults(func=train)
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="loss (and accuracy for choice datasets) of a model or adapter on a JSONL dataset",
+        description="Mean token loss over --data; length-normalised multiple-choice accuracy for choice "
+        "records.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to apply")
+    p.add_argument("--data", required=True, metavar="FILE", help="evaluation JSONL")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="default: 8")
+    p.add_argument("--max-len", type=positive_int, default=1024, metavar="N", help="tokens per example")
+    add_runtime_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=evaluate)
+
+
+def zo_config(args: argparse.Namespace) -> Any:
+    """ZOConfig from the flags; a bad value is a UsageError naming its flag."""
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if not targets:
+        raise UsageError("--lora-targets: name at least one module, e.g. q_proj,v_proj")
+    try:
+        return ZOConfig(
+            method=args.method,
+            steps=args.steps,
+            lr=args.lr,
+            eps=args.eps,
+            batch_size=args.batch_size,
+            q=args.q,
+            seed=args.seed,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
+            min_lr_ratio=args.min_lr_ratio,
+            weight_decay=args.weight_decay,
+            noise=args.noise,
+            master_dtype=args.master_dtype,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_targets=targets,
+            max_len=args.max_len,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            divergence_guard=not args.no_divergence_guard,
+        )
+    except (ValueError, TypeError) as exc:
+        raise usage_error(exc, _ZO_FLAGS) from None
+
+
+def load_data(path: str, tokenizer: Any, max_len: int, flag: str) -> Any:
+    """A dataset file; DataError (names file and line) or an unreadable file is a UsageError."""
+    from zostream.engine.data import DataError, load_dataset
+
+    try:
+        return load_dataset(path, tokenizer, max_len=max_len)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def pad_id(tokenizer: Any) -> int:
+    for pid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(pid, int):
+            return pid
+    return 0
+
+
+# ---- resume ----------------------------------------------------------------------------------
+_HEADER_FLAGS = {
+    "noise": "--noise",
+    "master_dtype": "--master-dtype",
+    "rounding": "--master-dtype",
+    "eps": "--eps",
+    "weight_decay": "--weight-decay",
+    "job_seed": "--seed",
+    "q": "--q",
+    "base_fingerprint": "--model",
+}
+_SCOPE_FLAGS = {
+    "kind": "--method",
+    "r": "--lora-r",
+    "alpha": "--lora-alpha",
+    "targets": "--lora-targets",
+    "init_seed": "--seed",
+}
+_EXTRA_FLAGS = {
+    "lr": "--lr",
+    "lr_schedule": "--lr-schedule",
+    "warmup_steps": "--warmup-steps",
+    "min_lr_ratio": "--min-lr-ratio",
+    "batch_size": "--batch-size",
+    "steps": "--steps",
+}
+
+
+def resume_config(cfg: Any, store: Any, log_path: Path) -> Any:
+    """The config to reopen an existing job with: the flags must match its log header.
+
+    Only --steps may change, and only for a constant lr schedule (linear/cosine depend on the
+    total): the job is reopened with the logged total and trained on to the new --steps.
+    """
+    from zostream.engine.finetune import log_header
+    from zostream.engine.trainer import master_dtype_for
+    from zostream.engine.update_log import LogCorruptError, read_header
+
+    try:
+        old = read_header(log_path)
+    except LogCorruptError as exc:
+        raise UsageError(f"--out: {exc}") from None
+    new = log_header(cfg, store, *master_dtype_for(cfg, store.dtype))
+    where = f"the job in {log_path.parent} was started with"
+    fix = "resume with the same settings or choose another --out"
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if f.name in ("scope", "extra"):
+            names = _SCOPE_FLAGS if f.name == "scope" else _EXTRA_FLAGS
+            for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
+                if a.get(key) == b.get(key) or (f.name == "extra" and key == "steps"):
+                    continue
+                raise UsageError(
+                    f"{names.get(key, '--' + key)}: {where} {key}={a.get(key)!r}, got {b.get(key)!r}; {fix}"
+                )
+            continue
+        if f.name == "base_fingerprint":
+            raise UsageError(f"--model: {where} another base model (fingerprint {a}, this one is {b}); {fix}")
+        raise UsageError(f"{_HEADER_FLAGS.get(f.name, f.name)}: {where} {f.name}={a!r}, got {b!r}; {fix}")
+    old_steps = old.extra.get("steps", cfg.steps)
+    if old_steps == cfg.steps:
+        return cfg
+    if cfg.lr_schedule != "constant":
+        raise UsageError(
+            f"--steps: {where} steps={old_steps} and a {cfg.lr_schedule} lr schedule, which depends on the "
+            f"total; resume with --steps {old_steps} or choose another --out"
+        )
+    return dataclasses.replace(cfg, steps=old_steps)
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_after_step() -> Iterator[list[bool]]:
+    """First SIGINT sets the flag (the loop stops after its step); a second one aborts at once."""
+    flag = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+        warn("train", "interrupted: stopping after the current step (Ctrl-C again to abort now)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---- train ----------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> int:
+    from zostream.engine.config import StreamConfig
+    from zostream.engine.finetune import open_trainer, validate_dataset
+
+    cfg = zo_config(args)
+    if cfg.method == "full" and args.codec != "none":
+        raise UsageError(
+            f"--codec: a full-parameter job cannot read its weights through the lossy {args.codec} codec "
+            "(tiny ZO updates would vanish in the quantisation); use --codec none, or --method lora"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    store = open_store(args.model)
+    if cfg.method == "lora":  # checked before the job dir is created (the adapter is built after)
+        modules = store.family.module_names(store.spec)
+        if unknown := [t for t in cfg.lora_targets if t not in modules]:
+            raise UsageError(
+                f"--lora-targets: unknown module(s) {', '.join(unknown)}; this model has "
+                f"{', '.join(sorted(modules))}"
+            )
+    tok = load_tokenizer(args.model)
+    log_path = out / "update.log"
+    resuming = log_path.exists()
+    open_cfg = resume_config(cfg, store, log_path) if resuming else cfg
+    ds = load_data(args.data, tok, cfg.max_len, "--data")
+    eval_ds = load_data(args.eval, tok, cfg.max_len, "--eval") if args.eval else None
+    try:
+        validate_dataset(ds, cfg)
+    except ValueError as exc:
+        raise UsageError(f"--data: {str(exc).removeprefix('training_dataset: ')}") from None
+    device, dtype, base, store = _base(args, cfg, store, tok)
+    try:
+        tr = open_trainer(
+            open_cfg,
+            out,
+            store,
+            ds,
+            pad_id(tok),
+            device,
+            dtype,
+            base,
+            StreamConfig(gpu_memory_bytes=args.gpu_memory),
+            args.codec,
+        )
+    except ValueError as exc:
+        raise usage_error(exc, {"codec": "--codec"}, "--out") from None
+    start = tr.step
+    if resuming:
+        warn("train", f"resuming at step {start}")
+    try:
+        return _run(args, cfg, tr, eval_ds, out, start)
+    finally:
+        tr.log.close()
+
+
+def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any, Any, Any, Any]:
+    """(device, compute dtype, base streamer, store). LoRA jobs stream the frozen base through an
+    Engine's streamer (with the --codec decoder); full jobs stream their own working copy, so they get
+    no base streamer (it would hold a second copy of the resident blocks)."""
+    import torch
+
+    from zostream.clients.common import check_device
+    from zostream.engine.config import LimitsConfig
+    from zostream.engine.engine import resolve_device
+
+    if cfg.method == "lora":
+        eng = open_engine(args, LimitsConfig(**_LIMITS), tokenizer=tok)
+        return eng.device, eng.dtype, eng.streamer, eng.store
+    check_device(args.device)
+    dtype = store.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    return resolve_device(args.device), dtype, None, store
+
+
+def _run(
+    args: argparse.Namespace,
+    cfg: Any,
+    tr: Any,
+    eval_ds: Any,
+    out: Path,
+    start: int,
+) -> int:
+    """Evaluate, step, checkpoint and export; the summary is the last stdout line (--json)."""
+    from tqdm import tqdm
+
+    from zostream.engine.finetune import checkpoint, export
+
+    target = cfg.steps
+    eval_bs = args.eval_batch_size or cfg.batch_size
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    evals: list[dict[str, Any]] = []
+
+    def write(row: dict[str, Any]) -> None:
+        metrics.write(json.dumps(_nulls(row), allow_nan=False, default=str) + "\n")
+        metrics.flush()
+
+    def run_eval() -> None:
+        t0 = time.monotonic()
+        res = tr.evaluate(eval_ds, eval_bs)
+        row = {"type": "eval", "step": tr.step, **res, "seconds": time.monotonic() - t0, "time": time.time()}
+        write(row)
+        evals.append(row)
+        acc = f", accuracy {res['accuracy']:.4f}" if "accuracy" in res else ""
+        tqdm.write(f"eval at step {tr.step}: loss {res['loss']:.4f}{acc}", file=sys.stderr)
+
+    interrupted = False
+    with metrics:
+        if eval_ds is not None:
+            run_eval()
+        if tr.step >= target:
+            warn("train", f"the job is already at step {tr.step} (--steps {target}): nothing to train")
+        bar = tqdm(
+            total=target,
+            initial=min(tr.step, target),
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            disable=tr.step >= target,
+        )
+        with bar, stop_after_step() as stop:
+            while tr.step < target and not stop[0]:
+                t0 = time.monotonic()
+                res = tr.run_step()
+                dt = time.monotonic() - t0
+                write({"type": "step", **res, "seconds": dt, "time": time.time()})
+                bar.set_postfix(
+                    loss=f"{res['loss']:.4f}", g=f"{abs(res['projected_grad']):.3g}", refresh=False
+                )
+                bar.update(1)
+                if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < target:
+                    checkpoint(tr, out)
+                if (
+                    eval_ds is not None
+                    and cfg.eval_every
+                    and tr.step % cfg.eval_every == 0
+                    and tr.step < target
+                ):
+                    run_eval()
+            interrupted = stop[0] and tr.step < target
+        checkpoint(tr, out)
+        result = None
+        if not interrupted:
+            if eval_ds is not None and evals[-1]["step"] != tr.step:
+                run_eval()
+            result = export(tr, out, str(Path(args.model).absolute()))
+    summary = _summary(args, tr, out, start, evals, result, interrupted)
+    if args.json:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+    return 130 if interrupted else 0
+
+
+def _nulls(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN / inf (a diverged step's loss): they become null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _step_losses(metrics_path: Path) -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (all runs of the job; the latest line per step wins)."""
+    losses: dict[int, float] = {}
+    with contextlib.suppress(OSError), open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash
+            if row.get("type") == "step" and isinstance(row.get("loss"), int | float):
+                losses[int(row["step"])] = float(row["loss"])
+    return losses
+
+
+def _summary(
+    args: argparse.Namespace,
+    tr: Any,
+    out: Path,
+    start: int,
+    evals: list[dict[str, Any]],
+    result: Path | None,
+    interrupted: bool,
+) -> dict[str, Any]:
+    losses = _step_losses(out / "metrics.jsonl")
+    last = [losses[s] for s in range(max(0, tr.step - _FINAL_LOSS_STEPS), tr.step) if s in losses]
+    log_path = out / "update.log"
+    summary: dict[str, Any] = {
+        "method": tr.cfg.method,
+        "steps": tr.step,
+        "steps_this_run": tr.step - start,
+        "resumed_from": start,
+        "final_train_loss": sum(last) / len(last) if last else None,
+        "output": str(result) if result is not None else None,
+        "update_log": str(log_path),
+        "update_log_bytes": log_path.stat().st_size,
+        "metrics": str(out / "metrics.jsonl"),
+        "interrupted": interrupted,
+    }
+    if args.eval:
+        summary |= {
+            "eval_loss_before": evals[0]["loss"],
+            "eval_accuracy_before": evals[0].get("accuracy"),
+            "eval_loss": evals[-1]["loss"],
+            "eval_accuracy": evals[-1].get("accuracy"),
+        }
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"steps        {s['steps']} ({s['steps_this_run']} this run)")
+    print(f"train loss   {num(s['final_train_loss'])} (mean of the last steps)")
+    if "eval_loss" in s:
+        print(f"eval loss    {num(s['eval_loss_before'])} -> {num(s['eval_loss'])}")
+        if s["eval_accuracy"] is not None:
+            print(f"eval acc     {num(s['eval_accuracy_before'])} -> {num(s['eval_accuracy'])}")
+    print(f"update log   {s['update_log']} ({s['update_log_bytes']:,} bytes)")
+    print(f"output       {s['output'] or 'none (interrupted: run the same command again to resume)'}")
+
+
+# ---- eval -----------------------------------------------------------------------------------
+def evaluate(args: argparse.Namespace) -> int:
+    from zostream.engine.config import LimitsConfig
+    from zostream.engine.trainer import evaluate as run_eval
+
+    store = open_store(args.model)
+    del store  # opened first so that a bad dir is reported as such
+    tok = load_tokenizer(args.model)
+    ds = load_data(args.data, tok, args.max_len, "--data")
+    eng = open_engine(args, LimitsConfig(**_LIMITS), tokenizer=tok)
+    lora_fn = None
+    if args.adapter:
+        ad = load_adapter(args.adapter, eng)
+        lora_fn = lambda i: {m: [lw] for m, lw in ad.layer(i).items()}  # noqa: E731
+    res = run_eval(eng.family, eng.spec, eng.streamer, ds, pad_id(tok), eng.device, lora_fn, args.batch_size)
+    res = {
+        "loss": res["loss"],
+        "perplexity": math.exp(min(res["loss"], 700.0)),
+        "accuracy": res.get("accuracy"),
+        "examples": len(ds.choices or ds.examples),
+        "data": str(args.data),
+    }
+    if args.json:
+        print_json(res)
+    else:
+        print(f"loss        {res['loss']:.6f}")
+        print(f"perplexity  {res['perplexity']:.4f}")
+        if res["accuracy"] is not None:
+            print(f"accuracy    {res['accuracy']:.4f}")
+        print(f"examples    {res['examples']}")
+    return 0
