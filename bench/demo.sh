@@ -9,11 +9,11 @@ set -euo pipefail
 MODEL="${1:?usage: demo.sh MODEL_DIR}"
 WORK="${ZOSTREAM_DEMO_DIR:-$(mktemp -d -t zostream-demo.XXXXXX)}"
 PORT="${ZOSTREAM_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
-STEPS="${ZOSTREAM_DEMO_STEPS:-40}"
+STEPS="${ZOSTREAM_DEMO_STEPS:-30}"
 SERVER="127.0.0.1:$PORT"
 echo "== work dir $WORK, server $SERVER"
 
-zostream serve --model "$MODEL" --port "$PORT" --metrics-port -1 --data-dir "$WORK/data" --dtype float32 \
+zostream serve --model "$MODEL" --port "$PORT" --metrics-port -1 --data-dir "$WORK/data" \
     >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null || true' EXIT
@@ -36,19 +36,28 @@ echo
 echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B)"
 python3 bench/sentiment_task.py "$WORK/task" --train 128 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
-      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 --lr 3e-3 --eps 1e-2 \
+      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 8 --lr 2e-3 --eps 1e-2 \
       --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "job $JOB"
 zostream jobs events --server "$SERVER" "$JOB" --follow
 zostream jobs get --server "$SERVER" "$JOB" --json | python3 -c '
 import json, sys
 j = json.load(sys.stdin); m = j.get("metrics", {})
-print("status", j["status"], "| steps", j["progress"]["steps_done"], "| eval loss %.4f accuracy %.3f"
-      % (m.get("eval_loss", float("nan")), m.get("eval_accuracy", float("nan"))))'
+print("status", j["status"], "| steps", j["progress"]["steps_done"],
+      "| held-out accuracy %.3f (loss %.4f)" % (m.get("eval_accuracy", float("nan")), m.get("eval_loss", float("nan"))))'
+zostream jobs events --server "$SERVER" "$JOB" --json | python3 -c '
+import json, sys
+evals = [e for e in map(json.loads, sys.stdin) if e["type"] == "eval"]
+if len(evals) >= 2:
+    a, b = evals[0]["metrics"], evals[-1]["metrics"]
+    print("held-out accuracy before %.3f -> after %.3f" % (a.get("accuracy", float("nan")), b.get("accuracy", float("nan"))))'
 
 echo "== 3. generate with the adapter (adapter_id = job id)"
 PROMPT="$(head -n 1 "$WORK/task/eval.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')"
 echo "prompt: $PROMPT"
-echo -n "base:    "; zostream generate --server "$SERVER" --temperature 0 --max-new-tokens 3 "$PROMPT"; echo
-echo -n "adapter: "; zostream generate --server "$SERVER" --adapter-id "$JOB" --temperature 0 --max-new-tokens 3 "$PROMPT"; echo
+for who in base adapter; do
+    extra=(); [ "$who" = adapter ] && extra=(--adapter-id "$JOB")
+    zostream generate --server "$SERVER" "${extra[@]}" --temperature 0 --max-new-tokens 2 --json "$PROMPT" \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print("'"$who"': ", repr(r["text"]), r["token_ids"])'
+done
 echo "== update log: $(stat -c %s "$WORK/data/jobs/$JOB/update.log") bytes for $STEPS steps"

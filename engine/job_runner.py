@@ -124,6 +124,16 @@ class JobRunner:
         self.store.set_status(rec, "running", f"training from step {tr.step}")
         if tr.adapter is not None:
             e.adapters[rec.id] = tr.adapter.clone()
+        if eval_ds is not None and tr.step == 0:
+            try:  # the baseline, so the job reports held-out loss/accuracy before and after
+                self._eval(self.active[rec.id])
+                rec.metrics["eval_loss_before"] = rec.metrics["eval_loss"]
+                if "eval_accuracy" in rec.metrics:
+                    rec.metrics["eval_accuracy_before"] = rec.metrics["eval_accuracy"]
+            except Exception as exc:  # noqa: BLE001
+                self._detach(rec.id)
+                self._fail(rec, exc)
+                return
         if tr.done:
             self._complete(rec.id)
             return
@@ -178,7 +188,7 @@ class JobRunner:
 
     def _complete(self, job_id: str) -> None:
         aj = self.active[job_id]
-        if aj.eval_ds is not None:
+        if aj.eval_ds is not None and aj.rec.metrics.get("eval_step") != aj.trainer.step:
             self._eval(aj)
         out = finetune.export(aj.trainer, self.store.job_dir(job_id), str(self.engine.store.dir))
         if aj.trainer.adapter is not None:
