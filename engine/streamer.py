@@ -113,7 +113,12 @@ class LayerStreamer:
         packed = [packed_nbytes(i) if packed_nbytes else store.block_nbytes(i) for i in range(n)]
         decoded = [self._decoded_nbytes(i) for i in range(n)]
         outer = sum(t.numel() * dtype.itemsize for t in store.outer().values())
-        self.plan = plan_residency(packed, decoded, outer, cfg.gpu_memory_bytes, cfg.prefetch_depth)
+        budget = cfg.gpu_memory_bytes
+        if budget is None and self.cuda:
+            # "auto": what the device has free now, minus headroom for activations and the KV cache.
+            free, _total = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.8)
+        self.plan = plan_residency(packed, decoded, outer, budget, cfg.prefetch_depth)
         self.stats = StreamStats()
         self._outer = {k: self._to_device(v) for k, v in store.outer().items()}
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
