@@ -162,7 +162,8 @@ class JobStore:
             if error:
                 rec.error = error
             self.save(rec)
-            self.event(rec.id, status, message or status, rec.steps_done)
+            # Event types are the proto's (JobEvent.type): a job going RUNNING is "started".
+            self.event(rec.id, "started" if status == "running" else status, message or status, rec.steps_done)
 
     def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
         with self._lock:

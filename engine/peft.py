@@ -19,10 +19,17 @@ import torch
 from . import rng
 from .errors import RequestError
 from .models.attention import LoraWeights
-from .store import open_safetensors, save_safetensors
+from .store import open_safetensors, read_safetensors_header, save_safetensors
 
 PEFT_PREFIX = "base_model.model."
 INIT_STREAM = 2  # rng stream reserved for adapter init (0: noise z, 1: stochastic rounding)
+INIT_SEED_KEY = "zostream_init_seed"
+# PEFT LoraConfig fields whose non-default values change the forward (scale, extra terms, layer subsets).
+_PLAIN_LORA: dict[str, Any] = {
+    "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+    "layers_to_transform": None, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+    "modules_to_save": None,
+}
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,11 @@ class LoraAdapter:
             "init_lora_weights": True,
             "base_model_name_or_path": base_model,
             "modules_to_save": None,
-            "zostream_init_seed": self.spec.init_seed,
         }
-        # PEFT stores names without the adapter name ("default"); so do we.
+        # PEFT stores names without the adapter name ("default"); so do we. The init seed goes in the
+        # tensor file's metadata: PEFT warns about unknown adapter_config.json keys ("upgrade PEFT").
         save_safetensors({k: v.detach().cpu() for k, v in self.tensors.items()}, out / "adapter_model.safetensors",
-                         metadata={"format": "pt"})
+                         metadata={"format": "pt", INIT_SEED_KEY: str(self.spec.init_seed)})
         tmp = out / "adapter_config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=2))
         os.replace(tmp, out / "adapter_config.json")
@@ -149,9 +156,16 @@ class LoraAdapter:
             raise RequestError(f"{d}: not a PEFT adapter directory ({exc})", "adapter") from None
         if cfg.get("peft_type") != "LORA":
             raise RequestError(f"{d}: only LoRA adapters are supported, got {cfg.get('peft_type')}", "adapter")
+        # Options that change the math: refused, rather than served with silently different logits.
+        unsupported = [k for k, plain in _PLAIN_LORA.items() if cfg.get(k, plain) not in (plain, None)]
+        if unsupported:
+            raise RequestError(f"{d}: LoRA option(s) {', '.join(unsupported)} are not supported; use a plain "
+                               "LoRA adapter (scale lora_alpha / r on every targeted module)", "adapter")
         targets = cfg["target_modules"]
         targets = tuple(sorted(targets)) if isinstance(targets, list) else (targets,)
-        spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, int(cfg.get("zostream_init_seed", 0)))
+        _, meta = read_safetensors_header(d / "adapter_model.safetensors")
+        seed = int(cfg.get(INIT_SEED_KEY, meta.get(INIT_SEED_KEY, 0)))  # in the config: older exports
+        spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, seed)
         raw = open_safetensors(d / "adapter_model.safetensors")
         want = cls.expected(spec, family, mspec)
         tensors = {}

@@ -73,14 +73,19 @@ class LossWorkload:
 
 
 class ZOStepWorkload:
-    def __init__(self, tr: ZOTrainer, step: int, batch) -> None:
+    """The 2q perturbed forwards of each of this process's micro-batches, all in one pass."""
+
+    def __init__(self, tr: ZOTrainer, step: int, batches) -> None:
         self.tr, self.step = tr, step
         cfg, fam, spec = tr.cfg, tr.fam, tr.spec
-        self.subs: list[LossWorkload] = []
-        for d in range(cfg.q):
-            seed = rng.step_seed(cfg.seed, step, d)
-            for sign in (1, -1):
-                self.subs.append(LossWorkload(fam, spec, batch, *tr.perturbers(seed, sign)))
+        micro = batches if isinstance(batches, list) else [batches]  # one (ids, labels, lens) or a list
+        self.subs: list[LossWorkload] = []  # micro-batch-major: [m0 +d0, m0 -d0, m0 +d1, ..., m1 +d0, ...]
+        for batch in micro:
+            for d in range(cfg.q):
+                seed = rng.step_seed(cfg.seed, step, d)
+                for sign in (1, -1):
+                    self.subs.append(LossWorkload(fam, spec, batch, *tr.perturbers(seed, sign)))
+        self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
 
     def begin(self, outer: dict[str, torch.Tensor]) -> None:
         self.tr.catch_up(0, outer, self.step)
@@ -96,8 +101,40 @@ class ZOStepWorkload:
         for s in self.subs:
             s.end(outer)
 
+    def partials(self) -> torch.Tensor:
+        """[micro-batches, 2q+1] float64: per micro-batch, the NLL sum of each forward (+d0, -d0, +d1, ...)
+        and its target-token count (exact in float64 below 2^53)."""
+        k = 2 * self.tr.cfg.q
+        rows = [
+            [float(s.sums.double().sum()) for s in self.subs[i : i + k]] + [int(self.subs[i].counts.sum())]
+            for i in range(0, len(self.subs), k)
+        ]
+        return torch.tensor(rows, dtype=torch.float64)
+
     def losses(self) -> list[tuple[float, float]]:
-        return [(self.subs[2 * d].mean_loss(), self.subs[2 * d + 1].mean_loss()) for d in range(self.tr.cfg.q)]
+        """(L+, L-) per direction over the global batch; data-parallel ranks gather the partials first."""
+        rows = self.partials()
+        if self.tr.reducer is not None:
+            rows = self.tr.reducer(rows, self.step)
+        losses, self.tokens = reduce_partials(rows, self.tr.cfg.q)
+        return losses
+
+
+def reduce_partials(rows: torch.Tensor, q: int) -> tuple[list[tuple[float, float]], int]:
+    """Rows [M, 2q+1] of every micro-batch of the step, in global order -> ([(L+, L-)] per direction, tokens).
+
+    L = (((0 + s_0) + s_1) + ... + s_{M-1}) / (c_0 + ... + c_{M-1}), float64 sums left to right, one division.
+    The order is fixed by the rows, not by who computed them: W ranks that gather their rows in rank order
+    get bitwise the single-process value (with one row this is the plain sum-then-divide of one batch).
+    """
+    sums = [0.0] * (2 * q)
+    count = 0
+    for row in rows.tolist():
+        for j in range(2 * q):
+            sums[j] += row[j]
+        count += int(row[2 * q])
+    c = max(count, 1)
+    return [(sums[2 * d] / c, sums[2 * d + 1] / c) for d in range(q)], count
 
 
 class ZOTrainer:
@@ -114,10 +151,15 @@ class ZOTrainer:
         self.trainable = trainable or self._lora_trainable()
         self.steps: list[Step] = log.steps()
         self.applied = [0] * self.trainable.num_groups  # overwritten by the owner on resume
+        # Data parallel (engine/distributed.py): this process is rank shard[0] of shard[1], and `reducer`
+        # maps its partials [m, 2q+1] to every rank's, in rank order. Single process: (0, 1), None.
+        self.shard: tuple[int, int] = (0, 1)
+        self.reducer: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.schedule = zo.LRSchedule(cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps,
                                       cfg.min_lr_ratio)
         # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
-        self.g_history: list[float] = [abs(g) for s in self.steps if not s.skipped for g in s.directions][-256:]
+        accepted = [abs(g) for s in self.steps if not s.skipped for g in s.directions]
+        self.g_history: list[float] = accepted[-256:]
 
     @property
     def step(self) -> int:
@@ -182,8 +224,21 @@ class ZOTrainer:
         ids, labels, lens = D.collate([self.train.examples[i] for i in idx], self.pad_id)
         return ids.to(self.device), labels.to(self.device), lens.to(self.device)
 
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches of the step's batch, in global order: rank r of W takes positions
+        [r*B/W, (r+1)*B/W) of batch_order(...) and cuts them into micro_batch-sized slices."""
+        cfg, (rank, world) = self.cfg, self.shard
+        idx = D.batch_order(len(self.train.examples), cfg.batch_size, cfg.seed, step)
+        per = cfg.batch_size // world
+        idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
+        out = []
+        for i in range(0, per, mb):
+            ids, labels, lens = D.collate([self.train.examples[j] for j in idx[i : i + mb]], self.pad_id)
+            out.append((ids.to(self.device), labels.to(self.device), lens.to(self.device)))
+        return out
+
     def workload(self) -> ZOStepWorkload:
-        return ZOStepWorkload(self, self.step, self.batch(self.step))
+        return ZOStepWorkload(self, self.step, self.batches(self.step))
 
     def commit(self, wl: ZOStepWorkload) -> dict[str, Any]:
         """Turn the pass's losses into the logged step (fsync'd before it counts)."""
@@ -202,7 +257,7 @@ class ZOTrainer:
             del self.g_history[:-256]
         loss = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
         return {"step": wl.step, "loss": loss, "loss_plus": losses[0][0], "loss_minus": losses[0][1],
-                "projected_grad": gs[0], "lr": lr, "skipped": reason, "tokens": int(wl.subs[0].counts.sum())}
+                "projected_grad": gs[0], "lr": lr, "skipped": reason, "tokens": wl.tokens}
 
     def run_step(self) -> dict[str, Any]:
         wl = self.workload()
@@ -214,16 +269,21 @@ class ZOTrainer:
         upto = self.step
         outer = self.streamer.outer()
         self.catch_up(0, outer, upto)
-        if all(a >= upto for a in self.applied[1:]):
-            return
         if self.adapter is not None:
             for g in range(1, self.trainable.num_groups):
                 self.catch_up(g, None, upto)
             return
-        with torch.inference_mode():
-            for i, w in self.streamer.blocks():
-                self.catch_up(i + 1, w, upto)
+        if any(a < upto for a in self.applied[1:]):
+            with torch.inference_mode():
+                for i, w in self.streamer.blocks():
+                    self.catch_up(i + 1, w, upto)
         self.streamer.flush_resident()
+        # The outer tensors live on the device for the whole job (on a GPU: copies of the working copy's);
+        # the streamer writes back blocks only, so bring the host copy of the outer group up to date here.
+        host = self.trainable.groups(0, None)
+        for name, t in outer.items():
+            if t.data_ptr() != host[name].data_ptr():
+                host[name].copy_(t)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ds: D.Dataset, batch_size: int = 8) -> dict[str, float]:

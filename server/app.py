@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zostream.engine.config import EngineConfig
-from zostream.engine.errors import PreconditionError
+from zostream.engine.errors import PreconditionError, RequestError
 from zostream.engine.jobs import JobStore
 from zostream.v1 import (
     adapters_pb2,
@@ -113,8 +113,9 @@ class App:
         if self.engine is None:
             if self.engine_error:
                 raise PreconditionError(f"the engine failed to start: {self.engine_error}", "server")
-            raise PreconditionError("the engine is still loading the model; retry when health is SERVING",
-                                    "server")
+            # UNAVAILABLE: transient, clients retry it (FAILED_PRECONDITION tells them not to).
+            raise RequestError("the engine is still loading the model; retry when health is SERVING",
+                               "server", code="UNAVAILABLE")
         return self.engine
 
     async def on_engine(self, fn):
@@ -251,6 +252,7 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
     await server.stop(grace=2.0)
     app.stopped.set()
     app._thread.join(timeout=60)
+    app.metrics.close()
 
 
 async def _drain(app: App) -> None:

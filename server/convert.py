@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -54,6 +55,23 @@ def ts(seconds: float) -> Timestamp:
     return t
 
 
+# Engine field names -> request field paths (RequestError.field as the client sees it).
+WIRE_FIELDS = {
+    "prompt_token_ids": "token_ids",
+    "max_new_tokens": "stopping.max_new_tokens",
+    "messages": "chat",
+}
+HP_FIELDS = {"lr": "learning_rate", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+             "lora_targets": "lora.target_modules"}
+
+
+def wire_error(exc: RequestError, fields: dict[str, str] = WIRE_FIELDS, prefix: str = "") -> RequestError:
+    """The same error (class of status, message) naming the request's field instead of the engine's."""
+    field = prefix + fields.get(exc.field, exc.field) if exc.field else ""
+    msg = str(exc.args[0]) if exc.args else str(exc)
+    return RequestError(msg.removeprefix(f"{exc.field}: ") if exc.field else msg, field, code=exc.code)
+
+
 def _check_id(value: str, field: str) -> str:
     if len(value) > MAX_ID_CHARS or any(ord(c) < 32 for c in value):
         raise RequestError(f"must be at most {MAX_ID_CHARS} printable characters", field)
@@ -87,7 +105,10 @@ def prompt_ids(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequ
                                    f"chat.messages[{i}].role")
             if len(m.content) > MAX_PROMPT_CHARS:
                 raise RequestError("is too long", f"chat.messages[{i}].content")
-        return engine.encode_prompt(messages=[{"role": m.role, "content": m.content} for m in msgs])
+        try:
+            return engine.encode_prompt(messages=[{"role": m.role, "content": m.content} for m in msgs])
+        except RequestError as exc:
+            raise wire_error(exc) from None
     raise RequestError("set one of text, token_ids or chat", "prompt")
 
 
@@ -144,7 +165,9 @@ def generate_response(ev: TokenEvent, final_text: str | None = None, token_ids=N
 
 
 # ---- jobs -----------------------------------------------------------------------------------------
-def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str) -> dict[str, Any]:
+def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str,
+             modules: Collection[str] | None = None) -> dict[str, Any]:
+    """The job's spec from the request; `modules` (the model's LoRA-able module names) checks targets."""
     method = METHOD.get(req.method)
     if method is None:
         raise RequestError("must be TUNING_METHOD_FULL or TUNING_METHOD_LORA", "method")
@@ -182,7 +205,9 @@ def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str) -> dict[s
         fields["eps"] = float(hp.eps)
     for k in ("lr", "eps", "weight_decay", "min_lr_ratio"):
         if k in fields and not math.isfinite(fields[k]):
-            raise RequestError("must be a finite number", f"hyperparameters.{k}")
+            raise RequestError("must be a finite number", f"hyperparameters.{HP_FIELDS.get(k, k)}")
+    if not 0.0 <= fields["min_lr_ratio"] <= 1.0:
+        raise RequestError("must be in [0, 1]", "hyperparameters.min_lr_ratio")
     codec = hp.codec or default_codec
     if codec != default_codec:
         raise RequestError(f"this server streams the base through {default_codec!r}; omit codec or use it",
@@ -191,7 +216,18 @@ def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str) -> dict[s
         ZOConfig(method=method, **{**fields, "lora_targets": tuple(fields["lora_targets"])})
     except ValueError as exc:
         name, _, msg = str(exc).partition(": ")
-        raise RequestError(msg or str(exc), f"hyperparameters.{name}") from None
+        raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
+    if method == "lora":  # refuse now what would fail the job when it starts
+        from zostream.engine.peft import LoraSpec
+
+        try:
+            LoraSpec(fields["lora_r"], fields["lora_alpha"], tuple(fields["lora_targets"]))
+        except RequestError as exc:
+            raise wire_error(exc, HP_FIELDS, "hyperparameters.") from None
+        unknown = [t for t in fields["lora_targets"] if modules is not None and t not in modules]
+        if unknown:
+            raise RequestError(f"unknown module(s) {', '.join(unknown)[:200]}; this model has "
+                               f"{', '.join(sorted(modules or ()))}", "hyperparameters.lora.target_modules")
     if method == "full" and codec != "none":
         from zostream.engine.errors import PreconditionError
 

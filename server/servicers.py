@@ -36,6 +36,7 @@ _CODES = {
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -85,22 +86,28 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     async def Generate(self, request, context):
         engine = self.app.ready_engine()
         if self.app.draining:
-            raise PreconditionError("the server is shutting down; retry on another replica", "request")
+            raise RequestError("the server is shutting down; retry on another replica", "request",
+                               code="UNAVAILABLE")
         req = C.generate_request(request, engine, context.time_remaining())
         if len(self.app.inflight) >= self.app.max_inflight:
             raise ResourceExhaustedError(f"{len(self.app.inflight)} requests in flight; retry later", "request")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         req.callback = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        engine.submit(req)
+        try:
+            engine.submit(req)
+        except RequestError as exc:
+            raise C.wire_error(exc) from None
         self.app.inflight.add(req.request_id)
         finished = False
         first: float | None = None
         texts: list[str] = []
         ids: list[int] = []
+        n_tokens = 0
         try:
             while True:
                 ev = await queue.get()
+                n_tokens += len(ev.token_ids)
                 if first is None and ev.token_ids:
                     first = time.monotonic() - req.arrival
                 if ev.finish_reason is not None:
@@ -118,8 +125,10 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                     ids.extend(ev.token_ids)
         finally:
             self.app.inflight.discard(req.request_id)
-            if not finished:  # client cancelled or deadline passed
+            if not finished:  # client cancelled or deadline passed: still one finished request
                 engine.abort(req.request_id)
+                self.app.metrics.observe_request_done(time.monotonic() - req.arrival, n_tokens, "cancelled",
+                                                      ttft_s=first)
 
     @rpc
     async def Abort(self, request, context):
@@ -201,7 +210,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def CreateJob(self, request, context):
         engine = self.app.ready_engine()
-        spec = C.job_spec(request, engine.cfg.codec.name)
+        spec = C.job_spec(request, engine.cfg.codec.name, engine.family.module_names(engine.spec))
         self.jobs.dataset_path(spec["training_dataset"])
         if spec["validation_dataset"]:
             try:
@@ -209,7 +218,8 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             except NotFoundError as exc:
                 raise NotFoundError(str(exc).split(": ", 1)[-1], "validation_dataset") from None
         if self.app.draining:
-            raise PreconditionError("the server is shutting down", "request")
+            raise RequestError("the server is shutting down; retry on another replica", "request",
+                               code="UNAVAILABLE")
         rec, _created = self.jobs.create(spec)
         engine.call_soon(lambda: None)  # wake the engine loop
         return C.job_pb(rec)
@@ -223,7 +233,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         bad = [s for s in request.statuses if s not in C.STATUS_NAME]
         if bad:
             raise RequestError(f"unknown status value {bad[0]}", "statuses")
-        recs = self.jobs.list(tuple(C.STATUS_NAME[s] for s in request.statuses))
+        recs = self.jobs.list(tuple(C.STATUS_NAME[s] for s in request.statuses))[::-1]  # newest first
         items, token = C.page(recs, request.page_size, request.page_token)
         return finetuning_pb2.ListJobsResponse(jobs=[C.job_pb(r) for r in items], next_page_token=token)
 
@@ -308,7 +318,8 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
 
     @rpc
     async def ListAdapters(self, request, context):
-        items, token = C.page(self._all(), request.page_size, request.page_token)
+        newest_first = sorted(self._all(), key=lambda a: (a.created_at.ToNanoseconds(), a.id), reverse=True)
+        items, token = C.page(newest_first, request.page_size, request.page_token)
         return adapters_pb2.ListAdaptersResponse(adapters=items, next_page_token=token)
 
     @rpc
@@ -368,8 +379,8 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             raise RequestError("no metadata received", "metadata")
         aid = check_name(meta.adapter_id or f"imported-{int(time.time())}", "metadata.adapter_id")
         if aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs:
-            raise PreconditionError(f"adapter {aid!r} exists; delete it first or pick another id",
-                                    "metadata.adapter_id")
+            raise RequestError(f"adapter {aid!r} exists; delete it first or pick another id",
+                               "metadata.adapter_id", code="ALREADY_EXISTS")
         d = self.app.jobs.root / "adapters" / aid
         tmp = d.with_name(d.name + ".importing")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -384,7 +395,9 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, RequestError):
                 raise
-            raise RequestError(f"not a valid update log: {exc}", "chunk") from None
+            # The message must not name server paths.
+            why = str(exc).replace(f"{tmp / 'update.log'}: ", "").replace(str(tmp), "<upload>")
+            raise RequestError(f"not a valid update log: {why}", "chunk") from None
         tmp.rename(d)
         return await self.GetAdapter(adapters_pb2.GetAdapterRequest(adapter_id=aid), context)
 

@@ -36,17 +36,21 @@ EOS = 99
 
 
 def write_tokenizer(model_dir: Path) -> None:
-    """A WordLevel tokenizer: token i is the text str(i) (0..99), 100 is <unk>; pieces split on spaces."""
+    """A WordLevel tokenizer: the text "i" is token i for 1..98; 0 is <pad>, 99 is </s> (EOS), 100 <unk>.
+
+    The special tokens have names that never occur inside a number, so any text of numbers tokenizes
+    to exactly those numbers.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {str(i): i for i in range(100)}
-    vocab["<unk>"] = 100
+    vocab = {"<pad>": 0, **{str(i): i for i in range(1, EOS)}, "</s>": EOS, "<unk>": 100}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token=str(EOS), pad_token="0").save_pretrained(
-        model_dir
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
     )
+    fast.save_pretrained(model_dir)
 
 
 def make_model(root: Path, seed: int = 0) -> Path:
@@ -69,10 +73,17 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("models-other"), seed=1)
 
 
-def engine_config(model: Path, codec: str = "none", cache_dir: Path | None = None, **limits: int) -> EngineConfig:
+def engine_config(
+    model: Path, codec: str = "none", cache_dir: Path | None = None, **limits: int
+) -> EngineConfig:
     lim = {"max_batch": 8, "max_seq_len": 512, "max_new_tokens": 500, **limits}
-    return EngineConfig(str(model), device="cpu", compute_dtype="float32", limits=LimitsConfig(**lim),
-                        codec=CodecConfig(codec, cache_dir=str(cache_dir) if cache_dir else None))
+    return EngineConfig(
+        str(model),
+        device="cpu",
+        compute_dtype="float32",
+        limits=LimitsConfig(**lim),
+        codec=CodecConfig(codec, cache_dir=str(cache_dir) if cache_dir else None),
+    )
 
 
 def free_port() -> int:
@@ -198,7 +209,10 @@ class ProcServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             with contextlib.suppress(grpc.RpcError):
-                if h.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             time.sleep(0.05)
         raise AssertionError(f"server not SERVING after {timeout} s:\n{self.output()}")
@@ -216,8 +230,25 @@ class ProcServer:
 def start_process(model: Path, data_dir: Path, workdir: Path, *extra: str) -> ProcServer:
     port = free_port()
     log = workdir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "zostream", "serve", "--model", str(model), "--port", str(port),
-           "--metrics-port", "-1", "--data-dir", str(data_dir), "--device", "cpu", "--dtype", "float32", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zostream",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        *extra,
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
     ps = ProcServer(proc, port, log, grpc.insecure_channel(f"127.0.0.1:{port}"))

@@ -1,0 +1,118 @@
+"""LoRA adapters in PEFT format: the engine's exported adapter loads in PEFT and gives the same logits
+as the engine's own LoRA forward (fresh and trained), and PEFT-made adapters load into the engine."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.engine.test_trainer import (
+    base_cfg,
+    engine_logits,
+    model_factory,
+    one_thread,  # noqa: F401 (autouse fixture)
+    open_job,
+)
+from zostream.engine.errors import RequestError
+from zostream.engine.finetune import export
+from zostream.engine.peft import LoraAdapter
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory):
+    return model_factory(tmp_path_factory.mktemp("models"))
+
+
+IDS = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(11))
+
+
+def lora_fn(ad: LoraAdapter):
+    return lambda i: {m: [lw] for m, lw in ad.layer(i).items()}
+
+
+@pytest.mark.parametrize("steps", [0, 4])
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_exported_adapter_loads_in_peft_with_the_same_logits(models, tmp_path, name, steps):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = models(name)
+    cfg = base_cfg("lora", steps=max(steps, 1), lr=5e-2, lora_targets=("v_proj", "q_proj", "k_proj"))
+    tr = open_job(model, tmp_path / "job", cfg)
+    for _ in range(steps):
+        tr.run_step()
+    out = export(tr, tmp_path / "job", base_model=str(model))
+    assert out == tmp_path / "job" / "adapter"
+    saved = load_file(out / "adapter_model.safetensors")
+    b_norm = sum(float(t.abs().sum()) for n, t in saved.items() if ".lora_B." in n)
+    assert (b_norm > 0) == (steps > 0)  # PEFT init: B = 0 until trained
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(hf, out).eval()
+    assert not [w for w in caught if "zostream" in str(w.message) or "Unexpected" in str(w.message)]
+    live = {n.replace(".default.weight", ".weight"): p for n, p in pm.named_parameters() if "lora_" in n}
+    assert sorted(live) == sorted(saved)
+    assert all(torch.equal(live[n].detach(), t) for n, t in saved.items())
+    with torch.no_grad():
+        want = pm(IDS).logits
+    got = engine_logits(tr.streamer, tr.fam, tr.spec, IDS, lora_fn(tr.adapter))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if steps:  # the trained adapter changes the output (the check above is not base vs base)
+        plain = engine_logits(tr.streamer, tr.fam, tr.spec, IDS)
+        assert (plain - want).abs().max() > 1e-3
+    back = LoraAdapter.load_peft(out, tr.fam, tr.spec, torch.device("cpu"))
+    assert back.spec == tr.adapter.spec  # r, alpha, targets and the init seed survive the round trip
+    assert sorted(back.tensors) == sorted(tr.adapter.tensors)
+    assert all(torch.equal(back.tensors[n], t) for n, t in tr.adapter.tensors.items())
+    tr.log.close()
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_peft_made_adapter_loads_into_the_engine(models, tmp_path, name):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = models(name)
+    torch.manual_seed(0)  # PEFT's init_lora_weights=False draws B from the global RNG
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(
+            r=4, lora_alpha=12, target_modules=["v_proj", "q_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    ).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(IDS).logits
+    tr = open_job(model, tmp_path / "job", base_cfg("lora"))
+    ad = LoraAdapter.load_peft(tmp_path / "peft", tr.fam, tr.spec, torch.device("cpu"))
+    assert (ad.spec.r, ad.spec.alpha, ad.spec.targets) == (4, 12.0, ("q_proj", "v_proj"))
+    got = engine_logits(tr.streamer, tr.fam, tr.spec, IDS, lora_fn(ad))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (engine_logits(tr.streamer, tr.fam, tr.spec, IDS) - want).abs().max() > 1e-3
+    tr.log.close()
+
+
+@pytest.mark.parametrize(
+    "option", [{"use_rslora": True}, {"use_dora": True}, {"rank_pattern": {"q_proj": 2}}]
+)
+def test_adapter_with_options_that_change_the_math_is_refused(models, tmp_path, option):
+    """rsLoRA scales by alpha / sqrt(r), DoRA adds a magnitude term: serving them as plain LoRA would give
+    silently different logits, so loading names the option instead."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = models("llama")
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **option),
+    )
+    pm.save_pretrained(tmp_path / "peft")
+    tr = open_job(model, tmp_path / "job", base_cfg("lora"))
+    with pytest.raises(RequestError, match=next(iter(option))) as err:
+        LoraAdapter.load_peft(tmp_path / "peft", tr.fam, tr.spec, torch.device("cpu"))
+    assert err.value.field == "adapter"
+    tr.log.close()
