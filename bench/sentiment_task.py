@@ -12,16 +12,52 @@ import json
 import random
 from pathlib import Path
 
-SUBJECTS = ["The pasta", "This phone", "The hotel room", "The movie", "Our waiter", "The laptop battery",
-            "The concert", "This novel", "The delivery", "The coffee", "The checkout process", "The headphones",
-            "The museum tour", "The rental car", "The pizza crust", "This game", "The support team",
-            "The bike", "The soundtrack", "The mattress"]
-GOOD = ["was wonderful", "exceeded every expectation", "felt fresh and delightful", "worked flawlessly",
-        "was a pleasure from start to finish", "made my whole week", "was friendly and fast",
-        "was worth every penny", "surprised me in the best way", "was simply excellent"]
-BAD = ["was a huge disappointment", "broke after two days", "was cold and bland", "wasted my evening",
-       "was rude and slow", "felt cheap and flimsy", "was a complete mess", "left me angry",
-       "was not worth the money", "stopped working immediately"]
+SUBJECTS = [
+    "The pasta",
+    "This phone",
+    "The hotel room",
+    "The movie",
+    "Our waiter",
+    "The laptop battery",
+    "The concert",
+    "This novel",
+    "The delivery",
+    "The coffee",
+    "The checkout process",
+    "The headphones",
+    "The museum tour",
+    "The rental car",
+    "The pizza crust",
+    "This game",
+    "The support team",
+    "The bike",
+    "The soundtrack",
+    "The mattress",
+]
+GOOD = [
+    "was wonderful",
+    "exceeded every expectation",
+    "felt fresh and delightful",
+    "worked flawlessly",
+    "was a pleasure from start to finish",
+    "made my whole week",
+    "was friendly and fast",
+    "was worth every penny",
+    "surprised me in the best way",
+    "was simply excellent",
+]
+BAD = [
+    "was a huge disappointment",
+    "broke after two days",
+    "was cold and bland",
+    "wasted my evening",
+    "was rude and slow",
+    "felt cheap and flimsy",
+    "was a complete mess",
+    "left me angry",
+    "was not worth the money",
+    "stopped working immediately",
+]
 GOOD_END = ["I would gladly come back.", "Highly recommended.", "Five stars.", "I will buy it again."]
 BAD_END = ["Never again.", "I asked for a refund.", "Avoid it.", "One star is too many."]
 # Letters, not words: the base model cannot lean on the label words' meaning (it scores ~50%
@@ -35,11 +71,14 @@ def make(n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
     while len(out) < n:
         positive = rng.random() < 0.5
         text = f"{rng.choice(SUBJECTS)} {rng.choice(GOOD if positive else BAD)}. " + rng.choice(
-            GOOD_END if positive else BAD_END)
+            GOOD_END if positive else BAD_END
+        )
         if text in exclude:
             continue
         exclude.add(text)
-        out.append({"prompt": f"Review: {text}\n{QUESTION}", "candidates": LABELS, "answer": 0 if positive else 1})
+        out.append(
+            {"prompt": f"Review: {text}\n{QUESTION}", "candidates": LABELS, "answer": 0 if positive else 1}
+        )
     return out
 
 

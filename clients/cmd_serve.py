@@ -14,23 +14,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the gRPC server (Generate, FineTune, Adapters) with Prometheus /metrics",
-        description="Serve a model over gRPC: batched streaming generation and zeroth-order fine-tuning jobs. "
-        "One engine thread owns the device; health is NOT_SERVING until the model is open.",
+        description="Serve a model over gRPC: batched streaming generation and zeroth-order "
+        "fine-tuning jobs. One engine thread owns the device; health is NOT_SERVING until the model is open.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory (read-only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (default 9400; -1 disables)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=9400, help="Prometheus port (default 9400; -1 disables)"
+    )
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
-    p.add_argument("--data-dir", default=os.environ.get("ZOSTREAM_DATA_DIR", "zostream-data"), metavar="DIR",
-                   help="jobs, datasets, adapters (default ./zostream-data or $ZOSTREAM_DATA_DIR)")
-    p.add_argument("--api-key-file", metavar="FILE", help="require 'authorization: Bearer <key>' on every RPC "
-                   "but health; the key is the file's first line")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("ZOSTREAM_DATA_DIR", "zostream-data"),
+        metavar="DIR",
+        help="jobs, datasets, adapters (default ./zostream-data or $ZOSTREAM_DATA_DIR)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require 'authorization: Bearer <key>' on every RPC "
+        "but health; the key is the file's first line",
+    )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     p.add_argument("--max-batch", type=positive_int, default=16, help="KV-cache slots: concurrent sequences")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest prompt + generation")
-    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED"
+    )
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -57,10 +71,20 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.dtype,
         stream=StreamConfig(gpu_memory_bytes=args.gpu_memory),
         codec=CodecConfig(args.codec),
-        limits=LimitsConfig(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting),
+        limits=LimitsConfig(
+            max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting
+        ),
     )
-    cfg = ServerConfig(engine, args.data_dir, args.port, args.host,
-                       None if args.metrics_port < 0 else args.metrics_port, args.metrics_addr, key,
-                       args.tls_cert, args.tls_key)
+    cfg = ServerConfig(
+        engine,
+        args.data_dir,
+        args.port,
+        args.host,
+        None if args.metrics_port < 0 else args.metrics_port,
+        args.metrics_addr,
+        key,
+        args.tls_cert,
+        args.tls_key,
+    )
     run_forever(cfg)
     return 0

@@ -34,7 +34,9 @@ class StopParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RequestError(f"must be an integer >= 1, got {self.max_new_tokens!r}", field="max_new_tokens")
+            raise RequestError(
+                f"must be an integer >= 1, got {self.max_new_tokens!r}", field="max_new_tokens"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 16:
             raise RequestError("stop sequences must be 1..16 non-empty strings", field="stop")
         if self.time_limit_s < 0 or self.time_limit_s != self.time_limit_s:
@@ -116,7 +118,9 @@ class Sequence:
         return None
 
 
-def new_sequence(req: GenerateRequest, slot: int, seed: int, tokenizer: Any, device: torch.device) -> Sequence:
+def new_sequence(
+    req: GenerateRequest, slot: int, seed: int, tokenizer: Any, device: torch.device
+) -> Sequence:
     gen = None if req.sampling.greedy else make_generator(seed, device)
     return Sequence(req, slot, seed, Detokenizer(tokenizer, req.prompt_ids), gen)
 
@@ -168,7 +172,9 @@ class GenerationWorkload:
     def sample(self) -> list[int]:
         """Next token per sequence; only called after the pass (logits are ready)."""
         seen = [torch.tensor(s.tokens, dtype=torch.int64, device=self.device) for s in self.seqs]
-        toks = sample(self.logits, [s.req.sampling for s in self.seqs], [s.generator for s in self.seqs], seen)
+        toks = sample(
+            self.logits, [s.req.sampling for s in self.seqs], [s.generator for s in self.seqs], seen
+        )
         for s, n in zip(self.seqs, self.lens.tolist(), strict=True):
             s.num_cached += n
         return toks.tolist()

@@ -26,8 +26,14 @@ INIT_STREAM = 2  # rng stream reserved for adapter init (0: noise z, 1: stochast
 INIT_SEED_KEY = "zostream_init_seed"
 # PEFT LoraConfig fields whose non-default values change the forward (scale, extra terms, layer subsets).
 _PLAIN_LORA: dict[str, Any] = {
-    "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
-    "layers_to_transform": None, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "bias": "none",
+    "lora_bias": False,
+    "fan_in_fan_out": False,
     "modules_to_save": None,
 }
 
@@ -52,8 +58,13 @@ class LoraSpec:
         return self.alpha / self.r
 
     def to_scope(self) -> dict[str, Any]:
-        return {"kind": "lora", "r": self.r, "alpha": self.alpha, "targets": list(self.targets),
-                "init_seed": self.init_seed}
+        return {
+            "kind": "lora",
+            "r": self.r,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "init_seed": self.init_seed,
+        }
 
 
 class LoraAdapter:
@@ -106,7 +117,9 @@ class LoraAdapter:
         return cls(spec, family, mspec, tensors)
 
     def clone(self) -> LoraAdapter:
-        return LoraAdapter(self.spec, self.family, self.mspec, {k: v.clone() for k, v in self.tensors.items()})
+        return LoraAdapter(
+            self.spec, self.family, self.mspec, {k: v.clone() for k, v in self.tensors.items()}
+        )
 
     def layer(
         self, i: int, rows: torch.Tensor | None = None, tensors: dict[str, torch.Tensor] | None = None
@@ -115,8 +128,12 @@ class LoraAdapter:
         src = tensors if tensors is not None else self.tensors
         prefix = PEFT_PREFIX + self.family.layer_prefix(i)
         return {
-            local: LoraWeights(src[f"{prefix}{local}.lora_A.weight"], src[f"{prefix}{local}.lora_B.weight"],
-                               self.spec.scale, rows)
+            local: LoraWeights(
+                src[f"{prefix}{local}.lora_A.weight"],
+                src[f"{prefix}{local}.lora_B.weight"],
+                self.spec.scale,
+                rows,
+            )
             for local in self.modules.values()
         }
 
@@ -140,27 +157,37 @@ class LoraAdapter:
         }
         # PEFT stores names without the adapter name ("default"); so do we. The init seed goes in the
         # tensor file's metadata: PEFT warns about unknown adapter_config.json keys ("upgrade PEFT").
-        save_safetensors({k: v.detach().cpu() for k, v in self.tensors.items()}, out / "adapter_model.safetensors",
-                         metadata={"format": "pt", INIT_SEED_KEY: str(self.spec.init_seed)})
+        save_safetensors(
+            {k: v.detach().cpu() for k, v in self.tensors.items()},
+            out / "adapter_model.safetensors",
+            metadata={"format": "pt", INIT_SEED_KEY: str(self.spec.init_seed)},
+        )
         tmp = out / "adapter_config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=2))
         os.replace(tmp, out / "adapter_config.json")
         return out
 
     @classmethod
-    def load_peft(cls, adapter_dir: str | os.PathLike, family: Any, mspec: Any, device: torch.device) -> LoraAdapter:
+    def load_peft(
+        cls, adapter_dir: str | os.PathLike, family: Any, mspec: Any, device: torch.device
+    ) -> LoraAdapter:
         d = Path(adapter_dir)
         try:
             cfg = json.loads((d / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise RequestError(f"{d}: not a PEFT adapter directory ({exc})", "adapter") from None
         if cfg.get("peft_type") != "LORA":
-            raise RequestError(f"{d}: only LoRA adapters are supported, got {cfg.get('peft_type')}", "adapter")
+            raise RequestError(
+                f"{d}: only LoRA adapters are supported, got {cfg.get('peft_type')}", "adapter"
+            )
         # Options that change the math: refused, rather than served with silently different logits.
         unsupported = [k for k, plain in _PLAIN_LORA.items() if cfg.get(k, plain) not in (plain, None)]
         if unsupported:
-            raise RequestError(f"{d}: LoRA option(s) {', '.join(unsupported)} are not supported; use a plain "
-                               "LoRA adapter (scale lora_alpha / r on every targeted module)", "adapter")
+            raise RequestError(
+                f"{d}: LoRA option(s) {', '.join(unsupported)} are not supported; use a plain "
+                "LoRA adapter (scale lora_alpha / r on every targeted module)",
+                "adapter",
+            )
         targets = cfg["target_modules"]
         targets = tuple(sorted(targets)) if isinstance(targets, list) else (targets,)
         _, meta = read_safetensors_header(d / "adapter_model.safetensors")

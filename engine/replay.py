@@ -28,8 +28,13 @@ def check_base(header: LogHeader, store: WeightStore) -> None:
         )
 
 
-def replay_lora(store: WeightStore, log: UpdateLog, upto: int | None = None,
-                device: torch.device | str = "cpu", progress: bool = False) -> LoraAdapter:
+def replay_lora(
+    store: WeightStore,
+    log: UpdateLog,
+    upto: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> LoraAdapter:
     h = log.header
     sc = h.scope
     spec = LoraSpec(int(sc["r"]), float(sc["alpha"]), tuple(sc["targets"]), int(sc["init_seed"]))
@@ -40,8 +45,13 @@ def replay_lora(store: WeightStore, log: UpdateLog, upto: int | None = None,
     return adapter
 
 
-def replay(base_dir: str | os.PathLike, log_path: str | os.PathLike, out_dir: str | os.PathLike,
-           upto: int | None = None, progress: bool = False) -> Path:
+def replay(
+    base_dir: str | os.PathLike,
+    log_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    upto: int | None = None,
+    progress: bool = False,
+) -> Path:
     """Materialise a log: a PEFT adapter dir (LoRA) or a safetensors HF model dir (full)."""
     store = WeightStore(base_dir)
     log = UpdateLog.open(log_path, repair=False)

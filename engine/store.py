@@ -121,7 +121,9 @@ def open_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {name: mf.view(info) for name, info in infos.items()}
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """Write atomically (tmp + rename) so a crash never leaves a torn file behind."""
     from safetensors.torch import save_file
 
@@ -174,7 +176,9 @@ class WeightStore:
             shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
             weight_map = {}
             if not shards:
-                raise ModelError(f"{self.dir}: no *.safetensors files (only safetensors weights are supported)")
+                raise ModelError(
+                    f"{self.dir}: no *.safetensors files (only safetensors weights are supported)"
+                )
         infos: dict[str, TensorInfo] = {}
         for shard in shards:
             path = self.dir / shard
@@ -203,7 +207,8 @@ class WeightStore:
                 )
             if info.dtype not in WEIGHT_DTYPES:
                 raise ModelError(
-                    f"{info.file}: tensor {name} has dtype {info.dtype}; supported: float32, float16, bfloat16"
+                    f"{info.file}: tensor {name} has dtype {info.dtype}; "
+                    "supported: float32, float16, bfloat16"
                 )
 
     def _weight_dtype(self) -> torch.dtype:
@@ -265,7 +270,9 @@ def _hf_config(model_dir: Path, raw: dict[str, Any]):
 
     model_type = raw.get("model_type")
     if not model_type:
-        raise ModelError(f"{model_dir / 'config.json'}: no model_type; is this a Hugging Face model directory?")
+        raise ModelError(
+            f"{model_dir / 'config.json'}: no model_type; is this a Hugging Face model directory?"
+        )
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, KeyError) as exc:

@@ -214,8 +214,9 @@ class _CudaSlots:
         self.next_issue = 0
         self.registered = owner.cfg.register_host_memory and self._register_host()
         self.staging = (
-            None if self.registered else [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in
-                                          range(depth)]
+            None
+            if self.registered
+            else [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
         )
         self.staged = [torch.cuda.Event() for _ in range(depth)]
 

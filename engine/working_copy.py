@@ -19,8 +19,17 @@ import torch
 
 from .store import WeightStore, save_safetensors
 
-_COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+_COPY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -53,8 +62,10 @@ class WorkingCopy:
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["dtype"] = cfg["torch_dtype"] = _DTYPE_NAMES[self.master_dtype]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        tensors = {n: self.base.tensor(n).to(self.master_dtype) for n in self.base.family.expected_tensors(
-            self.base.spec)}
+        tensors = {
+            n: self.base.tensor(n).to(self.master_dtype)
+            for n in self.base.family.expected_tensors(self.base.spec)
+        }
         save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         np.zeros(self.base.num_layers + 1, dtype=np.int64).tofile(tmp / "applied.bin")
         os.replace(tmp, self.dir)

@@ -122,8 +122,5 @@ def linear(x: torch.Tensor, w: dict, name: str, lora: LoraSet | None) -> torch.T
         for ad in lora[name]:
             xa = x if ad.rows is None else x[ad.rows]
             delta = F.linear(F.linear(xa.to(ad.A.dtype), ad.A), ad.B).to(y.dtype) * ad.scale
-            if ad.rows is None:
-                y = y + delta
-            else:
-                y = y.index_add(0, ad.rows, delta)
+            y = y + delta if ad.rows is None else y.index_add(0, ad.rows, delta)
     return y

@@ -57,7 +57,9 @@ def make_spec(cfg: Any) -> Spec:
     else:
         raise ModelError(f"config.json: unsupported rope_type {rope_type!r}")
     if rope_type == "dynamic":
-        raise ModelError("config.json: dynamic RoPE scaling is not supported (positions would rescale per call)")
+        raise ModelError(
+            "config.json: dynamic RoPE scaling is not supported (positions would rescale per call)"
+        )
     act = getattr(cfg, "hidden_act", "silu")
     if act not in ("silu", "gelu", "gelu_pytorch_tanh"):
         raise ModelError(f"config.json: unsupported hidden_act {act!r}")
@@ -165,7 +167,9 @@ def rope_tables(positions: torch.Tensor, s: Spec, dtype: torch.dtype) -> tuple[t
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
-def block(h: torch.Tensor, w: dict, attn: LayerAttention, s: Spec, lora: LoraSet | None = None) -> torch.Tensor:
+def block(
+    h: torch.Tensor, w: dict, attn: LayerAttention, s: Spec, lora: LoraSet | None = None
+) -> torch.Tensor:
     B, T, _ = h.shape
     x = rms_norm(h, w["input_layernorm.weight"], s.eps)
     q = linear(x, w, "self_attn.q_proj", lora).view(B, T, s.heads, s.head_dim)

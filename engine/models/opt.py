@@ -112,8 +112,11 @@ def expected_tensors(s: Spec) -> dict[str, tuple[int, ...]]:
 
 
 def module_names(s: Spec) -> dict[str, str]:
-    return {n.rsplit(".", 2)[-2]: n.rsplit(".", 1)[0] for n in block_tensors(s) if n.endswith(".weight")
-            and ("proj" in n or n.startswith("fc"))}
+    return {
+        n.rsplit(".", 2)[-2]: n.rsplit(".", 1)[0]
+        for n in block_tensors(s)
+        if n.endswith(".weight") and ("proj" in n or n.startswith("fc"))
+    }
 
 
 def _layer_norm(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
@@ -138,7 +141,9 @@ def head(h: torch.Tensor, outer: dict, s: Spec) -> torch.Tensor:
     return F.linear(h, w)
 
 
-def block(h: torch.Tensor, w: dict, attn: LayerAttention, s: Spec, lora: LoraSet | None = None) -> torch.Tensor:
+def block(
+    h: torch.Tensor, w: dict, attn: LayerAttention, s: Spec, lora: LoraSet | None = None
+) -> torch.Tensor:
     B, T, _ = h.shape
     residual = h
     x = _layer_norm(h, w, "self_attn_layer_norm") if s.pre_ln else h

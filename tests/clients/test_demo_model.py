@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from zostream.clients import cli
 from zostream.clients import demo_model as dm
 

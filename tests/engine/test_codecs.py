@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tiny import make_tiny_model
 from zostream.engine import codecs
 from zostream.engine.codecs import (
     CodecCache,
@@ -24,8 +26,6 @@ from zostream.engine.codecs import (
 )
 from zostream.engine.config import CodecConfig
 from zostream.engine.store import WeightStore
-
-from tests.tiny import make_tiny_model
 
 CPU = torch.device("cpu")
 # NF4 code values as published with QLoRA (Dettmers et al. 2023, appendix E), sorted: the

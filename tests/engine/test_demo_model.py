@@ -81,8 +81,11 @@ def test_greedy_tokens_match_transformers_generate_batched_and_alone(engine, ref
 
 
 def test_streamed_equals_resident_bitwise(demo_model, engine):
-    streamed = Engine(EngineConfig(str(demo_model), device="cpu", compute_dtype="float32",
-                                   stream=StreamConfig(gpu_memory_bytes=0)))
+    streamed = Engine(
+        EngineConfig(
+            str(demo_model), device="cpu", compute_dtype="float32", stream=StreamConfig(gpu_memory_bytes=0)
+        )
+    )
     assert streamed.streamer.plan.resident == () and len(streamed.streamer.plan.streamed) == 30
     ids = torch.tensor([engine.tokenizer(TEXT)["input_ids"][:24]])
     assert torch.equal(forward(streamed, ids), forward(engine, ids))
@@ -106,8 +109,13 @@ def test_codecs_stay_close_to_none(demo_model, engine, tmp_path, monkeypatch):
 
     bounds = {"int8": 0.01, "nf4": 0.5}
     for codec, kl_bound in bounds.items():
-        cfg = EngineConfig(str(demo_model), device="cpu", compute_dtype="float32", codec=CodecConfig(codec),
-                           stream=StreamConfig(gpu_memory_bytes=0))
+        cfg = EngineConfig(
+            str(demo_model),
+            device="cpu",
+            compute_dtype="float32",
+            codec=CodecConfig(codec),
+            stream=StreamConfig(gpu_memory_bytes=0),
+        )
         lp = torch.log_softmax(forward(Engine(cfg), ids), -1)
         kl = float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean())
         assert 0 < kl < kl_bound, (codec, kl)
@@ -115,8 +123,19 @@ def test_codecs_stay_close_to_none(demo_model, engine, tmp_path, monkeypatch):
     # A second start with the same codec reuses the encoded cache: encoding again would raise.
     from zostream.engine import codecs
 
-    monkeypatch.setattr(codecs, "encode_block", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
-    again = Engine(EngineConfig(str(demo_model), device="cpu", compute_dtype="float32", codec=CodecConfig("nf4"),
-                                stream=StreamConfig(gpu_memory_bytes=0)))
-    assert torch.equal(torch.log_softmax(forward(again, ids[:, :8]), -1), torch.log_softmax(
-        forward(Engine(cfg), ids[:, :8]), -1))
+    monkeypatch.setattr(
+        codecs, "encode_block", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded"))
+    )
+    again = Engine(
+        EngineConfig(
+            str(demo_model),
+            device="cpu",
+            compute_dtype="float32",
+            codec=CodecConfig("nf4"),
+            stream=StreamConfig(gpu_memory_bytes=0),
+        )
+    )
+    assert torch.equal(
+        torch.log_softmax(forward(again, ids[:, :8]), -1),
+        torch.log_softmax(forward(Engine(cfg), ids[:, :8]), -1),
+    )

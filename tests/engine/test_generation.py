@@ -27,8 +27,13 @@ class FakeTok:
 
 
 def make_engine(d, **stream) -> Engine:
-    cfg = EngineConfig(str(d), device="cpu", compute_dtype="float32", stream=StreamConfig(**stream),
-                       limits=LimitsConfig(max_batch=4, max_seq_len=64))
+    cfg = EngineConfig(
+        str(d),
+        device="cpu",
+        compute_dtype="float32",
+        stream=StreamConfig(**stream),
+        limits=LimitsConfig(max_batch=4, max_seq_len=64),
+    )
     return Engine(cfg, tokenizer=FakeTok())
 
 
@@ -46,8 +51,9 @@ def test_greedy_matches_transformers_generate(tmp_path, name):
     eng = make_engine(d)
     out = eng.generate([greedy(str(i), p) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
-        want = ref.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                            pad_token_id=0)[0, len(p):].tolist()
+        want = ref.generate(
+            torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
+        )[0, len(p) :].tolist()
         assert list(out[str(i)].token_ids) == want, (i, p)
         assert out[str(i)].finish_reason is FinishReason.MAX_TOKENS
 
@@ -66,8 +72,15 @@ def test_streamed_equals_resident_bitwise(tmp_path, budget):
     d = make_tiny_model(tmp_path, "llama")
     ref = make_engine(d)
     eng = make_engine(d, gpu_memory_bytes=budget)
-    reqs = lambda: [GenerateRequest(str(i), p, SamplingParams(temperature=0.9, top_p=0.9, seed=i),
-                                    StopParams(max_new_tokens=6, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    reqs = lambda: [
+        GenerateRequest(
+            str(i),
+            p,
+            SamplingParams(temperature=0.9, top_p=0.9, seed=i),
+            StopParams(max_new_tokens=6, ignore_eos=True),
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
     logits = {}
     for e in (ref, eng):
         e.generate(reqs())
@@ -93,13 +106,21 @@ def test_streamed_equals_resident_bitwise(tmp_path, budget):
 def test_seeded_sampling_reproducible_and_stop_token(tmp_path):
     d = make_tiny_model(tmp_path, "llama")
     eng = make_engine(d)
-    r = lambda rid, seed: GenerateRequest(rid, PROMPTS[0], SamplingParams(temperature=1.0, seed=seed),
-                                          StopParams(max_new_tokens=10, ignore_eos=True))
+    r = lambda rid, seed: GenerateRequest(
+        rid,
+        PROMPTS[0],
+        SamplingParams(temperature=1.0, seed=seed),
+        StopParams(max_new_tokens=10, ignore_eos=True),
+    )
     a, b, c = (eng.generate([r("a", 1)])["a"], eng.generate([r("b", 1)])["b"], eng.generate([r("c", 2)])["c"])
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
     first = a.token_ids[3]
-    stop = GenerateRequest("s", PROMPTS[0], SamplingParams(temperature=1.0, seed=1),
-                           StopParams(max_new_tokens=10, stop_token_ids=(first,), ignore_eos=True))
+    stop = GenerateRequest(
+        "s",
+        PROMPTS[0],
+        SamplingParams(temperature=1.0, seed=1),
+        StopParams(max_new_tokens=10, stop_token_ids=(first,), ignore_eos=True),
+    )
     out = eng.generate([stop])["s"]
     assert out.finish_reason is FinishReason.STOP_SEQUENCE
     assert out.token_ids == a.token_ids[: a.token_ids.index(first) + 1]

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from zostream.engine import rng
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
 from zostream.engine.errors import RequestError
 from zostream.engine.sampling import (
     SamplingParams,

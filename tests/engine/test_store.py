@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from zostream.engine.errors import ModelError
-from zostream.engine.store import WeightStore
 
 from tests.tiny import build_hf_model
+from zostream.engine.errors import ModelError
+from zostream.engine.store import WeightStore
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 Q1 = "model.layers.1.self_attn.q_proj.weight"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from zostream.engine import update_log as ul
 from zostream.engine.update_log import LogHeader, Step, UpdateLog
 

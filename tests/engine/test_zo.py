@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from zostream.engine import rng, zo
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
