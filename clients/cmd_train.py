@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from zostream.clients.common import (
     nonneg_int,
     open_engine,
     open_store,
+    positive_float,
     positive_int,
     print_json,
     usage_error,
@@ -108,6 +110,30 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         metavar="M1,M2",
         help="comma-separated module names (default: q_proj,v_proj)",
     )
+    p.add_argument(
+        "--micro-batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="examples per forward: the batch runs as --batch-size/N slices in one pass, its loss is their "
+        "summed NLL over their summed tokens (default: the whole batch; with --distributed, --batch-size / "
+        "WORLD_SIZE). The update log depends on it bitwise, not on the number of ranks",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the ranks of a torchrun launch (also on when torchrun's RANK, WORLD_SIZE, "
+        "MASTER_ADDR and MASTER_PORT are set): --batch-size is the global batch, each rank runs its share; "
+        "rank 0 owns JOBDIR, rank r keeps its own update log in JOBDIR/rank-<r>/ (docs/SCALE_OUT.md)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --distributed: a rank that does not answer a step's exchange for this long fails the "
+        "job on the others (a rank that dies fails it at once; default: 60)",
+    )
     p.add_argument("--max-len", type=int, default=d["max_len"], metavar="N", help="tokens per example")
     p.add_argument(
         "--eval-every",
@@ -184,6 +210,7 @@ def zo_config(args: argparse.Namespace) -> Any:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             divergence_guard=not args.no_divergence_guard,
+            micro_batch=args.micro_batch,
         )
     except (ValueError, TypeError) as exc:
         raise usage_error(exc, _ZO_FLAGS) from None
@@ -232,6 +259,7 @@ _EXTRA_FLAGS = {
     "warmup_steps": "--warmup-steps",
     "min_lr_ratio": "--min-lr-ratio",
     "batch_size": "--batch-size",
+    "micro_batch": "--micro-batch",
     "steps": "--steps",
 }
 
@@ -305,10 +333,92 @@ def stop_after_step() -> Iterator[list[bool]]:
 
 # ---- train ----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
-    from zostream.engine.config import StreamConfig
-    from zostream.engine.finetune import open_trainer, validate_dataset
+    cfg = zo_config(args)  # every flag is checked before this rank joins the others
+    env = _launch_env(args)
+    if env is None:
+        return _train(args, cfg, None)
+    from zostream.engine.distributed import Distributed, DistributedError
 
-    cfg = zo_config(args)
+    if cfg.batch_size % env.world_size:  # before joining: every rank would fail alike, after a wait
+        raise UsageError(
+            f"--batch-size: the global batch of {cfg.batch_size} examples does not split over "
+            f"{env.world_size} ranks; use a multiple of {env.world_size}"
+        )
+    _rank_device(args, env.local_rank)
+    try:
+        dist = Distributed(env, timeout_s=args.dist_timeout)
+    except DistributedError as exc:
+        print(f"zostream train: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _train(args, cfg, dist)
+    except DistributedError as exc:  # a peer died or went silent: exit 1, the logs let a relaunch resume
+        print(f"zostream train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()
+
+
+def _launch_env(args: argparse.Namespace) -> Any:
+    """torchrun's environment when --distributed is given or the variables are set; None: one process."""
+    from zostream.engine.distributed import launch_env
+
+    try:
+        env = launch_env()
+    except ValueError as exc:
+        raise UsageError(f"--distributed: {exc}") from None
+    if args.distributed and env is None:
+        raise UsageError(
+            "--distributed: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set; launch every rank "
+            "with torchrun, e.g. `torchrun --nproc-per-node 2 --no-python zostream train ...` "
+            "(docs/SCALE_OUT.md)"
+        )
+    return env
+
+
+def _rank_device(args: argparse.Namespace, local_rank: int) -> None:
+    """Under torchrun, --device auto / cuda means this rank's GPU: cuda:LOCAL_RANK."""
+    import torch
+
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        args.device = f"cuda:{local_rank}"
+
+
+def _micro_batch(args: argparse.Namespace, cfg: Any, world: int, log_path: Path) -> Any:
+    """cfg with its micro-batch: --micro-batch; else the job's own when resuming (so a relaunch on another
+    number of ranks continues the same job bitwise); else --batch-size / ranks under torchrun."""
+    from zostream.engine.distributed import micro_per_rank
+    from zostream.engine.update_log import LogCorruptError, read_header
+
+    mb = args.micro_batch
+    if mb is None and log_path.exists():
+        with contextlib.suppress(LogCorruptError, OSError):  # resume_config reports a bad log
+            extra = read_header(log_path).extra
+            if extra.get("batch_size") == cfg.batch_size:  # else resume_config names --batch-size
+                mb = int(extra.get("micro_batch", cfg.batch_size))
+    if mb is None and world > 1:
+        if cfg.batch_size % world:
+            raise UsageError(
+                f"--batch-size: the global batch of {cfg.batch_size} examples does not split over {world} "
+                f"ranks; use a multiple of {world}"
+            )
+        mb = cfg.batch_size // world
+    if mb is None:
+        return cfg
+    try:
+        micro_per_rank(cfg.batch_size, mb, world)
+        return dataclasses.replace(cfg, micro_batch=mb)
+    except ValueError as exc:
+        what = str(exc).removeprefix("batch_size: ").removeprefix("micro_batch: ")
+        raise UsageError(f"--micro-batch: {what}") from None
+
+
+def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
+    from zostream.engine.config import StreamConfig
+    from zostream.engine.distributed import attach, rank_dir
+    from zostream.engine.finetune import open_trainer, validate_dataset
+    from zostream.engine.update_log import LogCorruptError
+
     if cfg.method == "full" and args.codec != "none":
         raise UsageError(
             f"--codec: a full-parameter job cannot read its weights through the lossy {args.codec} codec "
@@ -326,7 +436,14 @@ def train(args: argparse.Namespace) -> int:
                 f"{', '.join(sorted(modules))}"
             )
     tok = load_tokenizer(args.model)
-    log_path = out / "update.log"
+    job = out if dist is None else rank_dir(out, dist.rank)
+    log_path = job / "update.log"
+    if dist is not None:
+        try:
+            dist.sync_log(log_path)  # a rank killed mid-step may be a step behind (or ahead of) the others
+        except LogCorruptError as exc:
+            raise UsageError(f"--out: {exc}") from None
+    cfg = _micro_batch(args, cfg, 1 if dist is None else dist.world_size, log_path)
     resuming = log_path.exists()
     open_cfg = resume_config(cfg, store, log_path) if resuming else cfg
     ds = load_data(args.data, tok, cfg.max_len, "--data")
@@ -339,7 +456,7 @@ def train(args: argparse.Namespace) -> int:
     try:
         tr = open_trainer(
             open_cfg,
-            out,
+            job,
             store,
             ds,
             pad_id(tok),
@@ -351,11 +468,13 @@ def train(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise usage_error(exc, {"codec": "--codec"}, "--out") from None
+    if dist is not None:
+        attach(tr, dist)
     start = tr.step
-    if resuming:
+    if resuming and (dist is None or dist.rank == 0):
         warn("train", f"resuming at step {start}")
     try:
-        return _run(args, cfg, tr, eval_ds, out, start)
+        return _run(args, cfg, tr, eval_ds, job, start, dist)
     finally:
         tr.log.close()
 
@@ -385,15 +504,21 @@ def _run(
     eval_ds: Any,
     out: Path,
     start: int,
+    dist: Any = None,
 ) -> int:
-    """Evaluate, step, checkpoint and export; the summary is the last stdout line (--json)."""
+    """Evaluate, step, checkpoint and export; the summary is the last stdout line (--json).
+
+    Data parallel: every rank steps, evaluates (so that none waits on another) and checkpoints into its
+    own directory; rank 0 alone writes metrics, progress, the export and the summary."""
     from tqdm import tqdm
 
     from zostream.engine.finetune import checkpoint, export
 
+    main = dist is None or dist.rank == 0
     target = cfg.steps
     eval_bs = args.eval_batch_size or cfg.batch_size
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
+    metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
     evals: list[dict[str, Any]] = []
 
     def write(row: dict[str, Any]) -> None:
@@ -407,13 +532,17 @@ def _run(
         write(row)
         evals.append(row)
         acc = f", accuracy {res['accuracy']:.4f}" if "accuracy" in res else ""
-        tqdm.write(f"eval at step {tr.step}: loss {res['loss']:.4f}{acc}", file=sys.stderr)
+        if main:
+            tqdm.write(f"eval at step {tr.step}: loss {res['loss']:.4f}{acc}", file=sys.stderr)
+
+    def stopping(flag: list[bool]) -> bool:  # ranks stop together: after the step where one asked
+        return dist.stop_agreed if dist is not None else flag[0]
 
     interrupted = False
     with metrics:
         if eval_ds is not None:
             run_eval()
-        if tr.step >= target:
+        if tr.step >= target and main:
             warn("train", f"the job is already at step {tr.step} (--steps {target}): nothing to train")
         bar = tqdm(
             total=target,
@@ -423,12 +552,16 @@ def _run(
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.5,
-            disable=tr.step >= target,
+            disable=tr.step >= target or not main,
         )
         with bar, stop_after_step() as stop:
-            while tr.step < target and not stop[0]:
+            while tr.step < target and not stopping(stop):
                 t0 = time.monotonic()
+                if dist is not None:
+                    dist.stop_requested = stop[0]
                 res = tr.run_step()
+                if dist is not None:
+                    dist.verify_log(tr.log.path, tr.step)
                 dt = time.monotonic() - t0
                 write({"type": "step", **res, "seconds": dt, "time": time.time()})
                 bar.set_postfix(
@@ -444,14 +577,26 @@ def _run(
                     and tr.step < target
                 ):
                     run_eval()
-            interrupted = stop[0] and tr.step < target
+            interrupted = stopping(stop) and tr.step < target
+        if dist is not None:
+            dist.verify_log(tr.log.path, tr.step, force=True)
         checkpoint(tr, out)
         result = None
         if not interrupted:
             if eval_ds is not None and evals[-1]["step"] != tr.step:
                 run_eval()
-            result = export(tr, out, str(Path(args.model).absolute()))
+            if main:
+                result = export(tr, out, str(Path(args.model).absolute()))
+    if not main:
+        return 130 if interrupted else 0
     summary = _summary(args, tr, out, start, evals, result, interrupted)
+    if dist is not None:
+        summary |= {
+            "world_size": dist.world_size,
+            "micro_batch": tr.cfg.micro_batch_size,
+            "dist_payload_bytes_per_step": dist.step_bytes,
+            "dist_payload_bytes": dist.payload_bytes,
+        }
     if args.json:
         print_json(summary)
     else:

@@ -131,6 +131,11 @@ class ZOConfig:
     eval_every: int = 0
     checkpoint_every: int = 0  # 0: only at the end (the update log is the durable record anyway)
     divergence_guard: bool = True
+    # Examples per forward: the batch runs as batch_size // micro_batch slices in one pass, and the loss is
+    # their summed NLL over their summed token count (see trainer.reduce_partials). None: one slice. The
+    # bytes of the log depend on it (padding changes the matmul shapes); a data-parallel run over W ranks
+    # equals a single process with the same micro_batch (docs/SCALE_OUT.md).
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field_name: str, what: str) -> None:
@@ -164,10 +169,19 @@ class ZOConfig:
             bad("max_len", f"must be in 16..1048576, got {self.max_len!r}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             bad("eval_every", "eval_every and checkpoint_every must be >= 0")
+        mb = self.micro_batch
+        if mb is not None and (
+            not isinstance(mb, int) or not 1 <= mb <= self.batch_size or self.batch_size % mb
+        ):
+            bad("micro_batch", f"must divide batch_size ({self.batch_size}), got {mb!r}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-6 if self.method == "full" else 1e-4)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.micro_batch or self.batch_size
 
     @property
     def epsilon(self) -> float:

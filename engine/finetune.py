@@ -33,6 +33,9 @@ _CKPT = re.compile(r"^step-(\d{6,})$")
 
 def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding: str) -> LogHeader:
     scope: dict[str, Any] = {"kind": "full"}
+    extra: dict[str, Any] = {}
+    if cfg.micro_batch_size != cfg.batch_size:  # only when set: logs of one-slice jobs keep their header
+        extra["micro_batch"] = cfg.micro_batch_size
     if cfg.method == "lora":
         scope = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed).to_scope()
     return LogHeader(
@@ -48,7 +51,7 @@ def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding:
         job_seed=cfg.seed,
         q=cfg.q,
         extra={"lr": cfg.learning_rate, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
-               "min_lr_ratio": cfg.min_lr_ratio, "steps": cfg.steps, "batch_size": cfg.batch_size},
+               "min_lr_ratio": cfg.min_lr_ratio, "steps": cfg.steps, "batch_size": cfg.batch_size, **extra},
     )
 
 

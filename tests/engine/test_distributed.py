@@ -166,6 +166,25 @@ def test_launch_env_reads_torchrun_variables():
     assert micro_per_rank(16, 2, 4) == 2
 
 
+def test_cli_refuses_before_joining(capsys, monkeypatch, model, data, tmp_path):
+    """--distributed outside torchrun, and a global batch that cannot be split over the ranks, are usage
+    errors (exit 2) raised before this rank would wait for the others."""
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(train_argv(model, data, tmp_path / "a", "lora", 2, "--distributed")) == 2
+    assert (
+        "--distributed: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set" in capsys.readouterr().err
+    )
+    env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(train_argv(model, data, tmp_path / "b", "lora", 2, "--batch-size", 4)) == 2
+    assert (
+        "--batch-size: the global batch of 4 examples does not split over 3 ranks" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_reduction_is_left_to_right_then_one_division():
     # float64: (1e16 + 1) rounds back to 1e16; summed left to right the rows give exactly 1.0, a pairwise
     # (tree) sum gives 0.0 -- the order is part of the definition, so every rank must use this one.
