@@ -48,8 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="DIR", help="Hugging Face model directory (safetensors + tokenizer)")
     p.add_argument("--server", metavar="ADDR", help="generate on a zostream server (host:port) instead")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to apply")
-    p.add_argument("--adapter-id", metavar="ID", default="",
-                   help="with --server: an adapter the server holds (a LoRA job's id, or an imported one)")
+    p.add_argument(
+        "--adapter-id",
+        metavar="ID",
+        default="",
+        help="with --server: an adapter the server holds (a LoRA job's id, or an imported one)",
+    )
     from zostream.clients.remote import add_connection_args
 
     add_connection_args(p, server=False, timeout=None)

@@ -208,7 +208,7 @@ def load_adapter(adapter_dir: str, engine: Any) -> Any:
 
 # ---- output ---------------------------------------------------------------------------------
 def print_json(obj: Any) -> None:
-    """One JSON document on one stdout line (NaN/inf become null)."""
+    """One JSON document on one stdout line (NaN/inf become null); local and remote commands share it."""
     print(json.dumps(_finite(obj), separators=(", ", ": ")), flush=True)
 
 

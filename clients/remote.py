@@ -20,6 +20,7 @@ from typing import Any
 
 from zostream.clients.cli import UsageError
 from zostream.clients.client import GenerateResult, ZostreamClient, ZostreamError
+from zostream.clients.common import _finite, print_json
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 _HINTS = {
@@ -139,20 +140,6 @@ def run(
 def json_line(obj: Any) -> str:
     """One JSON document on one line (NaN/inf become null)."""
     return json.dumps(_finite(obj), separators=(", ", ": "))
-
-
-def print_json(obj: Any) -> None:
-    print(json_line(obj), flush=True)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ---- zostream generate --server --------------------------------------------------------------
