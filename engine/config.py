@@ -25,7 +25,8 @@ def parse_size(text: str | int | float | None, field_name: str = "gpu_memory") -
             return parse_size(float(text), field_name)
         except ValueError:
             raise ValueError(
-                f"{field_name}: cannot read size {text!r}; use a number of bytes or a unit, e.g. 24GiB, 512MB, 0"
+                f"{field_name}: cannot read size {text!r}; "
+                "use a number of bytes or a unit, e.g. 24GiB, 512MB, 0"
             ) from None
     num, unit = float(m.group(1)), (m.group(2) or "").lower()
     base = 1024 if "i" in unit else 1000
@@ -96,7 +97,9 @@ class EngineConfig:
         if not self.model_dir:
             raise ValueError("model_dir is required: a Hugging Face model directory")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+            raise ValueError(
+                f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -50,8 +50,15 @@ def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding:
         decay_exclusions=["bias", "norm"],
         job_seed=cfg.seed,
         q=cfg.q,
-        extra={"lr": cfg.learning_rate, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
-               "min_lr_ratio": cfg.min_lr_ratio, "steps": cfg.steps, "batch_size": cfg.batch_size, **extra},
+        extra={
+            "lr": cfg.learning_rate,
+            "lr_schedule": cfg.lr_schedule,
+            "warmup_steps": cfg.warmup_steps,
+            "min_lr_ratio": cfg.min_lr_ratio,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            **extra,
+        },
     )
 
 
@@ -93,8 +100,18 @@ def open_trainer(
         adapter, at = _latest_lora(job, store, device, len(log))
         if adapter is None:
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0
-        tr = ZOTrainer(cfg, store.family, store.spec, base_streamer, log, train, pad_id, compute_dtype,
-                       adapter=adapter, rounding=rounding)
+        tr = ZOTrainer(
+            cfg,
+            store.family,
+            store.spec,
+            base_streamer,
+            log,
+            train,
+            pad_id,
+            compute_dtype,
+            adapter=adapter,
+            rounding=rounding,
+        )
         tr.applied = [at] * tr.trainable.num_groups
         return tr
     wc = WorkingCopy(job / "working", store, master)
@@ -109,16 +126,29 @@ def open_trainer(
         (wc.end_write if done else wc.begin_write)(g, step)
 
     trainable = Trainable(groups, wc.groups, on_written)
-    tr = ZOTrainer(cfg, store.family, store.spec, streamer, log, train, pad_id, compute_dtype,
-                   trainable=trainable, rounding=rounding)
+    tr = ZOTrainer(
+        cfg,
+        store.family,
+        store.spec,
+        streamer,
+        log,
+        train,
+        pad_id,
+        compute_dtype,
+        trainable=trainable,
+        rounding=rounding,
+    )
     tr.applied = [int(a) for a in wc.applied]
     tr.working_copy = wc  # type: ignore[attr-defined]
     return tr
 
 
 def _latest_lora(job: Path, store: WeightStore, device: torch.device, n_steps: int):
-    ckpts = sorted((int(m.group(1)), p) for p in (job / "checkpoints").glob("step-*")
-                   if (m := _CKPT.match(p.name)) and (p / "adapter_config.json").exists())
+    ckpts = sorted(
+        (int(m.group(1)), p)
+        for p in (job / "checkpoints").glob("step-*")
+        if (m := _CKPT.match(p.name)) and (p / "adapter_config.json").exists()
+    )
     for step, path in reversed(ckpts):
         if step <= n_steps:
             return LoraAdapter.load_peft(path, store.family, store.spec, device), step

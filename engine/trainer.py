@@ -42,9 +42,15 @@ class Trainable:
 class LossWorkload:
     """Forward of one token batch with given weight transforms; per-example NLL at the end."""
 
-    def __init__(self, fam: Any, spec: Any, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 outer_fn: WeightFn | None = None, block_fn: Callable[[int, dict], dict] | None = None,
-                 lora_fn: Callable[[int], LoraSet | None] | None = None) -> None:
+    def __init__(
+        self,
+        fam: Any,
+        spec: Any,
+        batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        outer_fn: WeightFn | None = None,
+        block_fn: Callable[[int, dict], dict] | None = None,
+        lora_fn: Callable[[int], LoraSet | None] | None = None,
+    ) -> None:
         self.fam, self.spec = fam, spec
         self.ids, self.labels, lens = batch
         self.attn = AttentionBatch.build(lens, self.ids.shape[1])
@@ -140,10 +146,20 @@ def reduce_partials(rows: torch.Tensor, q: int) -> tuple[list[tuple[float, float
 class ZOTrainer:
     """One job's training state; the engine (or `zostream train`) drives it pass by pass."""
 
-    def __init__(self, cfg: ZOConfig, fam: Any, spec: Any, streamer: LayerStreamer, log: UpdateLog,
-                 train: D.Dataset, pad_id: int, compute_dtype: torch.dtype,
-                 trainable: Trainable | None = None, adapter: LoraAdapter | None = None,
-                 rounding: str = "nearest") -> None:
+    def __init__(
+        self,
+        cfg: ZOConfig,
+        fam: Any,
+        spec: Any,
+        streamer: LayerStreamer,
+        log: UpdateLog,
+        train: D.Dataset,
+        pad_id: int,
+        compute_dtype: torch.dtype,
+        trainable: Trainable | None = None,
+        adapter: LoraAdapter | None = None,
+        rounding: str = "nearest",
+    ) -> None:
         self.cfg, self.fam, self.spec = cfg, fam, spec
         self.streamer, self.log, self.train, self.pad_id = streamer, log, train, pad_id
         self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
@@ -155,8 +171,9 @@ class ZOTrainer:
         # maps its partials [m, 2q+1] to every rank's, in rank order. Single process: (0, 1), None.
         self.shard: tuple[int, int] = (0, 1)
         self.reducer: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-        self.schedule = zo.LRSchedule(cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps,
-                                      cfg.min_lr_ratio)
+        self.schedule = zo.LRSchedule(
+            cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
+        )
         # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
         accepted = [abs(g) for s in self.steps if not s.skipped for g in s.directions]
         self.g_history: list[float] = accepted[-256:]
@@ -181,13 +198,15 @@ class ZOTrainer:
 
     def perturbers(self, seed: int, sign: int):
         """(outer_fn, block_fn, lora_fn) making θ ± ε z work copies for one forward."""
-        cfg, eps, kind = self.cfg, self.cfg.epsilon, self.cfg.noise
+        eps, kind = self.cfg.epsilon, self.cfg.noise
         if self.adapter is not None:
             ad = self.adapter
 
             def lora_fn(i: int) -> LoraSet:
-                pert = {n: zo.perturbed(ad.tensors[n], kind, seed, n, eps, sign, torch.float32)
-                        for n in ad.layer_names(i)}
+                pert = {
+                    n: zo.perturbed(ad.tensors[n], kind, seed, n, eps, sign, torch.float32)
+                    for n in ad.layer_names(i)
+                }
                 return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
 
             return None, None, lora_fn
@@ -197,9 +216,10 @@ class ZOTrainer:
             return {n: zo.perturbed(t, kind, seed, n, eps, sign, self.dtype) for n, t in outer.items()}
 
         def block_fn(i: int, w: dict) -> dict:
-            return {k: zo.perturbed(t, kind, seed, prefix(i) + k, eps, sign, self.dtype) for k, t in w.items()}
+            return {
+                k: zo.perturbed(t, kind, seed, prefix(i) + k, eps, sign, self.dtype) for k, t in w.items()
+            }
 
-        del cfg
         return outer_fn, block_fn, None
 
     def catch_up(self, g: int, w: dict[str, torch.Tensor] | None, upto: int) -> None:
@@ -256,8 +276,16 @@ class ZOTrainer:
             self.g_history.extend(abs(g) for g in gs)
             del self.g_history[:-256]
         loss = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
-        return {"step": wl.step, "loss": loss, "loss_plus": losses[0][0], "loss_minus": losses[0][1],
-                "projected_grad": gs[0], "lr": lr, "skipped": reason, "tokens": wl.tokens}
+        return {
+            "step": wl.step,
+            "loss": loss,
+            "loss_plus": losses[0][0],
+            "loss_minus": losses[0][1],
+            "projected_grad": gs[0],
+            "lr": lr,
+            "skipped": reason,
+            "tokens": wl.tokens,
+        }
 
     def run_step(self) -> dict[str, Any]:
         wl = self.workload()
@@ -303,20 +331,39 @@ def apply_step(tensors: dict[str, torch.Tensor], step: Step, h: LogHeader) -> No
     dirs = [(rng.step_seed(h.job_seed, step.step, d), g) for d, g in enumerate(step.directions)]
     sr_seed = rng.step_seed(h.job_seed, step.step, SR_DIRECTION)
     for name, t in tensors.items():
-        zo.apply_update(t, name, dirs, step.lr, h.weight_decay, h.noise, decay=zo.is_decayed(name),
-                        rounding=h.rounding, sr_seed=sr_seed)
+        zo.apply_update(
+            t,
+            name,
+            dirs,
+            step.lr,
+            h.weight_decay,
+            h.noise,
+            decay=zo.is_decayed(name),
+            rounding=h.rounding,
+            sr_seed=sr_seed,
+        )
 
 
 @torch.inference_mode()
-def evaluate(fam: Any, spec: Any, streamer: LayerStreamer, ds: D.Dataset, pad_id: int, device: torch.device,
-             lora_fn: Callable[[int], LoraSet | None] | None = None, batch_size: int = 8) -> dict[str, float]:
+def evaluate(
+    fam: Any,
+    spec: Any,
+    streamer: LayerStreamer,
+    ds: D.Dataset,
+    pad_id: int,
+    device: torch.device,
+    lora_fn: Callable[[int], LoraSet | None] | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Mean token loss over ds.examples; for choice datasets, length-normalised accuracy."""
 
     def score(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = [], []
         for i in range(0, len(examples), batch_size):
             ids, labels, lens = D.collate(examples[i : i + batch_size], pad_id)
-            wl = LossWorkload(fam, spec, (ids.to(device), labels.to(device), lens.to(device)), lora_fn=lora_fn)
+            wl = LossWorkload(
+                fam, spec, (ids.to(device), labels.to(device), lens.to(device)), lora_fn=lora_fn
+            )
             run_pass(streamer, [wl])
             sums.append(wl.sums.double().cpu())
             counts.append(wl.counts.cpu())
@@ -335,8 +382,10 @@ def evaluate(fam: Any, spec: Any, streamer: LayerStreamer, ds: D.Dataset, pad_id
         loss_sum += float(s[k + ch.answer])
         loss_count += int(c[k + ch.answer])
         k += len(ch.candidates)
-    return {"loss": loss_sum / max(loss_count, 1),
-            "accuracy": D.choice_accuracy(scores, [ch.answer for ch in ds.choices])}
+    return {
+        "loss": loss_sum / max(loss_count, 1),
+        "accuracy": D.choice_accuracy(scores, [ch.answer for ch in ds.choices]),
+    }
 
 
 def master_dtype_for(cfg: ZOConfig, base_dtype: torch.dtype) -> tuple[torch.dtype, str]:
@@ -344,7 +393,9 @@ def master_dtype_for(cfg: ZOConfig, base_dtype: torch.dtype) -> tuple[torch.dtyp
     if cfg.method == "lora":
         return torch.float32, "nearest"
     name = cfg.master_dtype
-    dt = base_dtype if name == "auto" else {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                             "float16": torch.float16}[name]
+    dt = (
+        base_dtype
+        if name == "auto"
+        else {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    )
     return dt, ("nearest" if dt == torch.float32 else "stochastic")
-
