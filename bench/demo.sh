@@ -36,7 +36,7 @@ echo
 echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B)"
 python3 bench/sentiment_task.py "$WORK/task" --train 128 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
-      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 8 --lr 2e-3 --eps 1e-2 \
+      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 8 --lr 6e-4 --eps 1e-2 \
       --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "job $JOB"
 zostream jobs events --server "$SERVER" "$JOB" --follow

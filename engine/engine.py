@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import EngineConfig
-from .errors import NotFoundError, PreconditionError, RequestError
+from .errors import NotFoundError, PreconditionError, RequestError, ResourceExhaustedError
 from .forward import Workload, run_pass
 from .generation import (
     FinishReason,
@@ -91,6 +91,7 @@ class Engine:
         self.adapters: dict[str, Any] = {}  # adapter id -> peft.LoraAdapter (on the device)
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
         self._inbox: list[Callable[[], None]] = []
+        self._admitting = 0  # submitted requests still in the inbox: they count against max_waiting
         self._queue_times: list[float] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -154,7 +155,15 @@ class Engine:
             raise RequestError(f"token ids must be in [0, {self.spec.vocab})", "prompt_token_ids")
         self.scheduler.check_fits(len(req.prompt_ids), req.stopping.max_new_tokens)
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
-        self._post(lambda: self._admit(req, seed))
+        with self._lock:
+            # Refused here, on the caller's thread, so overload is a RESOURCE_EXHAUSTED status and never
+            # a request that is accepted and then fails. Only the engine thread shrinks this sum.
+            queued = len(self.scheduler.waiting) + self._admitting
+            if queued >= self.limits.max_waiting:
+                raise ResourceExhaustedError(f"{queued} requests are already waiting; retry later", "request")
+            self._admitting += 1
+            self._inbox.append(lambda: self._admit(req, seed))
+        self._wake.set()
         return seed
 
     def abort(self, request_id: str) -> None:
@@ -176,7 +185,14 @@ class Engine:
             fn()
 
     def _admit(self, req: GenerateRequest, seed: int) -> None:
+        with self._lock:
+            self._admitting -= 1
         try:
+            if req.request_id in self.seqs:  # a second sequence under one id would leak its KV slot
+                raise RequestError(f"request {req.request_id!r} is already in flight", "request_id")
+            if req.adapter_id and req.adapter_id not in self.adapters:  # deleted since submit()
+                raise NotFoundError(f"no adapter {req.adapter_id!r}; list them with ListAdapters",
+                                    "adapter_id")
             self.scheduler.add(req.request_id, len(req.prompt_ids), req.stopping.max_new_tokens)
         except RequestError as exc:
             _emit(req, TokenEvent(req.request_id, (), "", FinishReason.ERROR, len(req.prompt_ids), 0, seed,
@@ -250,9 +266,19 @@ class Engine:
                 stats.prefill_tokens += n_new
             else:
                 stats.decode_tokens += n_new
-            for s, tok in zip(wl.seqs, wl.sample(), strict=True):
+            # A row with non-finite logits (a diverged adapter) would make sampling raise for the whole
+            # batch: that row ends with an error and samples from zeros; its batch-mates go on.
+            bad = (~torch.isfinite(wl.logits).all(dim=-1)).tolist()  # [B]
+            if any(bad):
+                wl.logits = torch.where(torch.tensor(bad, device=wl.logits.device)[:, None], 0.0, wl.logits)
+            for s, tok, nan in zip(wl.seqs, wl.sample(), bad, strict=True):
                 if s.finish is not None:
                     continue  # aborted during the pass
+                if nan:
+                    msg = "the model produced non-finite logits" + (
+                        f" with adapter {s.req.adapter_id!r}" if s.req.adapter_id else "")
+                    stats.finished.append(self._finish(s.req.request_id, FinishReason.ERROR, msg))
+                    continue
                 if s.first_token_time is None:
                     s.first_token_time = now
                     stats.first_token_latencies.append(now - s.req.arrival)
@@ -265,13 +291,13 @@ class Engine:
                     stats.finished.append(self._finish(s.req.request_id, reason))
         return stats
 
-    def _finish(self, request_id: str, reason: FinishReason) -> TokenEvent | None:
+    def _finish(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent | None:
         s = self.seqs.pop(request_id, None)
         self.scheduler.finish(request_id)
         if s is None:
             return None
         s.finish = reason
-        ev = TokenEvent(request_id, (), "", reason, len(s.req.prompt_ids), len(s.output), s.seed)
+        ev = TokenEvent(request_id, (), "", reason, len(s.req.prompt_ids), len(s.output), s.seed, error)
         _emit(s.req, ev)
         return ev
 

@@ -3,16 +3,22 @@ export, cancel, fail, and resume after a restart. Every method runs on the engin
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from . import data as D
-from . import finetune
+from . import finetune, rng
 from .config import ZOConfig
 from .engine import Engine
-from .errors import PreconditionError
+from .errors import PreconditionError, RequestError
 from .jobs import JobRecord, JobStore
 from .peft import LoraAdapter
 from .replay import replay_lora
@@ -20,6 +26,9 @@ from .trainer import ZOTrainer
 from .update_log import UpdateLog
 
 MAX_ACTIVE = 1  # one job trains at a time; the rest wait QUEUED
+# OSError errno -> Job.error.code: a full disk is a resource, a refused write a precondition of the data dir.
+_OS_CODES = {**dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EFBIG), "RESOURCE_EXHAUSTED"),
+             **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "FAILED_PRECONDITION")}
 
 
 @dataclass
@@ -46,7 +55,8 @@ class JobRunner:
         self.on_log_bytes = on_log_bytes or (lambda n: None)
         for rec in store.list(("running", "cancelling")):
             # Restarted (cleanly or after kill -9): resume from the last logged step.
-            store.event(rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}")
+            store.event(rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}",
+                        rec.steps_done)
             rec.status = "queued"
             store.save(rec)
         self.imported: dict[str, LoraAdapter] = {}
@@ -76,8 +86,15 @@ class JobRunner:
                     f"{e.store.fingerprint}; import it on a server of the base model it was trained from", "base")
             if log.header.scope.get("kind") != "lora":
                 raise PreconditionError("only LoRA update logs can be served as adapters", "chunk")
+            if log.header.generator_version != rng.GENERATOR_VERSION:  # its noise would replay differently
+                raise PreconditionError(f"the log was made with noise generator version "
+                                        f"{log.header.generator_version}; this server has "
+                                        f"{rng.GENERATOR_VERSION}", "chunk")
             adapter = replay_lora(e.store, log, device=e.device)
             n = len(log)
+        if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):
+            raise RequestError("the log replays to non-finite weights (inf or NaN); it cannot be served",
+                               "chunk")
         adapter.save_peft(log_path.parent / "adapter", str(e.store.dir))
         e.adapters[adapter_id] = adapter
         return n
@@ -106,6 +123,7 @@ class JobRunner:
     def _start(self, rec: JobRecord) -> None:
         e = self.engine
         try:
+            repaired = _repair_log(self.store.job_dir(rec.id))
             cfg = zo_config(rec.spec)
             train = D.load_dataset(self.store.dataset_path(rec.spec["training_dataset"]), e.tokenizer, cfg.max_len)
             val = rec.spec.get("validation_dataset") or ""
@@ -121,6 +139,9 @@ class JobRunner:
         tr.g_history = [abs(g) for s in tr.steps if not s.skipped for g in s.directions][-256:]
         self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
         rec.steps_done = tr.step
+        if repaired:
+            self.store.event(rec.id, "log_repaired",
+                             f"update.log {repaired}; resuming from the last intact step", tr.step)
         self.store.set_status(rec, "running", f"training from step {tr.step}")
         if tr.adapter is not None:
             e.adapters[rec.id] = tr.adapter.clone()
@@ -156,10 +177,10 @@ class JobRunner:
                             "learning_rate": result["lr"]})
         self.on_log_bytes(16 * tr.cfg.q)
         msg = f"skipped: {result['skipped']}" if result.get("skipped") else ""
-        # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
-        self.store.event(job_id, "step", msg, tr.step,
-                         {k: result[k] for k in ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")})
         try:
+            # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
+            keys = ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")
+            self.store.event(job_id, "step", msg, tr.step, {k: result[k] for k in keys})
             every = aj.cfg.checkpoint_every or max(1, aj.cfg.steps // 10)
             if tr.step % every == 0 and not tr.done:
                 self._checkpoint(aj)
@@ -205,17 +226,26 @@ class JobRunner:
             self.store.set_status(aj.rec, status, message)
 
     def _detach(self, job_id: str) -> None:
-        self.active.pop(job_id, None)
+        aj = self.active.pop(job_id, None)
         self.engine.trainers.pop(job_id, None)
         self.engine.scheduler.remove_job(job_id)
+        if aj is not None:
+            aj.trainer.log.close()  # its fd and writer lock: one per finished job would leak otherwise
 
     def _fail(self, rec: JobRecord, exc: BaseException) -> None:
         field = getattr(exc, "field", "")
         code = getattr(exc, "code", "INTERNAL")
+        message = str(exc).replace(f"{self.store.root}/", "")  # paths relative to the data dir
         if isinstance(exc, OSError):
-            code = "RESOURCE_EXHAUSTED" if exc.errno == 28 else "INTERNAL"  # ENOSPC
-        self.store.set_status(rec, "failed", f"{type(exc).__name__}: {exc}", code=code, message=str(exc),
-                              field=field)
+            code = _OS_CODES.get(exc.errno, "INTERNAL")
+            where = f" ({_relative(exc.filename, self.store.root)})" if exc.filename else ""
+            message = (f"writing the job's files failed: {exc.strerror or exc}{where}; "
+                       "free space or fix the data directory's permissions, then create the job again")
+        try:
+            self.store.set_status(rec, "failed", f"{type(exc).__name__}: {message}",
+                                  {"code": code, "message": message, "field": field})
+        except OSError as exc2:  # the disk that failed the job may refuse its status too: FAILED in memory
+            traceback.print_exception(exc2)
         if code == "INTERNAL":
             traceback.print_exception(exc)
 
@@ -227,3 +257,35 @@ class JobRunner:
                 self.store.event(aj.rec.id, "checkpoint", "server shutting down", aj.trainer.step)
             except Exception as exc:  # noqa: BLE001
                 self.store.event(aj.rec.id, "error", f"checkpoint at shutdown failed: {exc}")
+            finally:
+                aj.trainer.log.close()
+
+
+def _relative(path: Any, root: Path) -> str:
+    """A path for a client's eyes: relative to the data dir, never the server's absolute layout."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except (ValueError, OSError, TypeError):
+        return Path(str(path)).name
+
+
+def _repair_log(job_dir: Path) -> str | None:
+    """Cut a torn or corrupt update.log tail back to the last intact step before the trainer opens the job;
+    returns what was cut. A full job's working copy may then hold steps the log no longer has (their
+    records were damaged): mark those groups as caught mid-write, so the working copy rebuilds them from
+    the base and replays them from the log (engine/working_copy.py)."""
+    log_path = job_dir / "update.log"
+    if not log_path.exists():
+        return None
+    with UpdateLog.open(log_path) as log:
+        repaired, n_steps = log.repaired, len(log)
+    counters = job_dir / "working" / "applied.bin"
+    if counters.exists():
+        applied = np.fromfile(counters, dtype=np.int64)
+        if (applied > n_steps).any():
+            applied[applied > n_steps] = -1  # -(0 + 1): "killed while writing step 0"
+            with open(counters, "r+b") as f:
+                f.write(applied.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+    return repaired

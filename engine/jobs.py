@@ -33,13 +33,23 @@ MAX_DATASET_BYTES = 256 * 2**20
 
 def check_name(name: str, field_name: str) -> str:
     """Names are identifiers, never paths: no separators, no '..', bounded length."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: no trailing \n
         raise RequestError(
             f"{name[:40]!r} is not a valid name: use 1-100 letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit)",
             field_name,
         )
     return name
+
+
+def _cut_torn_line(path: Path) -> None:
+    """A kill or a full disk mid-append can leave a last line without its newline: cut it, so the
+    next event starts on a line of its own instead of being glued to (and lost with) the torn one."""
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -84,7 +94,8 @@ class JobStore:
             if (d / "spec.json").exists() and (d / "status.json").exists():
                 rec = JobRecord(**json.loads((d / "status.json").read_text()))
                 self.jobs[rec.id] = rec
-                self._event_ids[rec.id] = len(self.events(rec.id))
+                _cut_torn_line(d / "events.jsonl")
+                self._event_ids[rec.id] = max((e["id"] for e in self.events(rec.id)), default=0)
 
     # ---- datasets -----------------------------------------------------------------------------
     def dataset_path(self, name: str) -> Path:
@@ -150,7 +161,9 @@ class JobStore:
             _atomic_write(self.job_dir(rec.id) / "status.json", json.dumps(asdict(rec)).encode())
             self._cond.notify_all()
 
-    def set_status(self, rec: JobRecord, status: str, message: str = "", **error: str) -> None:
+    def set_status(self, rec: JobRecord, status: str, message: str = "", error: dict[str, str] | None = None
+                   ) -> None:
+        """`error`: Job.error's fields (code, message, field) for a FAILED job."""
         assert status in STATUSES
         with self._lock:
             rec.status = status
@@ -187,8 +200,14 @@ class JobStore:
             line = (json.dumps(ev, allow_nan=False, default=float) + "\n").encode()
             fd = os.open(self.job_dir(job_id) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
-                os.fsync(fd)
+                size = os.fstat(fd).st_size
+                try:
+                    os.write(fd, line)
+                    os.fsync(fd)
+                except OSError:  # e.g. disk full after half a line: leave no torn line behind
+                    self._event_ids[job_id] -= 1
+                    os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
             self._cond.notify_all()

@@ -250,7 +250,7 @@ def _read_header(f: Any, path: str) -> tuple[int, LogHeader, int]:
         d = json.loads(js.decode("utf-8"))
         compacted = d.pop("compacted", False) if isinstance(d, dict) else False
         header = LogHeader.from_dict(d)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested past the limit
         raise LogCorruptError(f"{path}: invalid header: {e}") from None
     if compacted != (version == FORMAT_COMPACTED):
         raise LogCorruptError(f"{path}: header says compacted={compacted} but format version is {version}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import inspect
 import logging
 import signal
 import threading
@@ -66,6 +67,60 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(token.encode(), self.key):  # constant time
             return handler
         return _deny(handler)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """A request that is not a valid protobuf message (corrupt wire format, invalid UTF-8 in a string
+    field) gets INVALID_ARGUMENT. grpc would answer UNKNOWN or INTERNAL: it parses before the handler
+    runs. Here handlers receive the raw bytes and the message is parsed inside the call."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _parsing(handler)
+
+
+async def _parse(parse, raw: bytes, context):
+    try:
+        return parse(raw)
+    except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {exc}")
+
+
+def _parsing(handler):
+    parse = handler.request_deserializer
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    gen = inspect.isasyncgenfunction(behavior)
+    if not gen and not inspect.iscoroutinefunction(behavior):
+        return handler  # a sync handler: grpc runs it in a thread; leave it as it is
+    streaming_in = handler.stream_unary is not None or handler.stream_stream is not None
+
+    async def requests(raw_iter, context):
+        async for raw in raw_iter:
+            yield await _parse(parse, raw, context)
+
+    async def arg(raw, context):
+        return requests(raw, context) if streaming_in else await _parse(parse, raw, context)
+
+    if gen:
+
+        async def call(raw, context):
+            async for item in behavior(await arg(raw, context), context):
+                yield item
+    else:
+
+        async def call(raw, context):
+            return await behavior(await arg(raw, context), context)
+
+    make = (
+        grpc.unary_unary_rpc_method_handler if handler.unary_unary else
+        grpc.unary_stream_rpc_method_handler if handler.unary_stream else
+        grpc.stream_unary_rpc_method_handler if handler.stream_unary else
+        grpc.stream_stream_rpc_method_handler
+    )  # fmt: skip
+    return make(call, **kw)
 
 
 def _deny(handler):
@@ -197,6 +252,7 @@ class App:
 async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: asyncio.Event | None = None) -> None:
     app = App(cfg)
     interceptors = [AuthInterceptor(cfg.api_key)] if cfg.api_key else []
+    interceptors.append(DecodeInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
     generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGeneration(app), server)

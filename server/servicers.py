@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import inspect
 import shutil
@@ -40,12 +41,24 @@ _CODES = {
 }
 
 
+_DISK = {
+    errno.ENOSPC: (grpc.StatusCode.RESOURCE_EXHAUSTED, "no space left on device"),
+    errno.EDQUOT: (grpc.StatusCode.RESOURCE_EXHAUSTED, "disk quota exceeded"),
+    errno.EACCES: (grpc.StatusCode.FAILED_PRECONDITION, "permission denied"),
+    errno.EPERM: (grpc.StatusCode.FAILED_PRECONDITION, "operation not permitted"),
+    errno.EROFS: (grpc.StatusCode.FAILED_PRECONDITION, "read-only file system"),
+}
+
+
 def rpc(fn):
     """Map RequestError (and subclasses) to their status; anything else is INTERNAL, logged."""
 
     async def fail(exc: Exception, context) -> None:
         if isinstance(exc, RequestError):
             await context.abort(_CODES.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK:  # the data dir, not the request: no paths
+            code, why = _DISK[exc.errno]
+            await context.abort(code, f"the server cannot write its data directory ({why}); retry later")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
     if inspect.isasyncgenfunction(fn):
@@ -91,6 +104,9 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         req = C.generate_request(request, engine, context.time_remaining())
         if len(self.app.inflight) >= self.app.max_inflight:
             raise ResourceExhaustedError(f"{len(self.app.inflight)} requests in flight; retry later", "request")
+        if req.request_id in self.app.inflight:  # Abort addresses requests by id: ids must be unique
+            raise RequestError(f"a request with id {req.request_id[:64]!r} is already in flight; use a "
+                               "unique id", "request_id", code="ALREADY_EXISTS")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         req.callback = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
@@ -195,7 +211,16 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise RequestError(f"dataset is not valid UTF-8 (byte {exc.start})", "chunk") from None
-        ds = await asyncio.to_thread(D.load_records, lines, meta.name, engine.tokenizer, 1 << 16)
+        try:
+            ds = await asyncio.to_thread(D.load_records, lines, meta.name, engine.tokenizer, 1 << 16)
+        except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
+            if isinstance(exc, RequestError):
+                raise
+            # Hostile JSON the record parser does not name: nesting past the recursion limit, integers past
+            # int_max_str_digits, lone surrogates in strings (the tokenizer refuses them).
+            why = f"{type(exc).__name__}: {str(exc)[:160]}"
+            raise RequestError(f"a record cannot be read ({why}); send one flat JSON object per line, with "
+                               "UTF-8 text", "chunk") from None
         if meta.kind and meta.kind != ds.kind:
             raise RequestError(f"declared kind {meta.kind!r} but the records are {ds.kind!r}", "metadata.kind")
         n = len(ds.choices) if ds.kind == "choice" else len(ds.examples)
@@ -290,6 +315,7 @@ def _dataset_pb(info: dict) -> finetuning_pb2.Dataset:
 class Adapters(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._importing: set[str] = set()  # ids with an ImportUpdateLog in progress
 
     def _all(self) -> list[adapters_pb2.Adapter]:
         e, jobs = self.app.ready_engine(), self.app.jobs
@@ -337,8 +363,16 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             rec = self.app.jobs.get(aid)
             if not rec.terminal:
                 raise PreconditionError("the job is still training; cancel it first", "adapter_id")
+
+        def delete() -> None:  # on the engine thread, which owns the sequences
+            if any(seq.req.adapter_id == aid for seq in self.app.engine.seqs.values()):
+                raise PreconditionError("a request is generating with this adapter; retry when it is done",
+                                        "adapter_id")
+            self.app.runner.delete_adapter(aid)
+
+        await self.app.on_engine(delete)
+        if aid in self.app.jobs.jobs:
             shutil.rmtree(self.app.jobs.job_dir(aid) / "adapter", ignore_errors=True)
-        await self.app.on_engine(lambda: self.app.runner.delete_adapter(aid))
         return adapters_pb2.DeleteAdapterResponse()
 
     @rpc
@@ -378,9 +412,17 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         if meta is None:
             raise RequestError("no metadata received", "metadata")
         aid = check_name(meta.adapter_id or f"imported-{int(time.time())}", "metadata.adapter_id")
-        if aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs:
+        taken = aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs or aid in self._importing
+        if taken or (self.app.jobs.root / "adapters" / aid).exists():
             raise RequestError(f"adapter {aid!r} exists; delete it first or pick another id",
                                "metadata.adapter_id", code="ALREADY_EXISTS")
+        self._importing.add(aid)  # two imports of one id would share (and delete) one staging directory
+        try:
+            return await self._import(aid, buf, context)
+        finally:
+            self._importing.discard(aid)
+
+    async def _import(self, aid: str, buf: bytearray, context) -> adapters_pb2.Adapter:
         d = self.app.jobs.root / "adapters" / aid
         tmp = d.with_name(d.name + ".importing")
         shutil.rmtree(tmp, ignore_errors=True)
