@@ -84,7 +84,13 @@ class Engine:
         self.limits = lim if max_len == lim.max_seq_len else _replace(lim, max_seq_len=max_len)
         kv_heads = getattr(self.spec, "kv_heads", self.spec.heads)
         self.cache = KVCache.allocate(
-            self.spec.num_layers, lim.max_batch, kv_heads, max_len, self.spec.head_dim, self.dtype, self.device
+            self.spec.num_layers,
+            lim.max_batch,
+            kv_heads,
+            max_len,
+            self.spec.head_dim,
+            self.dtype,
+            self.device,
         )
         self.scheduler = Scheduler(self.limits)
         self.seqs: dict[str, Sequence] = {}
@@ -191,12 +197,17 @@ class Engine:
             if req.request_id in self.seqs:  # a second sequence under one id would leak its KV slot
                 raise RequestError(f"request {req.request_id!r} is already in flight", "request_id")
             if req.adapter_id and req.adapter_id not in self.adapters:  # deleted since submit()
-                raise NotFoundError(f"no adapter {req.adapter_id!r}; list them with ListAdapters",
-                                    "adapter_id")
+                raise NotFoundError(
+                    f"no adapter {req.adapter_id!r}; list them with ListAdapters", "adapter_id"
+                )
             self.scheduler.add(req.request_id, len(req.prompt_ids), req.stopping.max_new_tokens)
         except RequestError as exc:
-            _emit(req, TokenEvent(req.request_id, (), "", FinishReason.ERROR, len(req.prompt_ids), 0, seed,
-                                  str(exc)))
+            _emit(
+                req,
+                TokenEvent(
+                    req.request_id, (), "", FinishReason.ERROR, len(req.prompt_ids), 0, seed, str(exc)
+                ),
+            )
             return
         self.seqs[req.request_id] = new_sequence(req, -1, seed, self.tokenizer, self.device)
 
@@ -247,8 +258,9 @@ class Engine:
                 lora.setdefault(module, []).append(lw)
         return lora
 
-    def _commit(self, plan: PassPlan, workloads: list[tuple[str, Workload]], error: Exception | None = None
-                ) -> StepStats:
+    def _commit(
+        self, plan: PassPlan, workloads: list[tuple[str, Workload]], error: Exception | None = None
+    ) -> StepStats:
         stats = StepStats(train_job=plan.train_job)
         now = time.monotonic()
         for kind, wl in workloads:
@@ -276,7 +288,8 @@ class Engine:
                     continue  # aborted during the pass
                 if nan:
                     msg = "the model produced non-finite logits" + (
-                        f" with adapter {s.req.adapter_id!r}" if s.req.adapter_id else "")
+                        f" with adapter {s.req.adapter_id!r}" if s.req.adapter_id else ""
+                    )
                     stats.finished.append(self._finish(s.req.request_id, FinishReason.ERROR, msg))
                     continue
                 if s.first_token_time is None:
@@ -285,8 +298,12 @@ class Engine:
                 s.output.append(tok)
                 delta = s.detok.add(tok)
                 reason = s.check_stop(tok, self.eos_ids)
-                _emit(s.req, TokenEvent(s.req.request_id, (tok,), delta, None, len(s.req.prompt_ids),
-                                        len(s.output), s.seed))
+                _emit(
+                    s.req,
+                    TokenEvent(
+                        s.req.request_id, (tok,), delta, None, len(s.req.prompt_ids), len(s.output), s.seed
+                    ),
+                )
                 if reason is not None:
                     stats.finished.append(self._finish(s.req.request_id, reason))
         return stats
@@ -302,8 +319,9 @@ class Engine:
         return ev
 
     # ---- conveniences -------------------------------------------------------------------------
-    def encode_prompt(self, text: str | None = None, messages: list[dict] | None = None, chat: bool = False
-                      ) -> list[int]:
+    def encode_prompt(
+        self, text: str | None = None, messages: list[dict] | None = None, chat: bool = False
+    ) -> list[int]:
         tok = self.tokenizer
         if messages is not None or chat:
             msgs = messages if messages is not None else [{"role": "user", "content": text or ""}]
@@ -336,8 +354,16 @@ class Engine:
         while len(finals) < len(texts):
             self.step()
         return {
-            rid: TokenEvent(rid, tuple(tokens.get(rid, ())), "".join(texts[rid]), ev.finish_reason,
-                            ev.prompt_tokens, ev.completion_tokens, ev.seed, ev.error)
+            rid: TokenEvent(
+                rid,
+                tuple(tokens.get(rid, ())),
+                "".join(texts[rid]),
+                ev.finish_reason,
+                ev.prompt_tokens,
+                ev.completion_tokens,
+                ev.seed,
+                ev.error,
+            )
             for rid, ev in finals.items()
         }
 

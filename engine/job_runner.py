@@ -27,8 +27,10 @@ from .update_log import UpdateLog
 
 MAX_ACTIVE = 1  # one job trains at a time; the rest wait QUEUED
 # OSError errno -> Job.error.code: a full disk is a resource, a refused write a precondition of the data dir.
-_OS_CODES = {**dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EFBIG), "RESOURCE_EXHAUSTED"),
-             **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "FAILED_PRECONDITION")}
+_OS_CODES = {
+    **dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EFBIG), "RESOURCE_EXHAUSTED"),
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "FAILED_PRECONDITION"),
+}
 
 
 @dataclass
@@ -55,8 +57,9 @@ class JobRunner:
         self.on_log_bytes = on_log_bytes or (lambda n: None)
         for rec in store.list(("running", "cancelling")):
             # Restarted (cleanly or after kill -9): resume from the last logged step.
-            store.event(rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}",
-                        rec.steps_done)
+            store.event(
+                rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}", rec.steps_done
+            )
             rec.status = "queued"
             store.save(rec)
         self.imported: dict[str, LoraAdapter] = {}
@@ -80,21 +83,29 @@ class JobRunner:
         """Replay an imported LoRA log onto this base and serve it as `adapter_id`; returns steps."""
         e = self.engine
         with UpdateLog.open(log_path, repair=False) as log:
-            if log.header.base_fingerprint != e.store.fingerprint:  # not replay.check_base: it names server paths
+            if (
+                log.header.base_fingerprint != e.store.fingerprint
+            ):  # not replay.check_base: it names server paths
                 raise PreconditionError(
                     f"the log was made on base {log.header.base_fingerprint}, this server serves "
-                    f"{e.store.fingerprint}; import it on a server of the base model it was trained from", "base")
+                    f"{e.store.fingerprint}; import it on a server of the base model it was trained from",
+                    "base",
+                )
             if log.header.scope.get("kind") != "lora":
                 raise PreconditionError("only LoRA update logs can be served as adapters", "chunk")
             if log.header.generator_version != rng.GENERATOR_VERSION:  # its noise would replay differently
-                raise PreconditionError(f"the log was made with noise generator version "
-                                        f"{log.header.generator_version}; this server has "
-                                        f"{rng.GENERATOR_VERSION}", "chunk")
+                raise PreconditionError(
+                    f"the log was made with noise generator version "
+                    f"{log.header.generator_version}; this server has "
+                    f"{rng.GENERATOR_VERSION}",
+                    "chunk",
+                )
             adapter = replay_lora(e.store, log, device=e.device)
             n = len(log)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):
-            raise RequestError("the log replays to non-finite weights (inf or NaN); it cannot be served",
-                               "chunk")
+            raise RequestError(
+                "the log replays to non-finite weights (inf or NaN); it cannot be served", "chunk"
+            )
         adapter.save_peft(log_path.parent / "adapter", str(e.store.dir))
         e.adapters[adapter_id] = adapter
         return n
@@ -125,12 +136,24 @@ class JobRunner:
         try:
             repaired = _repair_log(self.store.job_dir(rec.id))
             cfg = zo_config(rec.spec)
-            train = D.load_dataset(self.store.dataset_path(rec.spec["training_dataset"]), e.tokenizer, cfg.max_len)
+            train = D.load_dataset(
+                self.store.dataset_path(rec.spec["training_dataset"]), e.tokenizer, cfg.max_len
+            )
             val = rec.spec.get("validation_dataset") or ""
             eval_ds = D.load_dataset(self.store.dataset_path(val), e.tokenizer, cfg.max_len) if val else None
             pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
-            tr = finetune.open_trainer(cfg, self.store.job_dir(rec.id), e.store, train, pad, e.device, e.dtype,
-                                       e.streamer, e.cfg.stream, e.cfg.codec.name)
+            tr = finetune.open_trainer(
+                cfg,
+                self.store.job_dir(rec.id),
+                e.store,
+                train,
+                pad,
+                e.device,
+                e.dtype,
+                e.streamer,
+                e.cfg.stream,
+                e.cfg.codec.name,
+            )
         except Exception as exc:  # noqa: BLE001 - a job's failure never takes the engine down
             self._fail(rec, exc)
             return
@@ -140,8 +163,9 @@ class JobRunner:
         self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
         rec.steps_done = tr.step
         if repaired:
-            self.store.event(rec.id, "log_repaired",
-                             f"update.log {repaired}; resuming from the last intact step", tr.step)
+            self.store.event(
+                rec.id, "log_repaired", f"update.log {repaired}; resuming from the last intact step", tr.step
+            )
         self.store.set_status(rec, "running", f"training from step {tr.step}")
         if tr.adapter is not None:
             e.adapters[rec.id] = tr.adapter.clone()
@@ -172,9 +196,16 @@ class JobRunner:
         rec, tr = aj.rec, aj.trainer
         rec.steps_done = tr.step
         rec.tokens += int(result.get("tokens", 0))
-        rec.metrics.update({"step": result["step"], "train_loss": result["loss"], "loss_plus": result["loss_plus"],
-                            "loss_minus": result["loss_minus"], "projected_grad": result["projected_grad"],
-                            "learning_rate": result["lr"]})
+        rec.metrics.update(
+            {
+                "step": result["step"],
+                "train_loss": result["loss"],
+                "loss_plus": result["loss_plus"],
+                "loss_minus": result["loss_minus"],
+                "projected_grad": result["projected_grad"],
+                "learning_rate": result["lr"],
+            }
+        )
         self.on_log_bytes(16 * tr.cfg.q)
         msg = f"skipped: {result['skipped']}" if result.get("skipped") else ""
         try:
@@ -239,11 +270,17 @@ class JobRunner:
         if isinstance(exc, OSError):
             code = _OS_CODES.get(exc.errno, "INTERNAL")
             where = f" ({_relative(exc.filename, self.store.root)})" if exc.filename else ""
-            message = (f"writing the job's files failed: {exc.strerror or exc}{where}; "
-                       "free space or fix the data directory's permissions, then create the job again")
+            message = (
+                f"writing the job's files failed: {exc.strerror or exc}{where}; "
+                "free space or fix the data directory's permissions, then create the job again"
+            )
         try:
-            self.store.set_status(rec, "failed", f"{type(exc).__name__}: {message}",
-                                  {"code": code, "message": message, "field": field})
+            self.store.set_status(
+                rec,
+                "failed",
+                f"{type(exc).__name__}: {message}",
+                {"code": code, "message": message, "field": field},
+            )
         except OSError as exc2:  # the disk that failed the job may refuse its status too: FAILED in memory
             traceback.print_exception(exc2)
         if code == "INTERNAL":

@@ -102,7 +102,9 @@ class JobStore:
         check_name(name, "training_dataset")
         p = self.datasets_dir / f"{name}.jsonl"
         if not p.exists():
-            raise NotFoundError(f"no dataset {name!r}; upload it with UploadDataset first", "training_dataset")
+            raise NotFoundError(
+                f"no dataset {name!r}; upload it with UploadDataset first", "training_dataset"
+            )
         return p
 
     def save_dataset(self, name: str, data: bytes, meta: dict[str, Any], overwrite: bool = False) -> dict:
@@ -110,11 +112,19 @@ class JobStore:
         p = self.datasets_dir / f"{name}.jsonl"
         with self._lock:
             if p.exists() and not overwrite:
-                raise RequestError(f"dataset {name!r} exists; set overwrite to replace it", "metadata.name",
-                                   code="ALREADY_EXISTS")
+                raise RequestError(
+                    f"dataset {name!r} exists; set overwrite to replace it",
+                    "metadata.name",
+                    code="ALREADY_EXISTS",
+                )
             _atomic_write(p, data)
-            info = {"name": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                    "created_at": time.time(), **meta}
+            info = {
+                "name": name,
+                "size_bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "created_at": time.time(),
+                **meta,
+            }
             _atomic_write(self.datasets_dir / f"{name}.json", json.dumps(info).encode())
         return info
 
@@ -161,8 +171,9 @@ class JobStore:
             _atomic_write(self.job_dir(rec.id) / "status.json", json.dumps(asdict(rec)).encode())
             self._cond.notify_all()
 
-    def set_status(self, rec: JobRecord, status: str, message: str = "", error: dict[str, str] | None = None
-                   ) -> None:
+    def set_status(
+        self, rec: JobRecord, status: str, message: str = "", error: dict[str, str] | None = None
+    ) -> None:
         """`error`: Job.error's fields (code, message, field) for a FAILED job."""
         assert status in STATUSES
         with self._lock:
@@ -176,7 +187,9 @@ class JobStore:
                 rec.error = error
             self.save(rec)
             # Event types are the proto's (JobEvent.type): a job going RUNNING is "started".
-            self.event(rec.id, "started" if status == "running" else status, message or status, rec.steps_done)
+            self.event(
+                rec.id, "started" if status == "running" else status, message or status, rec.steps_done
+            )
 
     def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
         with self._lock:
@@ -190,13 +203,26 @@ class JobStore:
         return out
 
     # ---- events -------------------------------------------------------------------------------
-    def event(self, job_id: str, type_: str, message: str = "", step: int = 0,
-              metrics: dict[str, float] | None = None) -> dict:
+    def event(
+        self,
+        job_id: str,
+        type_: str,
+        message: str = "",
+        step: int = 0,
+        metrics: dict[str, float] | None = None,
+    ) -> dict:
         finite = {k: float(v) for k, v in (metrics or {}).items() if v is not None and math.isfinite(v)}
         with self._lock:
             self._event_ids[job_id] += 1
-            ev = {"id": self._event_ids[job_id], "job_id": job_id, "time": time.time(), "type": type_,
-                  "message": message, "step": step, "metrics": finite}
+            ev = {
+                "id": self._event_ids[job_id],
+                "job_id": job_id,
+                "time": time.time(),
+                "type": type_,
+                "message": message,
+                "step": step,
+                "metrics": finite,
+            }
             line = (json.dumps(ev, allow_nan=False, default=float) + "\n").encode()
             fd = os.open(self.job_dir(job_id) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

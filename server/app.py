@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import inspect
 import logging
@@ -133,7 +134,10 @@ def _deny(handler):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
         yield  # pragma: no cover
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream:
@@ -169,8 +173,11 @@ class App:
             if self.engine_error:
                 raise PreconditionError(f"the engine failed to start: {self.engine_error}", "server")
             # UNAVAILABLE: transient, clients retry it (FAILED_PRECONDITION tells them not to).
-            raise RequestError("the engine is still loading the model; retry when health is SERVING",
-                               "server", code="UNAVAILABLE")
+            raise RequestError(
+                "the engine is still loading the model; retry when health is SERVING",
+                "server",
+                code="UNAVAILABLE",
+            )
         return self.engine
 
     async def on_engine(self, fn):
@@ -187,8 +194,9 @@ class App:
         return await asyncio.wrap_future(fut)
 
     def request_done(self, req, ev, ttft: float | None = None) -> None:
-        self.metrics.observe_request_done(time.monotonic() - req.arrival, ev.completion_tokens,
-                                          ev.finish_reason.value, ttft_s=ttft)
+        self.metrics.observe_request_done(
+            time.monotonic() - req.arrival, ev.completion_tokens, ev.finish_reason.value, ttft_s=ttft
+        )
 
     def log_exception(self, exc: BaseException) -> None:
         log.error("internal error: %s", "".join(traceback.format_exception(exc)))
@@ -234,14 +242,21 @@ class App:
                     self.runner.after_step(stats.train_job, stats.train)
                 if stats.train is not None and isinstance(stats.train, BaseException):
                     stats.train = None
-                self.metrics.observe_step(stats, codec=codec, running=len(engine.scheduler.running),
-                                          waiting=len(engine.scheduler.waiting), method=method)
+                self.metrics.observe_step(
+                    stats,
+                    codec=codec,
+                    running=len(engine.scheduler.running),
+                    waiting=len(engine.scheduler.waiting),
+                    method=method,
+                )
                 if engine.device.type == "cuda":
                     import torch
 
-                    self.metrics.set_gpu_memory(torch.cuda.memory_allocated(engine.device),
-                                                torch.cuda.memory_reserved(engine.device),
-                                                self.cfg.engine.stream.gpu_memory_bytes)
+                    self.metrics.set_gpu_memory(
+                        torch.cuda.memory_allocated(engine.device),
+                        torch.cuda.memory_reserved(engine.device),
+                        self.cfg.engine.stream.gpu_memory_bytes,
+                    )
             except Exception as exc:  # noqa: BLE001 - keep serving; the failing requests get errors
                 self.log_exception(exc)
                 for rid in list(engine.seqs):
@@ -249,12 +264,16 @@ class App:
         self.runner.shutdown()
 
 
-async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    cfg: ServerConfig, ready: threading.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
     app = App(cfg)
     interceptors = [AuthInterceptor(cfg.api_key)] if cfg.api_key else []
     interceptors.append(DecodeInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.max_send_message_length", 8 * 2**20)],
+    )
     generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGeneration(app), server)
     finetuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuning(app), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(Adapters(app), server)
@@ -271,7 +290,9 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
         await app.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     addr = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        creds = grpc.ssl_server_credentials(
+            [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+        )
         port = server.add_secure_port(addr, creds)
     else:
         port = server.add_insecure_port(addr)
@@ -284,10 +305,8 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
             loop.add_signal_handler(sig, stop.set)
-        except (RuntimeError, ValueError):  # not the main thread (tests)
-            pass
     if ready is not None:
         ready.app = app  # type: ignore[attr-defined]
     serving = False
@@ -300,10 +319,8 @@ async def serve(cfg: ServerConfig, ready: threading.Event | None = None, stop: a
             print(f"zostream: serving on {cfg.host}:{port}", flush=True)
         if ready is not None and (serving or app.engine_error):
             ready.set()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.1)
-        except TimeoutError:
-            pass
     await _drain(app)
     await server.stop(grace=2.0)
     app.stopped.set()

@@ -39,13 +39,26 @@ JOB_STATUS = {
 STATUS_NAME = {v: k for k, v in JOB_STATUS.items()}
 METHOD = {common_pb2.TUNING_METHOD_FULL: "full", common_pb2.TUNING_METHOD_LORA: "lora"}
 METHOD_PB = {v: k for k, v in METHOD.items()}
-SCHEDULE = {finetuning_pb2.LR_SCHEDULE_UNSPECIFIED: "constant", finetuning_pb2.LR_SCHEDULE_CONSTANT: "constant",
-            finetuning_pb2.LR_SCHEDULE_LINEAR: "linear", finetuning_pb2.LR_SCHEDULE_COSINE: "cosine"}
-SCHEDULE_PB = {"constant": finetuning_pb2.LR_SCHEDULE_CONSTANT, "linear": finetuning_pb2.LR_SCHEDULE_LINEAR,
-               "cosine": finetuning_pb2.LR_SCHEDULE_COSINE}
-NOISE = {finetuning_pb2.NOISE_KIND_UNSPECIFIED: "gaussian", finetuning_pb2.NOISE_KIND_GAUSSIAN: "gaussian",
-         finetuning_pb2.NOISE_KIND_RADEMACHER: "rademacher"}
-NOISE_PB = {"gaussian": finetuning_pb2.NOISE_KIND_GAUSSIAN, "rademacher": finetuning_pb2.NOISE_KIND_RADEMACHER}
+SCHEDULE = {
+    finetuning_pb2.LR_SCHEDULE_UNSPECIFIED: "constant",
+    finetuning_pb2.LR_SCHEDULE_CONSTANT: "constant",
+    finetuning_pb2.LR_SCHEDULE_LINEAR: "linear",
+    finetuning_pb2.LR_SCHEDULE_COSINE: "cosine",
+}
+SCHEDULE_PB = {
+    "constant": finetuning_pb2.LR_SCHEDULE_CONSTANT,
+    "linear": finetuning_pb2.LR_SCHEDULE_LINEAR,
+    "cosine": finetuning_pb2.LR_SCHEDULE_COSINE,
+}
+NOISE = {
+    finetuning_pb2.NOISE_KIND_UNSPECIFIED: "gaussian",
+    finetuning_pb2.NOISE_KIND_GAUSSIAN: "gaussian",
+    finetuning_pb2.NOISE_KIND_RADEMACHER: "rademacher",
+}
+NOISE_PB = {
+    "gaussian": finetuning_pb2.NOISE_KIND_GAUSSIAN,
+    "rademacher": finetuning_pb2.NOISE_KIND_RADEMACHER,
+}
 
 
 def ts(seconds: float) -> Timestamp:
@@ -61,8 +74,12 @@ WIRE_FIELDS = {
     "max_new_tokens": "stopping.max_new_tokens",
     "messages": "chat",
 }
-HP_FIELDS = {"lr": "learning_rate", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
-             "lora_targets": "lora.target_modules"}
+HP_FIELDS = {
+    "lr": "learning_rate",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_targets": "lora.target_modules",
+}
 
 
 def wire_error(exc: RequestError, fields: dict[str, str] = WIRE_FIELDS, prefix: str = "") -> RequestError:
@@ -79,7 +96,9 @@ def _check_id(value: str, field: str) -> str:
 
 
 # ---- generation ---------------------------------------------------------------------------------
-def prompt_ids(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest, engine: Any) -> list[int]:
+def prompt_ids(
+    req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest, engine: Any
+) -> list[int]:
     which = req.WhichOneof("prompt" if isinstance(req, generation_pb2.GenerateRequest) else "input")
     if which == "text":
         if len(req.text) > MAX_PROMPT_CHARS:
@@ -101,8 +120,10 @@ def prompt_ids(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequ
             raise RequestError(f"send 1..{MAX_MESSAGES} messages", "chat.messages")
         for i, m in enumerate(msgs):
             if m.role not in ("system", "user", "assistant", "tool"):
-                raise RequestError(f"role must be system, user, assistant or tool, got {m.role[:20]!r}",
-                                   f"chat.messages[{i}].role")
+                raise RequestError(
+                    f"role must be system, user, assistant or tool, got {m.role[:20]!r}",
+                    f"chat.messages[{i}].role",
+                )
             if len(m.content) > MAX_PROMPT_CHARS:
                 raise RequestError("is too long", f"chat.messages[{i}].content")
         try:
@@ -112,7 +133,9 @@ def prompt_ids(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequ
     raise RequestError("set one of text, token_ids or chat", "prompt")
 
 
-def generate_request(req: generation_pb2.GenerateRequest, engine: Any, deadline_s: float | None) -> GenerateRequest:
+def generate_request(
+    req: generation_pb2.GenerateRequest, engine: Any, deadline_s: float | None
+) -> GenerateRequest:
     s, st = req.sampling, req.stopping
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if s.HasField("seed") and s.seed > MAX_SEED:
@@ -139,8 +162,9 @@ def generate_request(req: generation_pb2.GenerateRequest, engine: Any, deadline_
     if any(len(x) > 256 for x in st.stop):
         raise RequestError("each stop sequence must be at most 256 characters", "stopping.stop")
     try:
-        stopping = StopParams(max_new, tuple(st.stop), tuple(int(t) for t in st.stop_token_ids), st.ignore_eos,
-                              time_limit)
+        stopping = StopParams(
+            max_new, tuple(st.stop), tuple(int(t) for t in st.stop_token_ids), st.ignore_eos, time_limit
+        )
     except RequestError as exc:
         raise RequestError(str(exc).split(": ", 1)[-1], f"stopping.{exc.field}") from None
     rid = _check_id(req.request_id, "request_id") or "req-" + uuid.uuid4().hex[:16]
@@ -148,7 +172,9 @@ def generate_request(req: generation_pb2.GenerateRequest, engine: Any, deadline_
     return GenerateRequest(rid, prompt_ids(req, engine), sampling, stopping, adapter)
 
 
-def generate_response(ev: TokenEvent, final_text: str | None = None, token_ids=None) -> generation_pb2.GenerateResponse:
+def generate_response(
+    ev: TokenEvent, final_text: str | None = None, token_ids=None
+) -> generation_pb2.GenerateResponse:
     out = generation_pb2.GenerateResponse(
         request_id=ev.request_id,
         token_ids=list(token_ids if token_ids is not None else ev.token_ids),
@@ -165,8 +191,9 @@ def generate_response(ev: TokenEvent, final_text: str | None = None, token_ids=N
 
 
 # ---- jobs -----------------------------------------------------------------------------------------
-def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str,
-             modules: Collection[str] | None = None) -> dict[str, Any]:
+def job_spec(
+    req: finetuning_pb2.CreateJobRequest, default_codec: str, modules: Collection[str] | None = None
+) -> dict[str, Any]:
     """The job's spec from the request; `modules` (the model's LoRA-able module names) checks targets."""
     method = METHOD.get(req.method)
     if method is None:
@@ -210,8 +237,10 @@ def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str,
         raise RequestError("must be in [0, 1]", "hyperparameters.min_lr_ratio")
     codec = hp.codec or default_codec
     if codec != default_codec:
-        raise RequestError(f"this server streams the base through {default_codec!r}; omit codec or use it",
-                           "hyperparameters.codec")
+        raise RequestError(
+            f"this server streams the base through {default_codec!r}; omit codec or use it",
+            "hyperparameters.codec",
+        )
     try:
         ZOConfig(method=method, **{**fields, "lora_targets": tuple(fields["lora_targets"])})
     except ValueError as exc:
@@ -226,13 +255,19 @@ def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str,
             raise wire_error(exc, HP_FIELDS, "hyperparameters.") from None
         unknown = [t for t in fields["lora_targets"] if modules is not None and t not in modules]
         if unknown:
-            raise RequestError(f"unknown module(s) {', '.join(unknown)[:200]}; this model has "
-                               f"{', '.join(sorted(modules or ()))}", "hyperparameters.lora.target_modules")
+            raise RequestError(
+                f"unknown module(s) {', '.join(unknown)[:200]}; this model has "
+                f"{', '.join(sorted(modules or ()))}",
+                "hyperparameters.lora.target_modules",
+            )
     if method == "full" and codec != "none":
         from zostream.engine.errors import PreconditionError
 
-        raise PreconditionError(f"full-parameter jobs cannot read the base through the lossy {codec} codec; "
-                                "use method LORA or a server started with --codec none", "method")
+        raise PreconditionError(
+            f"full-parameter jobs cannot read the base through the lossy {codec} codec; "
+            "use method LORA or a server started with --codec none",
+            "method",
+        )
     return {
         "method": method,
         "hyperparameters": fields,
@@ -247,11 +282,20 @@ def job_spec(req: finetuning_pb2.CreateJobRequest, default_codec: str,
 def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     spec, hp = rec.spec, rec.spec["hyperparameters"]
     h = finetuning_pb2.Hyperparameters(
-        steps=hp["steps"], batch_size=hp["batch_size"], q=hp["q"], seed=hp["seed"],
-        lr_schedule=SCHEDULE_PB[hp["lr_schedule"]], warmup_steps=hp["warmup_steps"],
-        weight_decay=hp["weight_decay"], noise=NOISE_PB[hp["noise"]], master_dtype=hp["master_dtype"],
-        codec=spec.get("codec", "none"), eval_every=hp["eval_every"], max_len=hp["max_len"],
-        checkpoint_every=hp["checkpoint_every"], min_lr_ratio=hp["min_lr_ratio"],
+        steps=hp["steps"],
+        batch_size=hp["batch_size"],
+        q=hp["q"],
+        seed=hp["seed"],
+        lr_schedule=SCHEDULE_PB[hp["lr_schedule"]],
+        warmup_steps=hp["warmup_steps"],
+        weight_decay=hp["weight_decay"],
+        noise=NOISE_PB[hp["noise"]],
+        master_dtype=hp["master_dtype"],
+        codec=spec.get("codec", "none"),
+        eval_every=hp["eval_every"],
+        max_len=hp["max_len"],
+        checkpoint_every=hp["checkpoint_every"],
+        min_lr_ratio=hp["min_lr_ratio"],
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
     if "lr" in hp:
@@ -259,12 +303,19 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     if "eps" in hp:
         h.eps = hp["eps"]
     job = finetuning_pb2.Job(
-        id=rec.id, display_name=spec.get("display_name", ""), status=JOB_STATUS[rec.status],
-        method=METHOD_PB[spec["method"]], hyperparameters=h, training_dataset=spec["training_dataset"],
-        validation_dataset=spec.get("validation_dataset", ""), created_at=ts(rec.created_at),
-        progress=finetuning_pb2.JobProgress(steps_done=rec.steps_done, steps_total=hp["steps"],
-                                            tokens_processed=rec.tokens),
-        adapter_id=rec.id if spec["method"] == "lora" else "", update_log="update.log",
+        id=rec.id,
+        display_name=spec.get("display_name", ""),
+        status=JOB_STATUS[rec.status],
+        method=METHOD_PB[spec["method"]],
+        hyperparameters=h,
+        training_dataset=spec["training_dataset"],
+        validation_dataset=spec.get("validation_dataset", ""),
+        created_at=ts(rec.created_at),
+        progress=finetuning_pb2.JobProgress(
+            steps_done=rec.steps_done, steps_total=hp["steps"], tokens_processed=rec.tokens
+        ),
+        adapter_id=rec.id if spec["method"] == "lora" else "",
+        update_log="update.log",
         idempotency_key=spec.get("idempotency_key", ""),
     )
     if rec.started_at:
@@ -274,8 +325,15 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     m = rec.metrics
     job.metrics.step = int(m.get("step", 0))
     job.metrics.eval_step = int(m.get("eval_step", 0))
-    for k in ("train_loss", "loss_plus", "loss_minus", "projected_grad", "learning_rate", "eval_loss",
-              "eval_accuracy"):
+    for k in (
+        "train_loss",
+        "loss_plus",
+        "loss_minus",
+        "projected_grad",
+        "learning_rate",
+        "eval_loss",
+        "eval_accuracy",
+    ):
         if k in m and m[k] is not None and math.isfinite(m[k]):
             setattr(job.metrics, k, float(m[k]))
     if rec.error:
@@ -286,15 +344,40 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
 
 
 def event_pb(ev: dict) -> finetuning_pb2.JobEvent:
-    return finetuning_pb2.JobEvent(id=ev["id"], job_id=ev["job_id"], time=ts(ev["time"]), type=ev["type"],
-                                   message=ev["message"], step=ev["step"], metrics=ev["metrics"])
+    return finetuning_pb2.JobEvent(
+        id=ev["id"],
+        job_id=ev["job_id"],
+        time=ts(ev["time"]),
+        type=ev["type"],
+        message=ev["message"],
+        step=ev["step"],
+        metrics=ev["metrics"],
+    )
 
 
-def adapter_pb(aid: str, kind: str, fingerprint: str, steps: int, job_id: str, created: float, size: int,
-               status: int, lora: dict | None, log_bytes: int) -> adapters_pb2.Adapter:
-    a = adapters_pb2.Adapter(id=aid, kind=METHOD_PB[kind], base_fingerprint=fingerprint, steps=steps,
-                             source_job_id=job_id, created_at=ts(created), size_bytes=size, status=status,
-                             update_log_bytes=log_bytes)
+def adapter_pb(
+    aid: str,
+    kind: str,
+    fingerprint: str,
+    steps: int,
+    job_id: str,
+    created: float,
+    size: int,
+    status: int,
+    lora: dict | None,
+    log_bytes: int,
+) -> adapters_pb2.Adapter:
+    a = adapters_pb2.Adapter(
+        id=aid,
+        kind=METHOD_PB[kind],
+        base_fingerprint=fingerprint,
+        steps=steps,
+        source_job_id=job_id,
+        created_at=ts(created),
+        size_bytes=size,
+        status=status,
+        update_log_bytes=log_bytes,
+    )
     if lora:
         a.lora.r, a.lora.alpha = lora["r"], lora["alpha"]
         a.lora.target_modules.extend(lora["targets"])

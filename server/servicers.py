@@ -99,14 +99,20 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     async def Generate(self, request, context):
         engine = self.app.ready_engine()
         if self.app.draining:
-            raise RequestError("the server is shutting down; retry on another replica", "request",
-                               code="UNAVAILABLE")
+            raise RequestError(
+                "the server is shutting down; retry on another replica", "request", code="UNAVAILABLE"
+            )
         req = C.generate_request(request, engine, context.time_remaining())
         if len(self.app.inflight) >= self.app.max_inflight:
-            raise ResourceExhaustedError(f"{len(self.app.inflight)} requests in flight; retry later", "request")
+            raise ResourceExhaustedError(
+                f"{len(self.app.inflight)} requests in flight; retry later", "request"
+            )
         if req.request_id in self.app.inflight:  # Abort addresses requests by id: ids must be unique
-            raise RequestError(f"a request with id {req.request_id[:64]!r} is already in flight; use a "
-                               "unique id", "request_id", code="ALREADY_EXISTS")
+            raise RequestError(
+                f"a request with id {req.request_id[:64]!r} is already in flight; use a unique id",
+                "request_id",
+                code="ALREADY_EXISTS",
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         req.callback = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
@@ -143,16 +149,18 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
             self.app.inflight.discard(req.request_id)
             if not finished:  # client cancelled or deadline passed: still one finished request
                 engine.abort(req.request_id)
-                self.app.metrics.observe_request_done(time.monotonic() - req.arrival, n_tokens, "cancelled",
-                                                      ttft_s=first)
+                self.app.metrics.observe_request_done(
+                    time.monotonic() - req.arrival, n_tokens, "cancelled", ttft_s=first
+                )
 
     @rpc
     async def Abort(self, request, context):
         engine = self.app.ready_engine()
         for rid in request.request_ids:
             engine.abort(rid)
-        return generation_pb2.AbortResponse(aborted_request_ids=[r for r in request.request_ids
-                                                                  if r in self.app.inflight])
+        return generation_pb2.AbortResponse(
+            aborted_request_ids=[r for r in request.request_ids if r in self.app.inflight]
+        )
 
     @rpc
     async def Tokenize(self, request, context):
@@ -160,21 +168,34 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         if request.WhichOneof("input") is None:
             raise RequestError("set text or chat", "input")
         ids = C.prompt_ids(request, engine)
-        return generation_pb2.TokenizeResponse(token_ids=ids, tokens=engine.tokenizer.convert_ids_to_tokens(ids))
+        return generation_pb2.TokenizeResponse(
+            token_ids=ids, tokens=engine.tokenizer.convert_ids_to_tokens(ids)
+        )
 
     @rpc
     async def GetModelInfo(self, request, context):
         e = self.app.ready_engine()
         plan = e.streamer.plan
         return generation_pb2.ModelInfo(
-            model_id=Path(e.cfg.model_dir).name, family=e.spec.model_type, num_layers=e.spec.num_layers,
-            num_parameters=e.store.num_parameters(), dtype=str(e.store.dtype).removeprefix("torch."),
-            compute_dtype=str(e.dtype).removeprefix("torch."), vocab_size=e.spec.vocab,
-            max_sequence_length=e.limits.max_seq_len, max_new_tokens=e.limits.max_new_tokens,
-            codec=e.cfg.codec.name, device=str(e.device), device_name=self.app.device_name,
-            gpu_memory_budget_bytes=plan.budget or 0, resident_blocks=len(plan.resident),
-            streamed_blocks=len(plan.streamed), has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
-            base_fingerprint=e.store.fingerprint, eos_token_ids=sorted(e.eos_ids), server_version=__version__,
+            model_id=Path(e.cfg.model_dir).name,
+            family=e.spec.model_type,
+            num_layers=e.spec.num_layers,
+            num_parameters=e.store.num_parameters(),
+            dtype=str(e.store.dtype).removeprefix("torch."),
+            compute_dtype=str(e.dtype).removeprefix("torch."),
+            vocab_size=e.spec.vocab,
+            max_sequence_length=e.limits.max_seq_len,
+            max_new_tokens=e.limits.max_new_tokens,
+            codec=e.cfg.codec.name,
+            device=str(e.device),
+            device_name=self.app.device_name,
+            gpu_memory_budget_bytes=plan.budget or 0,
+            resident_blocks=len(plan.resident),
+            streamed_blocks=len(plan.streamed),
+            has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
+            base_fingerprint=e.store.fingerprint,
+            eos_token_ids=sorted(e.eos_ids),
+            server_version=__version__,
         )
 
 
@@ -201,7 +222,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             elif which == "chunk":
                 buf += part.chunk
                 if len(buf) > MAX_DATASET_BYTES:
-                    raise ResourceExhaustedError(f"datasets are limited to {MAX_DATASET_BYTES} bytes", "chunk")
+                    raise ResourceExhaustedError(
+                        f"datasets are limited to {MAX_DATASET_BYTES} bytes", "chunk"
+                    )
             else:
                 raise RequestError("metadata may only be sent first", "metadata")
         if meta is None:
@@ -219,10 +242,14 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             # Hostile JSON the record parser does not name: nesting past the recursion limit, integers past
             # int_max_str_digits, lone surrogates in strings (the tokenizer refuses them).
             why = f"{type(exc).__name__}: {str(exc)[:160]}"
-            raise RequestError(f"a record cannot be read ({why}); send one flat JSON object per line, with "
-                               "UTF-8 text", "chunk") from None
+            raise RequestError(
+                f"a record cannot be read ({why}); send one flat JSON object per line, with UTF-8 text",
+                "chunk",
+            ) from None
         if meta.kind and meta.kind != ds.kind:
-            raise RequestError(f"declared kind {meta.kind!r} but the records are {ds.kind!r}", "metadata.kind")
+            raise RequestError(
+                f"declared kind {meta.kind!r} but the records are {ds.kind!r}", "metadata.kind"
+            )
         n = len(ds.choices) if ds.kind == "choice" else len(ds.examples)
         info = self.jobs.save_dataset(meta.name, data, {"kind": ds.kind, "num_records": n}, meta.overwrite)
         return _dataset_pb(info)
@@ -230,7 +257,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def ListDatasets(self, request, context):
         items, token = C.page(self.jobs.list_datasets(), request.page_size, request.page_token)
-        return finetuning_pb2.ListDatasetsResponse(datasets=[_dataset_pb(i) for i in items], next_page_token=token)
+        return finetuning_pb2.ListDatasetsResponse(
+            datasets=[_dataset_pb(i) for i in items], next_page_token=token
+        )
 
     @rpc
     async def CreateJob(self, request, context):
@@ -243,8 +272,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             except NotFoundError as exc:
                 raise NotFoundError(str(exc).split(": ", 1)[-1], "validation_dataset") from None
         if self.app.draining:
-            raise RequestError("the server is shutting down; retry on another replica", "request",
-                               code="UNAVAILABLE")
+            raise RequestError(
+                "the server is shutting down; retry on another replica", "request", code="UNAVAILABLE"
+            )
         rec, _created = self.jobs.create(spec)
         engine.call_soon(lambda: None)  # wake the engine loop
         return C.job_pb(rec)
@@ -276,7 +306,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     async def ListJobEvents(self, request, context):
         self.jobs.get(request.job_id)
         items, token = C.page(self.jobs.events(request.job_id), request.page_size, request.page_token)
-        return finetuning_pb2.ListJobEventsResponse(events=[C.event_pb(e) for e in items], next_page_token=token)
+        return finetuning_pb2.ListJobEventsResponse(
+            events=[C.event_pb(e) for e in items], next_page_token=token
+        )
 
     @rpc
     async def StreamJobEvents(self, request, context):
@@ -301,15 +333,27 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             if p.name.endswith(".tmp"):
                 continue
             size = sum(f.stat().st_size for f in p.iterdir())
-            cps.append(finetuning_pb2.Checkpoint(name=p.name, step=int(p.name.split("-")[1]), size_bytes=size,
-                                                 created_at=C.ts(p.stat().st_mtime)))
+            cps.append(
+                finetuning_pb2.Checkpoint(
+                    name=p.name,
+                    step=int(p.name.split("-")[1]),
+                    size_bytes=size,
+                    created_at=C.ts(p.stat().st_mtime),
+                )
+            )
         items, token = C.page(cps, request.page_size, request.page_token)
         return finetuning_pb2.ListCheckpointsResponse(checkpoints=items, next_page_token=token)
 
 
 def _dataset_pb(info: dict) -> finetuning_pb2.Dataset:
-    return finetuning_pb2.Dataset(name=info["name"], size_bytes=info["size_bytes"], num_records=info["num_records"],
-                                  kind=info["kind"], created_at=C.ts(info["created_at"]), sha256=info["sha256"])
+    return finetuning_pb2.Dataset(
+        name=info["name"],
+        size_bytes=info["size_bytes"],
+        num_records=info["num_records"],
+        kind=info["kind"],
+        created_at=C.ts(info["created_at"]),
+        sha256=info["sha256"],
+    )
 
 
 class Adapters(adapters_pb2_grpc.AdaptersServicer):
@@ -324,14 +368,22 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             if rec.spec["method"] != "lora" or rec.id not in e.adapters:
                 continue
             log = jobs.job_dir(rec.id) / "update.log"
-            status = (adapters_pb2.ADAPTER_STATUS_READY if rec.status == "succeeded" else
-                      adapters_pb2.ADAPTER_STATUS_TRAINING if not rec.terminal else adapters_pb2.ADAPTER_STATUS_STOPPED)
+            status = (
+                adapters_pb2.ADAPTER_STATUS_READY
+                if rec.status == "succeeded"
+                else adapters_pb2.ADAPTER_STATUS_TRAINING
+                if not rec.terminal
+                else adapters_pb2.ADAPTER_STATUS_STOPPED
+            )
             out.append(self._pb(rec.id, rec.id, rec.steps_done, rec.created_at, status, log))
         for d in sorted((jobs.root / "adapters").iterdir()):
             if d.name in e.adapters and (d / "update.log").exists():
                 log = d / "update.log"
-                out.append(self._pb(d.name, "", _steps(log), log.stat().st_mtime, adapters_pb2.ADAPTER_STATUS_READY,
-                                    log))
+                out.append(
+                    self._pb(
+                        d.name, "", _steps(log), log.stat().st_mtime, adapters_pb2.ADAPTER_STATUS_READY, log
+                    )
+                )
         return out
 
     def _pb(self, aid, job_id, steps, created, status, log: Path) -> adapters_pb2.Adapter:
@@ -339,8 +391,18 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         size = sum(t.numel() * 4 for t in ad.tensors.values())
         lora = {"r": ad.spec.r, "alpha": ad.spec.alpha, "targets": list(ad.spec.targets)}
         fp = read_header(log).base_fingerprint if log.exists() else ""
-        return C.adapter_pb(aid, "lora", fp, steps, job_id, created, size, status, lora,
-                            log.stat().st_size if log.exists() else 0)
+        return C.adapter_pb(
+            aid,
+            "lora",
+            fp,
+            steps,
+            job_id,
+            created,
+            size,
+            status,
+            lora,
+            log.stat().st_size if log.exists() else 0,
+        )
 
     @rpc
     async def ListAdapters(self, request, context):
@@ -366,8 +428,9 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
 
         def delete() -> None:  # on the engine thread, which owns the sequences
             if any(seq.req.adapter_id == aid for seq in self.app.engine.seqs.values()):
-                raise PreconditionError("a request is generating with this adapter; retry when it is done",
-                                        "adapter_id")
+                raise PreconditionError(
+                    "a request is generating with this adapter; retry when it is done", "adapter_id"
+                )
             self.app.runner.delete_adapter(aid)
 
         await self.app.on_engine(delete)
@@ -414,8 +477,11 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         aid = check_name(meta.adapter_id or f"imported-{int(time.time())}", "metadata.adapter_id")
         taken = aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs or aid in self._importing
         if taken or (self.app.jobs.root / "adapters" / aid).exists():
-            raise RequestError(f"adapter {aid!r} exists; delete it first or pick another id",
-                               "metadata.adapter_id", code="ALREADY_EXISTS")
+            raise RequestError(
+                f"adapter {aid!r} exists; delete it first or pick another id",
+                "metadata.adapter_id",
+                code="ALREADY_EXISTS",
+            )
         self._importing.add(aid)  # two imports of one id would share (and delete) one staging directory
         try:
             return await self._import(aid, buf, context)
@@ -450,4 +516,3 @@ def _steps(log: Path) -> int:
             return len(lg)
     except (ValueError, OSError):
         return 0
-
