@@ -350,26 +350,40 @@ def run_forever(cfg: ServerConfig) -> None:
     asyncio.run(serve(cfg))
 
 
-def start_in_thread(cfg: ServerConfig, timeout: float = 120.0) -> tuple[Any, Any]:
-    """For tests: run a server in a background thread; returns (app, stop function)."""
+def launch_in_thread(cfg: ServerConfig) -> tuple[threading.Event, Any]:
+    """For tests: start a server in a background thread without waiting for it.
+
+    Returns (ready, stop): `ready.app` appears once the port is bound and `ready` is set once
+    health is SERVING (or the engine failed); stop() drains the server and joins the thread.
+    """
     ready = threading.Event()
     holder: dict[str, Any] = {}
+    loop_ready = threading.Event()
 
     def main() -> None:
         async def run() -> None:
             holder["loop"] = asyncio.get_running_loop()
             holder["stop"] = asyncio.Event()
+            loop_ready.set()
             await serve(cfg, ready, holder["stop"])
 
         asyncio.run(run())
 
     t = threading.Thread(target=main, daemon=True)
     t.start()
-    if not ready.wait(timeout):
-        raise TimeoutError("server did not become ready")
+    loop_ready.wait(30)
 
     def stop() -> None:
         holder["loop"].call_soon_threadsafe(holder["stop"].set)
         t.join(timeout=60)
 
+    return ready, stop
+
+
+def start_in_thread(cfg: ServerConfig, timeout: float = 120.0) -> tuple[Any, Any]:
+    """For tests: run a server in a background thread; returns (app, stop function) once ready."""
+    ready, stop = launch_in_thread(cfg)
+    if not ready.wait(timeout):
+        stop()
+        raise TimeoutError("server did not become ready")
     return ready.app, stop  # type: ignore[attr-defined]

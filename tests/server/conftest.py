@@ -6,7 +6,6 @@ Servers run either in a thread of the test process (`start_in_thread`, so the te
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -27,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.tiny import make_tiny_model
 from zostream.engine.config import CodecConfig, EngineConfig, LimitsConfig
-from zostream.server.app import ServerConfig, serve, start_in_thread
+from zostream.server.app import ServerConfig, launch_in_thread, start_in_thread
 from zostream.v1 import adapters_pb2_grpc, finetuning_pb2_grpc, generation_pb2_grpc
 
 VOCAB = 101  # tests/tiny.py: vocab_size of the "llama" config
@@ -139,19 +138,7 @@ def unready_thread_server(cfg: ServerConfig) -> Iterator[tuple[Any, threading.Ev
 
     Yields (app, ready, port); `ready` is set once health is SERVING.
     """
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def main() -> None:
-        async def run() -> None:
-            holder["loop"] = asyncio.get_running_loop()
-            holder["stop"] = asyncio.Event()
-            await serve(cfg, ready, holder["stop"])
-
-        asyncio.run(run())
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
+    ready, stop = launch_in_thread(cfg)
     deadline = time.monotonic() + 30
     while not hasattr(ready, "app"):  # serve() sets ready.app once the port is bound
         assert time.monotonic() < deadline, "the server did not bind its port"
@@ -161,8 +148,7 @@ def unready_thread_server(cfg: ServerConfig) -> Iterator[tuple[Any, threading.Ev
         yield app, ready, app.bound_port
     finally:
         ready.wait(30)
-        holder["loop"].call_soon_threadsafe(holder["stop"].set)
-        t.join(timeout=60)
+        stop()
         app.metrics.close()
 
 
