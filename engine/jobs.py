@@ -177,6 +177,18 @@ class JobStore:
         """`error`: Job.error's fields (code, message, field) for a FAILED job."""
         assert status in STATUSES
         with self._lock:
+            # The event is written before the status flips: a reader that sees a terminal status
+            # (StreamJobEvents ends there) is then sure to find the terminal event on disk.
+            # Event types are the proto's (JobEvent.type): a job going RUNNING is "started".
+            try:
+                self.event(
+                    rec.id, "started" if status == "running" else status, message or status, rec.steps_done
+                )
+            finally:  # a full disk may refuse the event; the state change still happens in memory
+                self._apply_status(rec, status, error)
+
+    def _apply_status(self, rec: JobRecord, status: str, error: dict[str, str] | None) -> None:
+        with self._lock:
             rec.status = status
             now = time.time()
             if status == "running" and not rec.started_at:
@@ -186,10 +198,6 @@ class JobStore:
             if error:
                 rec.error = error
             self.save(rec)
-            # Event types are the proto's (JobEvent.type): a job going RUNNING is "started".
-            self.event(
-                rec.id, "started" if status == "running" else status, message or status, rec.steps_done
-            )
 
     def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
         with self._lock:
