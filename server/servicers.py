@@ -210,26 +210,13 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def UploadDataset(self, request_iterator, context):
         engine = self.app.ready_engine()
-        meta = None
-        buf = bytearray()
-        async for part in request_iterator:
-            which = part.WhichOneof("part")
-            if meta is None:
-                if which != "metadata":
-                    raise RequestError("the first message must carry metadata (name)", "metadata")
-                meta = part.metadata
-                check_name(meta.name, "metadata.name")
-            elif which == "chunk":
-                buf += part.chunk
-                if len(buf) > MAX_DATASET_BYTES:
-                    raise ResourceExhaustedError(
-                        f"datasets are limited to {MAX_DATASET_BYTES} bytes", "chunk"
-                    )
-            else:
-                raise RequestError("metadata may only be sent first", "metadata")
-        if meta is None:
-            raise RequestError("no metadata received", "metadata")
-        data = bytes(buf)
+        meta, data = await _read_upload(
+            request_iterator,
+            "name",
+            MAX_DATASET_BYTES,
+            "datasets",
+            check=lambda m: check_name(m.name, "metadata.name"),
+        )
         try:
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -343,6 +330,28 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             )
         items, token = C.page(cps, request.page_size, request.page_token)
         return finetuning_pb2.ListCheckpointsResponse(checkpoints=items, next_page_token=token)
+
+
+async def _read_upload(request_iterator, key: str, limit: int, what: str, check=None) -> tuple[Any, bytes]:
+    """A client-streamed upload: metadata first (checked at once), then byte chunks up to `limit`."""
+    meta, buf = None, bytearray()
+    async for part in request_iterator:
+        which = part.WhichOneof("part")
+        if meta is None:
+            if which != "metadata":
+                raise RequestError(f"the first message must carry metadata ({key})", "metadata")
+            meta = part.metadata
+            if check is not None:
+                check(meta)
+        elif which == "chunk":
+            buf += part.chunk
+            if len(buf) > limit:
+                raise ResourceExhaustedError(f"{what} are limited to {limit} bytes", "chunk")
+        else:
+            raise RequestError("metadata may only be sent first", "metadata")
+    if meta is None:
+        raise RequestError("no metadata received", "metadata")
+    return meta, bytes(buf)
 
 
 def _dataset_pb(info: dict) -> finetuning_pb2.Dataset:
@@ -459,21 +468,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
     @rpc
     async def ImportUpdateLog(self, request_iterator, context):
         self.app.ready_engine()
-        meta, buf = None, bytearray()
-        async for part in request_iterator:
-            which = part.WhichOneof("part")
-            if meta is None:
-                if which != "metadata":
-                    raise RequestError("the first message must carry metadata (adapter_id)", "metadata")
-                meta = part.metadata
-            elif which == "chunk":
-                buf += part.chunk
-                if len(buf) > MAX_LOG_BYTES:
-                    raise ResourceExhaustedError(f"update logs are limited to {MAX_LOG_BYTES} bytes", "chunk")
-            else:
-                raise RequestError("metadata may only be sent first", "metadata")
-        if meta is None:
-            raise RequestError("no metadata received", "metadata")
+        meta, data = await _read_upload(request_iterator, "adapter_id", MAX_LOG_BYTES, "update logs")
         aid = check_name(meta.adapter_id or f"imported-{int(time.time())}", "metadata.adapter_id")
         taken = aid in self.app.ready_engine().adapters or aid in self.app.jobs.jobs or aid in self._importing
         if taken or (self.app.jobs.root / "adapters" / aid).exists():
@@ -484,11 +479,11 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             )
         self._importing.add(aid)  # two imports of one id would share (and delete) one staging directory
         try:
-            return await self._import(aid, buf, context)
+            return await self._import(aid, data, context)
         finally:
             self._importing.discard(aid)
 
-    async def _import(self, aid: str, buf: bytearray, context) -> adapters_pb2.Adapter:
+    async def _import(self, aid: str, buf: bytes, context) -> adapters_pb2.Adapter:
         d = self.app.jobs.root / "adapters" / aid
         tmp = d.with_name(d.name + ".importing")
         shutil.rmtree(tmp, ignore_errors=True)
