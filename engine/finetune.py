@@ -9,6 +9,7 @@ Job directory:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from .peft import LoraAdapter, LoraSpec
 from .store import WeightStore
 from .streamer import LayerStreamer
 from .trainer import Trainable, ZOTrainer, master_dtype_for
-from .update_log import LogHeader, UpdateLog
+from .update_log import LogHeader, UpdateLog, read_header
 from .working_copy import WorkingCopy
 
 _CKPT = re.compile(r"^step-(\d{6,})$")
@@ -94,7 +95,17 @@ def open_trainer(
     master, rounding = master_dtype_for(cfg, store.dtype)
     header = log_header(cfg, store, master, rounding)
     log_path = job / "update.log"
-    log = UpdateLog.open(log_path, expect=header) if log_path.exists() else UpdateLog.create(log_path, header)
+    if log_path.exists():
+        logged = read_header(log_path)
+        try:
+            rng.check_replayable(logged.generator_version, logged.noise)
+        except ValueError as err:
+            raise PreconditionError(f"cannot resume {job}: {err}", "generator_version") from None
+        # A version-1 Rademacher log continues under its own header: its noise bits are unchanged.
+        header = dataclasses.replace(header, generator_version=logged.generator_version)
+        log = UpdateLog.open(log_path, expect=header)
+    else:
+        log = UpdateLog.create(log_path, header)
     if cfg.method == "lora":
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed)
         adapter, at = _latest_lora(job, store, device, len(log))

@@ -93,13 +93,10 @@ class JobRunner:
                 )
             if log.header.scope.get("kind") != "lora":
                 raise PreconditionError("only LoRA update logs can be served as adapters", "chunk")
-            if log.header.generator_version != rng.GENERATOR_VERSION:  # its noise would replay differently
-                raise PreconditionError(
-                    f"the log was made with noise generator version "
-                    f"{log.header.generator_version}; this server has "
-                    f"{rng.GENERATOR_VERSION}",
-                    "chunk",
-                )
+            try:
+                rng.check_replayable(log.header.generator_version, log.header.noise)
+            except ValueError as err:  # its noise would replay differently
+                raise PreconditionError(str(err), "chunk") from None
             adapter = replay_lora(e.store, log, device=e.device)
             n = len(log)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import rng
 from .errors import PreconditionError
 from .peft import LoraAdapter, LoraSpec
 from .store import WeightStore
@@ -26,6 +27,10 @@ def check_base(header: LogHeader, store: WeightStore) -> None:
             "replay it onto the model it was trained from",
             "base",
         )
+    try:
+        rng.check_replayable(header.generator_version, header.noise)
+    except ValueError as err:
+        raise PreconditionError(str(err), "generator_version") from None
 
 
 def replay_lora(

@@ -5,11 +5,23 @@ plain torch int64 ops, so the same code runs on CPU and CUDA tensors and yields 
 Element e of a tensor's stream uses counter e // 4 (words: low 32 bits, high 32 bits, 0, 0) and
 lane e % 4, so any chunking of [0, numel) gives the same values (DESIGN invariant 1).
 
-The float transforms use only IEEE-exact operations (+ - * /, sqrt, integer/bit ops, where): log
-and sin/cos are evaluated as fixed polynomials instead of calling torch.log/cos/sin, whose results
-differ by an ulp between CPU (SLEEF), CUDA (libdevice) and torch versions. Gaussian noise is then
-bitwise identical on every device and torch version, which replay of an update log relies on.
+The float transforms use only IEEE-exact operations (+ - * /, integer/bit ops, comparisons,
+where), each its own kernel so nothing is contracted into an FMA: log and sin/cos are evaluated as
+fixed polynomials instead of calling torch.log/cos/sin, whose results differ by an ulp between CPU
+(SLEEF), CUDA (libdevice) and torch versions. Gaussian noise is then bitwise identical on every
+device and torch version, which replay of an update log relies on.
+
+Even torch.sqrt is not exact everywhere: on CPU builds with MKL it runs MKL's vector math library
+(VML, "high accuracy" mode: within 1 ulp, not correctly rounded), and VML picks its code path by
+CPU vendor. On an AMD EPYC 18 % of float32 torch.sqrt results differ from the correctly rounded
+value; on an Intel Xeon they do not. `sqrt_rn` therefore corrects any approximation to the
+correctly rounded square root with an exact float64 midpoint test.
+
 Anything that changes an output value must bump GENERATOR_VERSION (it is recorded in the log).
+Version history:
+  1  Box-Muller radius from torch.sqrt: CPU-dependent on MKL builds (see above).
+  2  the radius from `sqrt_rn`, correctly rounded; the integer streams (bits, uniforms, Rademacher)
+     are unchanged from version 1, so Rademacher logs of version 1 still replay (`check_replayable`).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import struct
 
 import torch
 
-GENERATOR_VERSION: int = 1
+GENERATOR_VERSION: int = 2
 NOISE_KINDS = ("gaussian", "rademacher")
 
 _MASK32 = 0xFFFFFFFF
@@ -198,6 +210,42 @@ def _sincos_2pi(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sin_t, cos_t
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt of x >= 0 on every device and CPU.
+
+    y0 = torch.sqrt(x) is within an ulp (VML's accuracy bound), then moved to the neighbour whose
+    rounding interval holds sqrt(x): y is right iff (y - ulp/2)^2 <= x <= (y + ulp/2)^2. A midpoint
+    of two float32 values has 25 significant bits, so its square (50 bits) and the comparison are
+    exact in float64; x is never exactly a midpoint's square, so there are no ties. Two rounds
+    cover an initial error of two ulps."""
+    y = torch.sqrt(x)
+    x64 = x.double()
+    inf, zero = torch.tensor(float("inf"), device=x.device), torch.zeros((), device=x.device)
+    for _ in range(2):
+        y64 = y.double()
+        up, down = torch.nextafter(y, inf), torch.nextafter(y, zero)
+        mid_up, mid_down = (y64 + up.double()) * 0.5, (y64 + down.double()) * 0.5
+        y = torch.where(x64 > mid_up * mid_up, up, torch.where(x64 < mid_down * mid_down, down, y))
+    return y
+
+
+def check_replayable(generator_version: int, noise_kind: str) -> None:
+    """Raise ValueError when a log's noise cannot be regenerated bitwise by this generator."""
+    if generator_version == GENERATOR_VERSION or (generator_version == 1 and noise_kind == "rademacher"):
+        return
+    if generator_version == 1:
+        raise ValueError(
+            "the log was written by noise generator version 1, whose Gaussian noise depended on the "
+            "CPU (torch.sqrt through MKL is not correctly rounded on some CPUs); this build "
+            f"(generator version {GENERATOR_VERSION}) cannot regenerate it bitwise. Replay it with "
+            "zostream 0.1 on the machine that wrote it, or train the job again"
+        )
+    raise ValueError(
+        f"the log was written by noise generator version {generator_version}; this build has "
+        f"version {GENERATOR_VERSION}: use the zostream release that wrote it"
+    )
+
+
 def normal(seed: int, name: str, start: int, count: int, device: torch.device | str) -> torch.Tensor:
     """float32 [count] standard normals (stream 0), Box-Muller on lane pairs of each counter:
     lanes (0, 1) → elements (4c, 4c+1) = R cos T, R sin T; lanes (2, 3) → (4c+2, 4c+3);
@@ -208,7 +256,7 @@ def normal(seed: int, name: str, start: int, count: int, device: torch.device | 
     (b0, b1, b2, b3), offset = _counter_lanes(seed, name, 0, start, count, device)
     out = []
     for bu, bt in ((b0, b1), (b2, b3)):
-        radius = torch.sqrt(_neg2_log_u1(bu))
+        radius = sqrt_rn(_neg2_log_u1(bu))
         sin_t, cos_t = _sincos_2pi(bt)
         out += [radius * cos_t, radius * sin_t]
     return _take(tuple(out), offset, count)

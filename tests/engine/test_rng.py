@@ -1,17 +1,24 @@
 """rng: Philox4x32-10 vs the published Random123 answers and a numpy uint64 reimplementation;
-chunk independence; Box-Muller vs a float64 reference; statistics; CPU == CUDA integers."""
+chunk independence; Box-Muller vs a float64 reference and bitwise vs an independent numpy
+reference (noise_reference.py) under every ISA level; statistics; CPU == CUDA integers."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from zostream.engine import rng
+
+from . import noise_reference as reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -117,15 +124,89 @@ def test_normal_matches_float64_box_muller():
 
 
 def test_normal_pinned_values():
-    # Generator version 1, frozen: a change here breaks replay of existing update logs and must bump
-    # rng.GENERATOR_VERSION. They are the first values checked against float64 in the test above.
+    # Generator version 2, frozen: a change here breaks replay of existing update logs and must bump
+    # rng.GENERATOR_VERSION. The values were computed by tests/engine/noise_reference.py (numpy,
+    # no engine code), and the reference is checked against them too, so neither side pins itself.
     got = rng.normal(9, "w", 0, 6, "cpu")
     hexes = [struct.pack("<f", v).hex() for v in got.tolist()]
-    assert rng.GENERATOR_VERSION == 1
+    assert rng.GENERATOR_VERSION == 2
     assert hexes == PINNED_NORMAL_HEX
+    assert [v.tobytes().hex() for v in reference.normal(9, "w", 0, 6)] == PINNED_NORMAL_HEX
 
 
-PINNED_NORMAL_HEX = ["9889f9bf", "cd20d53d", "89ca643f", "b72e0b3f", "1b1d3e3f", "974023bf"]
+PINNED_NORMAL_HEX = ["9789f9bf", "cc20d53d", "89ca643f", "b72e0b3f", "1b1d3e3f", "974023bf"]
+
+
+@pytest.mark.parametrize(
+    "seed,name,start,count", [(9, "w", 0, 1 << 17), (123, "model.layers.7.mlp.up_proj.weight", 5, 40_001)]
+)
+def test_noise_matches_independent_reference_bitwise(seed: int, name: str, start: int, count: int):
+    got = rng.normal(seed, name, start, count, "cpu").numpy()
+    assert np.array_equal(got.view(np.uint32), reference.normal(seed, name, start, count).view(np.uint32))
+    assert np.array_equal(
+        rng.uniform(seed, name, start, count, "cpu").numpy(), reference.uniform(seed, name, start, count)
+    )
+    assert np.array_equal(
+        rng.rademacher(seed, name, start, count, "cpu").numpy(),
+        reference.rademacher(seed, name, start, count),
+    )
+
+
+def test_sqrt_rn_is_correctly_rounded():
+    # torch.sqrt on MKL CPU builds is not correctly rounded on some CPUs (VML); numpy's is.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1 << 20, generator=gen) * 40.0
+    x[:6] = torch.tensor([0.0, 1.0, 4.0, 1e-40, 3.4e38, 2.0])
+    assert np.array_equal(rng.sqrt_rn(x).numpy(), np.sqrt(x.numpy()))
+
+
+def _isa_levels() -> list[str]:
+    """The ATEN_CPU_CAPABILITY levels this CPU can run."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    levels = ["default"]
+    if " avx2" in flags:
+        levels.append("avx2")
+    if " avx512f" in flags and " avx512bw" in flags and " avx512vl" in flags and " avx512dq" in flags:
+        levels.append("avx512")
+    return levels
+
+
+_ISA_PROBE = """
+import hashlib, sys
+from zostream.engine import rng
+z = rng.normal(31, "layers.0.w", 3, 50_001, "cpu").numpy()
+u = rng.uniform(31, "layers.0.w", 3, 50_001, "cpu").numpy()
+sys.stdout.write(hashlib.sha256(z.tobytes() + u.tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("mkl", ["", "AVX2"], ids=["mkl-auto", "mkl-avx2"])
+def test_bits_identical_under_every_isa_level(mkl: str):
+    """The generator in a fresh process under each ATEN_CPU_CAPABILITY level (and MKL code path)
+    this CPU supports gives the independent reference's bits."""
+    z = reference.normal(31, "layers.0.w", 3, 50_001)
+    u = reference.uniform(31, "layers.0.w", 3, 50_001)
+    want = hashlib.sha256(z.tobytes() + u.tobytes()).hexdigest()
+    for level in _isa_levels():
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": level}
+        if mkl:
+            env["MKL_ENABLE_INSTRUCTIONS"] = mkl
+        cmd = [sys.executable, "-c", _ISA_PROBE]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == want, level
+
+
+def test_old_generator_versions():
+    rng.check_replayable(rng.GENERATOR_VERSION, "gaussian")
+    rng.check_replayable(1, "rademacher")  # integer streams are unchanged since version 1
+    with pytest.raises(ValueError, match="version 1, whose Gaussian noise depended on the CPU"):
+        rng.check_replayable(1, "gaussian")
+    with pytest.raises(ValueError, match="version 99"):
+        rng.check_replayable(99, "gaussian")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
