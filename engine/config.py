@@ -77,11 +77,19 @@ class LimitsConfig:
     max_new_tokens: int = 1024
     max_waiting: int = 256
     max_prefill_tokens: int = 4096
+    # Paged KV cache: positions per block, and the pool's bytes (None: max_batch full sequences, at
+    # most half a nonzero gpu_memory budget; kv_cache.plan_kv).
+    kv_block_size: int = 16
+    kv_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "max_new_tokens", "max_waiting", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"kv_block_size must be a power of two in 1..256, got {self.kv_block_size}")
+        if self.kv_memory_bytes is not None and self.kv_memory_bytes < 1:
+            raise ValueError(f"kv_memory must be > 0 bytes (or auto), got {self.kv_memory_bytes}")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ from .generation import (
     TokenEvent,
     new_sequence,
 )
-from .models.attention import KVCache, LoraSet
+from .kv_blocks import BlockAllocator
+from .kv_cache import KVPlan, PagedKVCache, kv_bytes_per_token, plan_kv
+from .models.attention import LoraSet
 from .scheduler import PassPlan, Scheduler
 from .store import WeightStore
 from .streamer import LayerStreamer
@@ -51,6 +53,10 @@ class StepStats:
     d2h_bytes: int = 0
     transfer_seconds: float = 0.0
     stall_seconds: float = 0.0
+    kv_bytes_written: int = 0  # new tokens' K/V stored into the paged cache
+    kv_bytes_read: int = 0  # K/V the attention gathered through block tables
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,21 +84,26 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_dir)
         self.eos_ids = _eos_ids(self.tokenizer, self.store.raw_config)
         self.codec, self.codec_cache = _open_codec(self.store, cfg, self.device)
-        self.streamer = self._base_streamer()
         lim = cfg.limits
         max_len = min(lim.max_seq_len, self.spec.max_positions)
         self.limits = lim if max_len == lim.max_seq_len else _replace(lim, max_seq_len=max_len)
+        # The KV pool comes out of the device budget first (before "auto" measures free memory); the
+        # weights' residency plan gets the rest.
+        self.kv_plan, self.stream_cfg = _plan_kv(self.spec, self.dtype, self.limits, cfg.stream)
         kv_heads = getattr(self.spec, "kv_heads", self.spec.heads)
-        self.cache = KVCache.allocate(
+        self.cache = PagedKVCache.allocate(
             self.spec.num_layers,
-            lim.max_batch,
+            self.kv_plan.num_blocks,
+            self.kv_plan.block_size,
             kv_heads,
-            max_len,
             self.spec.head_dim,
             self.dtype,
             self.device,
         )
-        self.scheduler = Scheduler(self.limits)
+        self.streamer = self._base_streamer()
+        self.scheduler = Scheduler(
+            self.limits, BlockAllocator(self.kv_plan.num_blocks, self.kv_plan.block_size)
+        )
         self.seqs: dict[str, Sequence] = {}
         self.adapters: dict[str, Any] = {}  # adapter id -> peft.LoraAdapter (on the device)
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
@@ -104,7 +115,7 @@ class Engine:
 
     def _base_streamer(self) -> LayerStreamer:
         if self.codec_cache is None:
-            return LayerStreamer(self.store, self.device, self.dtype, self.cfg.stream)
+            return LayerStreamer(self.store, self.device, self.dtype, self.stream_cfg)
         from .codecs import decode_block
 
         cc = self.codec_cache
@@ -112,7 +123,7 @@ class Engine:
             self.store,
             self.device,
             self.dtype,
-            self.cfg.stream,
+            self.stream_cfg,
             source=cc.block,
             decoder=lambda packed, dev, dt: decode_block(self.codec, packed, dev, dt),
             packed_nbytes=cc.block_nbytes,
@@ -141,6 +152,7 @@ class Engine:
         stats.queue_times, self._queue_times = self._queue_times, []
         stats.h2d_bytes, stats.d2h_bytes = st.h2d_bytes - h2d, st.d2h_bytes - d2h
         stats.transfer_seconds, stats.stall_seconds = st.transfer_seconds - xfer, st.stall_seconds - stall
+        stats.kv_blocks_used, stats.kv_blocks_free = self.scheduler.kv.used, self.scheduler.kv.free
         stats.seconds = time.monotonic() - t0
         return stats
 
@@ -218,6 +230,7 @@ class Engine:
             seqs = [self.seqs[r] for r in ids if r in self.seqs]
             for s in seqs:
                 s.slot = self.scheduler.slot_of(s.req.request_id)
+                s.blocks = self.scheduler.kv.ensure(s.req.request_id, len(s.tokens))
                 if kind == "prefill":
                     self._queue_times.append(time.monotonic() - s.req.arrival)
             if seqs:
@@ -274,6 +287,8 @@ class Engine:
                 continue
             assert isinstance(wl, GenerationWorkload)
             n_new = int(wl.lens.sum())
+            stats.kv_bytes_written += n_new * self.kv_plan.bytes_per_token
+            stats.kv_bytes_read += len(wl.seqs) * wl.attn.kv_len * self.kv_plan.bytes_per_token
             if kind == "prefill":
                 stats.prefill_tokens += n_new
             else:
@@ -393,6 +408,21 @@ def _replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def _allocator(plan: KVPlan) -> BlockAllocator:
+    return BlockAllocator(plan.num_blocks, plan.block_size)
+
+
+def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any) -> tuple[KVPlan, Any]:
+    """The KV pool's plan, and the stream config whose budget is what the pool leaves for weights."""
+    kv_heads = getattr(spec, "kv_heads", spec.heads)
+    per_token = kv_bytes_per_token(spec.num_layers, kv_heads, spec.head_dim, dtype.itemsize)
+    budget = stream.gpu_memory_bytes
+    plan = plan_kv(per_token, lim.kv_block_size, lim.max_batch, lim.max_seq_len, lim.kv_memory_bytes, budget)
+    if budget:  # None: "auto" measures free memory after the pool exists; 0: every block streams anyway
+        stream = _replace(stream, gpu_memory_bytes=max(0, budget - plan.nbytes))
+    return plan, stream
 
 
 def _open_codec(store: WeightStore, cfg: EngineConfig, device: torch.device):

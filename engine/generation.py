@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import RequestError
+from .kv_cache import PagedKVCache
 from .models.attention import AttentionBatch, KVCache, LoraSet
 from .sampling import SamplingParams, make_generator, sample
 
@@ -96,6 +97,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the slot
+    blocks: list[int] = field(default_factory=list)  # paged cache: block table for the tokens so far
     finish: FinishReason | None = None
     first_token_time: float | None = None
 
@@ -133,7 +135,7 @@ class GenerationWorkload:
         family: Any,
         spec: Any,
         seqs: list[Sequence],
-        cache: KVCache,
+        cache: KVCache | PagedKVCache,
         device: torch.device,
         lora_for: Callable[[list[Sequence], int], LoraSet | None] | None = None,
     ) -> None:
@@ -146,13 +148,13 @@ class GenerationWorkload:
             ids[b, : len(c)] = torch.tensor(c)
         self.ids = ids.to(device)
         self.lens = torch.tensor([len(c) for c in chunks], dtype=torch.int64)
-        self.attn = AttentionBatch.build(
-            self.lens.to(device),
-            T,
-            torch.tensor([s.num_cached for s in seqs], dtype=torch.int64, device=device),
-            cache,
-            torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=device),
-        )
+        past = torch.tensor([s.num_cached for s in seqs], dtype=torch.int64, device=device)
+        if isinstance(cache, PagedKVCache):
+            tables = [s.blocks for s in seqs]
+            self.attn = AttentionBatch.build_paged(self.lens.to(device), T, past, cache, tables)
+        else:
+            slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=device)
+            self.attn = AttentionBatch.build(self.lens.to(device), T, past, cache, slots)
         self.h: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None  # [B,V] at each row's last valid token
 

@@ -43,6 +43,8 @@ JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cance
 MEMORY_KINDS = ("allocated", "reserved", "budget")
 PASS_KINDS = ("generate", "train", "mixed")
 METHODS = ("full", "lora")
+KV_BLOCK_STATES = ("used", "free")
+KV_OPS = ("written", "read")  # new K/V stored; K/V the attention gathered through block tables
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("gauge", "zostream_finetune_learning_rate", "learning rate of the latest step"),
     _Spec("gauge", "zostream_resident_blocks", "transformer blocks kept on the device"),
     _Spec("gauge", "zostream_streamed_blocks", "transformer blocks streamed from host memory every pass"),
+    _Spec("gauge", "zostream_kv_blocks", "paged KV cache blocks holding live tokens / free", "state",
+          KV_BLOCK_STATES),
     # ---- histograms (seconds) ----
     _Spec("histogram", "zostream_time_to_first_token_seconds", "arrival to first generated token"),
     _Spec("histogram", "zostream_time_per_output_token_seconds",
@@ -97,6 +101,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("counter", "zostream_finetune_skipped_steps_total", "steps the divergence guard skipped"),
     _Spec("counter", "zostream_finetune_tokens_total", "tokens the fine-tuning steps trained on"),
     _Spec("counter", "zostream_update_log_bytes_total", "bytes appended to update logs"),
+    _Spec("counter", "zostream_kv_bytes_total", "KV cache bytes moved (rate: bytes/s)", "op", KV_OPS),
 )
 # fmt: on
 
@@ -173,6 +178,12 @@ class Metrics:
             self._get("zostream_request_queue_seconds").observe(t)
 
         self._get("zostream_h2d_bytes_total", codec).inc(stats.h2d_bytes)
+        # Paged KV cache (engine.StepStats): blocks after the pass, bytes the pass moved.
+        if hasattr(stats, "kv_blocks_used"):
+            self._get("zostream_kv_blocks", "used").set(stats.kv_blocks_used)
+            self._get("zostream_kv_blocks", "free").set(stats.kv_blocks_free)
+        for op in KV_OPS:
+            self._get("zostream_kv_bytes_total", op).inc(getattr(stats, f"kv_bytes_{op}", 0))
         self._get("zostream_d2h_bytes_total").inc(stats.d2h_bytes)
         # Optional per-pass deltas of StreamStats; compute falls back to the unstalled pass time.
         stall = float(getattr(stats, "stall_seconds", 0.0) or 0.0)

@@ -1,7 +1,9 @@
 """Decides what the next pass over the layers carries. Imports no torch.
 
-Generation: continuous batching. Waiting requests are admitted while a KV slot is free
-and the pass's prefill-token budget lasts; running requests decode one token a pass.
+Generation: continuous batching. Waiting requests are admitted, in arrival order, while a
+batch row is free, the paged KV cache can reserve their prompt + max_new_tokens, and the pass's
+prefill-token budget lasts; running requests decode one token a pass. A request waits (it is
+not refused) while blocks are held by others; one that could never fit is refused up front.
 Fine-tuning: one ZO step rides along every pass, except that a pass right after a
 training pass skips training when requests wait for their first token, so time to
 first token stays bounded by one training pass.
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import LimitsConfig
 from .errors import RequestError, ResourceExhaustedError
+from .kv_blocks import BlockAllocator, blocks_for
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,19 @@ class PassPlan:
 @dataclass
 class Scheduler:
     limits: LimitsConfig
+    kv: BlockAllocator | None = None  # None: max_batch full sequences
     waiting: deque[str] = field(default_factory=deque)
     running: dict[str, int] = field(default_factory=dict)  # request id -> KV slot
     lengths: dict[str, int] = field(default_factory=dict)  # request id -> tokens to prefill
+    totals: dict[str, int] = field(default_factory=dict)  # request id -> prompt + max_new_tokens
     jobs: deque[str] = field(default_factory=deque)  # trainable job ids, round-robin
     last_pass_trained: bool = False
 
     def __post_init__(self) -> None:
         self.free_slots = list(range(self.limits.max_batch - 1, -1, -1))
+        if self.kv is None:
+            bs = self.limits.kv_block_size
+            self.kv = BlockAllocator(self.limits.max_batch * blocks_for(self.limits.max_seq_len, bs), bs)
 
     # ---- generation ---------------------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -58,6 +66,15 @@ class Scheduler:
                 f"maximum sequence length {lim.max_seq_len}; shorten the prompt or lower max_new_tokens",
                 field="max_new_tokens",
             )
+        kv = self.kv
+        need = kv.blocks_for(prompt_len + max_new_tokens)
+        if need > kv.num_blocks:
+            raise RequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {need} KV blocks; "
+                f"this server's KV cache holds {kv.num_blocks} ({kv.num_blocks * kv.block_size} tokens); "
+                "shorten the prompt or lower max_new_tokens",
+                field="max_new_tokens",
+            )
 
     def add(self, request_id: str, prompt_len: int, max_new_tokens: int) -> None:
         self.check_fits(prompt_len, max_new_tokens)
@@ -67,6 +84,7 @@ class Scheduler:
             )
         self.waiting.append(request_id)
         self.lengths[request_id] = prompt_len
+        self.totals[request_id] = prompt_len + max_new_tokens
 
     def slot_of(self, request_id: str) -> int:
         return self.running[request_id]
@@ -74,9 +92,11 @@ class Scheduler:
     def finish(self, request_id: str) -> None:
         if request_id in self.running:
             self.free_slots.append(self.running.pop(request_id))
+            self.kv.release(request_id)
         elif request_id in self.waiting:
             self.waiting.remove(request_id)
         self.lengths.pop(request_id, None)
+        self.totals.pop(request_id, None)
 
     # ---- jobs -------------------------------------------------------------------------------
     def add_job(self, job_id: str) -> None:
@@ -92,10 +112,16 @@ class Scheduler:
         decode = tuple(self.running)
         prefill: list[str] = []
         budget = self.limits.max_prefill_tokens
-        while self.waiting and self.free_slots and self.lengths[self.waiting[0]] <= budget:
+        while (
+            self.waiting
+            and self.free_slots
+            and self.lengths[self.waiting[0]] <= budget
+            and self.kv.can_reserve(self.totals[self.waiting[0]])
+        ):
             rid = self.waiting.popleft()
             budget -= self.lengths[rid]
             self.running[rid] = self.free_slots.pop()
+            self.kv.reserve(rid, self.totals[rid])
             prefill.append(rid)
         train = None
         if self.jobs and not (self.last_pass_trained and (prefill or self.waiting)):

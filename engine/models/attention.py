@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..kv_cache import PagedKVCache, PagedView
+
 
 @dataclass
 class KVCache:
@@ -46,6 +48,7 @@ class AttentionBatch:
     kv_len: int = 0  # Lk when a cache is used
     write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     memo: dict = field(default_factory=dict)  # per-pass values every layer shares (RoPE tables)
+    paged: PagedView | None = None  # set instead of cache/slots when the cache is paged
 
     @classmethod
     def build(
@@ -75,6 +78,21 @@ class AttentionBatch:
         write = (b_idx, t_idx, slots[b_idx], positions[b_idx, t_idx])
         return cls(positions, lens, mask[:, None], cache, slots, kv_len, write)
 
+    @classmethod
+    def build_paged(
+        cls, lens: torch.Tensor, T: int, past_lens: torch.Tensor, cache: PagedKVCache, tables: list[list[int]]
+    ) -> AttentionBatch:
+        """Like `build` with a cache, but row b's K/V live in the blocks tables[b] (kv_cache.py)."""
+        device = lens.device
+        t = torch.arange(T, device=device)
+        positions = past_lens[:, None] + t[None, :]
+        end = past_lens + lens
+        kv_len = int(end.max().item())
+        j = torch.arange(kv_len, device=device)
+        mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < end[:, None, None])
+        view = PagedView.build(cache, tables, past_lens, lens, kv_len, device)
+        return cls(positions, lens, mask[:, None], kv_len=kv_len, paged=view)
+
     def layer(self, i: int) -> LayerAttention:
         return LayerAttention(self, i)
 
@@ -87,7 +105,9 @@ class LayerAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
         """q [B,H,T,D], k/v [B,Hkv,T,D] (already rotated) -> [B,H,T,D]."""
         ab = self.batch
-        if ab.cache is not None:
+        if ab.paged is not None:
+            k, v = ab.paged.update(self.layer, k, v)
+        elif ab.cache is not None:
             kc, vc = ab.cache.k[self.layer], ab.cache.v[self.layer]
             b_idx, t_idx, s_idx, p_idx = ab.write_index
             # Only valid tokens are written: padding never pollutes a slot.

@@ -1,0 +1,161 @@
+"""Paged KV cache: block bookkeeping, attention through block tables vs the contiguous slot cache,
+generation vs transformers with tiny blocks and a pool too small for every request at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.engine.test_generation import PROMPTS, FakeTok, greedy
+from tests.tiny import make_tiny_model
+from zostream.engine.config import EngineConfig, LimitsConfig, StreamConfig
+from zostream.engine.engine import Engine
+from zostream.engine.errors import RequestError
+from zostream.engine.kv_blocks import BlockAllocator
+from zostream.engine.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv
+from zostream.engine.models.attention import AttentionBatch, KVCache
+from zostream.engine.store import WeightStore
+
+
+def test_allocator_takes_blocks_as_tokens_arrive_and_returns_them():
+    a = BlockAllocator(num_blocks=6, block_size=4)
+    a.reserve("x", 9)  # 3 blocks promised
+    assert (a.used, a.free, a.unreserved) == (0, 6, 3)
+    assert not a.can_reserve(13) and a.can_reserve(12)
+    assert len(a.ensure("x", 1)) == 1 and a.used == 1
+    assert len(a.ensure("x", 4)) == 1
+    assert len(a.ensure("x", 5)) == 2
+    with pytest.raises(ValueError, match="reserved 3"):
+        a.ensure("x", 13)
+    a.reserve("y", 12)
+    ty = a.ensure("y", 12)
+    assert len(set(ty) | set(a.tables["x"])) == 5  # no block shared
+    a.release("x")
+    assert (a.used, a.free, a.unreserved) == (3, 3, 3)
+    a.release("y")
+    a.release("y")  # twice is harmless (abort after finish)
+    assert (a.used, a.free, a.unreserved) == (0, 6, 6)
+
+
+def test_plan_kv_sizes():
+    per = kv_bytes_per_token(layers=2, kv_heads=2, head_dim=8, itemsize=2)
+    assert per == 2 * 2 * 2 * 8 * 2
+    full = plan_kv(per, 16, max_batch=4, max_seq_len=40, budget=None)
+    assert full.num_blocks == 4 * 3 and full.tokens == 192 and full.nbytes == 192 * per
+    assert plan_kv(per, 16, 4, 40, budget=0).num_blocks == 12  # 0: every weight block streams
+    assert plan_kv(per, 16, 4, 40, budget=10 * 16 * per).num_blocks == 5  # half the budget
+    assert plan_kv(per, 16, 4, 40, budget=1).num_blocks == 3  # never less than one full sequence
+    assert plan_kv(per, 16, 4, 40, kv_bytes=7 * 16 * per + 5).num_blocks == 7
+    with pytest.raises(ValueError, match="kv_memory"):
+        plan_kv(per, 16, 4, 40, kv_bytes=per)
+
+
+def _run(fam, store, spec, chunks_ids, lens, past, make_ab):
+    ab = make_ab(lens, chunks_ids.shape[1], past)
+    h = fam.embed(store.outer(), chunks_ids, ab.positions, spec)
+    for i in range(spec.num_layers):
+        h = fam.block(h, store.block(i), ab.layer(i), spec)
+    return fam.head(h, store.outer(), spec)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
+def test_paged_attention_equals_contiguous_slots_bitwise(tmp_path, name):
+    """Mixed-length rows prefill, then decode; the reference is the slot cache (an independent layout).
+
+    The paged rows own interleaved, out-of-order blocks of 4 positions, so every gather crosses blocks.
+    """
+    d = make_tiny_model(tmp_path, name)
+    store = WeightStore(d)
+    fam, spec = store.family, store.spec
+    B, bs = 3, 4
+    slots_cache = KVCache.allocate(spec.num_layers, B, spec.kv_heads, 32, spec.head_dim, torch.float32, "cpu")
+    paged = PagedKVCache.allocate(spec.num_layers, 24, bs, spec.kv_heads, spec.head_dim, torch.float32, "cpu")
+    for t in paged.k + paged.v:
+        t.fill_(float("nan"))  # never-written positions must not reach the attention
+    tables = [[9, 2, 17, 5, 11, 0, 22], [3, 20, 8, 14, 1, 6, 19], [7, 12, 4, 23, 16, 10, 21]]
+    g = torch.Generator().manual_seed(4)
+    lens = torch.tensor([7, 2, 5])
+    past = torch.zeros(3, dtype=torch.int64)
+    steps = [lens] + [torch.ones(3, dtype=torch.int64)] * 5
+    for step_lens in steps:
+        T = int(step_lens.max())
+        ids = torch.randint(0, 101, (B, T), generator=g)
+        slot_ab = lambda ln, T, p: AttentionBatch.build(ln, T, p, slots_cache, torch.tensor([2, 0, 1]))
+        paged_ab = lambda ln, T, p: AttentionBatch.build_paged(ln, T, p, paged, tables)
+        want = _run(fam, store, spec, ids, step_lens, past, slot_ab)
+        got = _run(fam, store, spec, ids, step_lens, past, paged_ab)
+        for b in range(B):
+            n = int(step_lens[b])
+            assert torch.equal(got[b, :n], want[b, :n]), (b, past.tolist())
+        past = past + step_lens
+
+
+def make_engine(d, **limits) -> Engine:
+    lim = dict(max_batch=4, max_seq_len=64) | limits
+    cfg = EngineConfig(
+        str(d), device="cpu", compute_dtype="float32", stream=StreamConfig(), limits=LimitsConfig(**lim)
+    )
+    return Engine(cfg, tokenizer=FakeTok())
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_small_pool_queues_and_matches_transformers(tmp_path, block_size):
+    """A pool for ~one request at a time: the others wait for blocks, none is refused, tokens are greedy's."""
+    d = make_tiny_model(tmp_path, "llama")
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    per = kv_bytes_per_token(3, 2, 8, 4)  # the tiny llama: 3 layers, 2 kv heads, head_dim 8, float32
+    eng = make_engine(d, kv_block_size=block_size, kv_memory_bytes=20 * per)
+    assert eng.kv_plan.tokens == 20
+    stats = []
+    orig = eng.step
+    eng.step = lambda: stats.append(orig()) or stats[-1]
+    out = eng.generate([greedy(str(i), p, 8) for i, p in enumerate(PROMPTS)])
+    for i, p in enumerate(PROMPTS):
+        want = ref.generate(
+            torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
+        )[0, len(p) :].tolist()
+        assert list(out[str(i)].token_ids) == want, (i, p)
+    assert max(s.kv_blocks_used for s in stats) * block_size <= 20
+    assert (eng.scheduler.kv.used, eng.scheduler.kv.free) == (0, eng.kv_plan.num_blocks)
+    # 13 + 9 reserved tokens exceed the pool: the second request waited for the first to end.
+    assert stats[0].prefill_tokens == len(PROMPTS[0])
+    assert sum(s.prefill_tokens for s in stats) == sum(len(p) for p in PROMPTS)
+    assert sum(s.kv_bytes_written for s in stats) == sum(len(p) + 7 for p in PROMPTS) * per
+
+
+def test_request_larger_than_the_pool_is_refused_up_front(tmp_path):
+    d = make_tiny_model(tmp_path, "llama")
+    per = kv_bytes_per_token(3, 2, 8, 4)
+    eng = make_engine(d, kv_block_size=4, kv_memory_bytes=16 * per)
+    with pytest.raises(RequestError, match="KV cache holds 4") as e:
+        eng.submit(greedy("big", PROMPTS[2], 8))  # 19 tokens > 16
+    assert e.value.field == "max_new_tokens"
+    assert eng.generate([greedy("ok", PROMPTS[2], 5)])["ok"].completion_tokens == 5  # exactly 16 fit
+
+
+def test_kv_metrics_follow_the_engine(tmp_path):
+    from tests.engine.test_metrics import val
+    from zostream.engine.metrics import Metrics
+
+    d = make_tiny_model(tmp_path, "llama")
+    per = kv_bytes_per_token(3, 2, 8, 4)
+    eng = make_engine(d, kv_block_size=4)
+    m = Metrics()
+    used = []
+    orig = eng.step
+
+    def step():
+        st = orig()
+        m.observe_step(st, codec="none", running=len(eng.scheduler.running), waiting=0)
+        used.append(val(m, "zostream_kv_blocks", state="used"))
+        return st
+
+    eng.step = step
+    eng.generate([greedy("a", PROMPTS[0], 4), greedy("b", PROMPTS[2], 6)])
+    # a: 5 + 3 positions written (the last token is sampled, never fed back), b: 11 + 5
+    assert val(m, "zostream_kv_bytes_total", op="written") == (8 + 16) * per
+    # prefill: both rows gather 11 positions; then decode passes gather max(len) per row
+    assert val(m, "zostream_kv_bytes_total", op="read") > val(m, "zostream_kv_bytes_total", op="written")
+    assert used[0] == 2 + 3  # blocks of 4 holding 5 and 11 tokens
+    assert used[-1] == 0 and val(m, "zostream_kv_blocks", state="free") == eng.kv_plan.num_blocks
