@@ -93,12 +93,35 @@ def _register_info(model_sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="compute dtype of decoded blocks (default: auto, the model's dtype)",
     )
+    _add_kv_args(p)
     add_json_arg(p)
     p.set_defaults(func=_info)
 
 
+def _add_kv_args(p: argparse.ArgumentParser) -> None:
+    """The KV-cache limits `serve` takes: the plan's KV share depends on them."""
+    from zostream.clients.common import positive_int, size_arg
+
+    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (default 16)")
+    p.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest prompt + generation")
+    p.add_argument(
+        "--kv-memory",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="paged KV cache size (default auto: max-batch full sequences, at most half of --gpu-memory)",
+    )
+
+
 def model_info(
-    model_dir: str, gpu_memory: int | None, link_gbps: float, codec: str = "none", dtype: str = "auto"
+    model_dir: str,
+    gpu_memory: int | None,
+    link_gbps: float,
+    codec: str = "none",
+    dtype: str = "auto",
+    max_batch: int = 16,
+    max_seq_len: int = 2048,
+    kv_memory: int | None = None,
 ) -> dict:
     """The facts `zostream model info` prints, from the safetensors headers alone."""
     import math
@@ -106,7 +129,8 @@ def model_info(
     import torch
 
     from zostream.clients.common import open_store
-    from zostream.engine.config import CodecConfig, StreamConfig
+    from zostream.engine.config import CodecConfig, LimitsConfig, StreamConfig
+    from zostream.engine.kv_cache import kv_bytes_per_token, plan_kv
     from zostream.engine.streamer import plan_residency
 
     store = open_store(model_dir)
@@ -150,7 +174,21 @@ def model_info(
         "prefetch_depth": depth,
         "warnings": [],
     }
-    plan = plan_residency(packed, decoded, outer, gpu_memory, depth)
+    # The paged KV cache comes out of the budget first; the weights' plan gets the rest (engine._plan_kv).
+    max_seq_len = min(max_seq_len, spec.max_positions)
+    per_token = kv_bytes_per_token(n, getattr(spec, "kv_heads", spec.heads), spec.head_dim, compute.itemsize)
+    kv = plan_kv(per_token, LimitsConfig().kv_block_size, max_batch, max_seq_len, kv_memory, gpu_memory)
+    out |= {
+        "kv_bytes_per_token": per_token,
+        "kv_block_size": kv.block_size,
+        "kv_blocks": kv.num_blocks,
+        "kv_bytes": kv.nbytes,
+        "kv_tokens": kv.tokens,  # concurrent tokens (prompts + generated, all sequences) the budget holds
+        "kv_full_sequences": kv.tokens // max_seq_len,
+        "max_seq_len": max_seq_len,
+    }
+    weights_budget = max(0, gpu_memory - kv.nbytes) if gpu_memory else gpu_memory
+    plan = plan_residency(packed, decoded, outer, weights_budget, depth)
     streamed = sum(packed[i] for i in plan.streamed)
     out |= {
         "resident_blocks": list(plan.resident),
@@ -180,7 +218,16 @@ def _packed_nbytes(codec: str, dense: dict) -> int:
 def _info(args: argparse.Namespace) -> int:
     from zostream.clients.common import print_json, warn
 
-    info = model_info(args.model, args.gpu_memory, args.link_gbps, args.codec, args.dtype)
+    info = model_info(
+        args.model,
+        args.gpu_memory,
+        args.link_gbps,
+        args.codec,
+        args.dtype,
+        args.max_batch,
+        args.max_seq_len,
+        args.kv_memory,
+    )
     for w in info["warnings"]:
         warn("model info", f"WARNING: {w}")
     if args.json:
@@ -217,6 +264,14 @@ def _info(args: argparse.Namespace) -> int:
                 f"resident, {len(info['streamed_blocks'])} streamed",
             )
         )
+    lines.append(
+        (
+            "kv cache",
+            f"{info['kv_bytes']:,} bytes ({_human(info['kv_bytes'], 'B')}): {info['kv_tokens']:,} concurrent "
+            f"tokens = {info['kv_full_sequences']} sequences of {info['max_seq_len']} "
+            f"({info['kv_bytes_per_token']:,} bytes/token)",
+        )
+    )
     rate = f"at {info['link_gbps']:g} GB/s"
     lines.append(
         (

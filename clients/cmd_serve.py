@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from zostream.clients.cli import UsageError
-from zostream.clients.common import add_runtime_args, positive_int
+from zostream.clients.common import add_runtime_args, positive_int, size_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="KV-cache slots: concurrent sequences")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (batch rows)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest prompt + generation")
+    p.add_argument(
+        "--kv-memory",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="paged KV cache size; requests wait while its blocks are taken "
+        "(default auto: max-batch full sequences, at most half of --gpu-memory)",
+    )
     p.add_argument(
         "--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED"
     )
@@ -72,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         stream=StreamConfig(gpu_memory_bytes=args.gpu_memory),
         codec=CodecConfig(args.codec),
         limits=LimitsConfig(
-            max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            max_waiting=args.max_waiting,
+            kv_memory_bytes=args.kv_memory,
         ),
     )
     cfg = ServerConfig(

@@ -242,6 +242,21 @@ def test_model_info_fits_warning(capsys, model):
     assert info["fits"] and info["streamed_blocks"] == [] and info["seconds_per_pass"] == 0
 
 
+def test_model_info_kv_cache_share(capsys, model):
+    """K and V of every layer per token: 2 x 3 layers x 2 kv heads x head_dim 8 x 4 bytes (tiny llama)."""
+    per = 2 * 3 * 2 * 8 * 4
+    info = run_json(capsys, "model", "info", model, "--gpu-memory", "0", "--max-batch", "4")
+    # budget 0 streams every block: the pool holds max-batch sequences of max-seq-len (the model's 128)
+    assert info["kv_bytes_per_token"] == per and info["max_seq_len"] == 128
+    assert info["kv_tokens"] == 4 * 128 and info["kv_bytes"] == 4 * 128 * per
+    info = run_json(capsys, "model", "info", model, "--gpu-memory", "1MB", "--kv-memory", "100000")
+    assert info["kv_tokens"] == 100000 // (16 * per) * 16 and info["kv_full_sequences"] == 2
+    # the weights' plan gets the budget minus the KV pool: nothing resident once the pool takes it all
+    full = run_json(capsys, "model", "info", model, "--gpu-memory", "1MB")
+    squeezed = run_json(capsys, "model", "info", model, "--gpu-memory", "1MB", "--kv-memory", "999000")
+    assert len(squeezed["resident_blocks"]) < len(full["resident_blocks"])
+
+
 # ---- train / eval -------------------------------------------------------------------------------
 def _header_size(log: Path) -> int:
     raw = log.read_bytes()
