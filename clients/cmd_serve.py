@@ -23,6 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)"
     )
     p.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/fine_tuning/jobs, ...) "
+        "on this port, same engine, API key and TLS (0 picks a free one; default: off)",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=9400, help="Prometheus port (default 9400; -1 disables)"
     )
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         key,
         args.tls_cert,
         args.tls_key,
+        http_port=args.http_port,
     )
     run_forever(cfg)
     return 0

@@ -45,6 +45,8 @@ PASS_KINDS = ("generate", "train", "mixed")
 METHODS = ("full", "lora")
 KV_BLOCK_STATES = ("used", "free")
 KV_OPS = ("written", "read")  # new K/V stored; K/V the attention gathered through block tables
+# Which front end a request came through: every per-request family carries it as a second label.
+APIS = ("grpc", "http")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class _Spec:
     label: str | None = None
     values: tuple[str, ...] = ()  # the allowed label values; () = open (bounded by config, e.g. codec)
     preset: bool = True  # create every allowed series at 0 from the start (absent until set if False)
+    per_api: bool = False  # also labelled `api` (APIS): observed once per request, by its front end
 
 
 # One line per family; "what" is the one-line meaning the README renders (DOCS).
@@ -79,8 +82,10 @@ _SPECS: tuple[_Spec, ...] = (
     # ---- histograms (seconds) ----
     _Spec("histogram", "zostream_time_to_first_token_seconds", "arrival to first generated token"),
     _Spec("histogram", "zostream_time_per_output_token_seconds",
-          "per request: (latency - TTFT) / (tokens - 1), or latency / tokens when TTFT is unknown"),
-    _Spec("histogram", "zostream_request_latency_seconds", "end to end: arrival to the final event"),
+          "per request: (latency - TTFT) / (tokens - 1), or latency / tokens when TTFT is unknown",
+          per_api=True),
+    _Spec("histogram", "zostream_request_latency_seconds", "end to end: arrival to the final event",
+          per_api=True),
     _Spec("histogram", "zostream_request_queue_seconds", "arrival to admission into a pass"),
     _Spec("histogram", "zostream_pass_seconds", "one pass over the layers, by what it carried",
           "kind", PASS_KINDS),
@@ -88,8 +93,8 @@ _SPECS: tuple[_Spec, ...] = (
     # ---- counters ----
     _Spec("counter", "zostream_prompt_tokens_total", "prompt tokens prefilled"),
     _Spec("counter", "zostream_generation_tokens_total", "tokens generated"),
-    _Spec("counter", "zostream_requests_total", "finished generation requests by finish reason",
-          "finish_reason", FINISH_REASONS),
+    _Spec("counter", "zostream_requests_total", "finished generation requests by finish reason and API",
+          "finish_reason", FINISH_REASONS, per_api=True),
     _Spec("counter", "zostream_h2d_bytes_total", "bytes copied host to device, by transfer codec", "codec"),
     _Spec("counter", "zostream_d2h_bytes_total", "bytes copied device to host (write-back)"),
     _Spec("counter", "zostream_transfer_stall_seconds_total",
@@ -106,6 +111,13 @@ _SPECS: tuple[_Spec, ...] = (
 # fmt: on
 
 DOCS: dict[str, str] = {s.name: s.doc for s in _SPECS}
+
+
+def _preset_series(s: _Spec) -> list[tuple[str, ...]]:
+    """The label values created at 0 up front: every allowed value (x every API for per-API families)."""
+    values = [(v,) for v in s.values] if s.label and s.preset else [] if s.label else [()]
+    apis = [(a,) for a in APIS] if s.per_api else [()]
+    return [v + a for v in values for a in apis if v + a]
 
 
 class Metrics:
@@ -125,24 +137,26 @@ class Metrics:
         self._m: dict[str, Any] = {}
         self._specs = {s.name: s for s in _SPECS}
         for s in _SPECS:
-            labels = (s.label,) if s.label else ()
+            labels = ((s.label,) if s.label else ()) + (("api",) if s.per_api else ())
             if s.kind == "gauge":
                 m: Any = Gauge(s.name, s.doc, labels, registry=registry)
             elif s.kind == "counter":
                 m = Counter(s.name, s.doc, labels, registry=registry)
             else:
                 m = Histogram(s.name, s.doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
-            for v in s.values if s.preset else ():
-                m.labels(v)  # rate() and sum by () see every series from the first scrape
+            for key in _preset_series(s):
+                m.labels(*key)  # rate() and sum by () see every series from the first scrape
             self._m[s.name] = m
 
-    def _get(self, name: str, label: str | None = None) -> Any:
+    def _get(self, name: str, label: str | None = None, api: str | None = None) -> Any:
         spec, m = self._specs[name], self._m[name]
+        if spec.per_api and api not in APIS:
+            raise ValueError(f"{name}: api must be one of {', '.join(APIS)}, got {api!r}")
         if spec.label is None:
-            return m
+            return m.labels(api) if spec.per_api else m
         if spec.values and label not in spec.values:
             raise ValueError(f"{name}: {spec.label} must be one of {', '.join(spec.values)}, got {label!r}")
-        return m.labels(label)
+        return m.labels(label, api) if spec.per_api else m.labels(label)
 
     # ---- engine loop ------------------------------------------------------------------------
     def observe_step(
@@ -222,17 +236,24 @@ class Metrics:
 
     # ---- server events ----------------------------------------------------------------------
     def observe_request_done(
-        self, latency_s: float, completion_tokens: int, finish_reason: str, ttft_s: float | None = None
+        self,
+        latency_s: float,
+        completion_tokens: int,
+        finish_reason: str,
+        ttft_s: float | None = None,
+        api: str = "grpc",
     ) -> None:
-        """Once per generation request, at its final event (every outcome, cancels and errors too)."""
-        self._get("zostream_requests_total", finish_reason).inc()
-        self._get("zostream_request_latency_seconds").observe(latency_s)
+        """Once per generation request, at its final event (every outcome, cancels and errors too);
+        `api` names the front end it came through (grpc | http)."""
+        requests = self._get("zostream_requests_total", finish_reason, api)  # validates both labels first
+        requests.inc()
+        self._get("zostream_request_latency_seconds", api=api).observe(latency_s)
         if completion_tokens > 1:
             if ttft_s is not None:
                 tpot = max(latency_s - ttft_s, 0.0) / (completion_tokens - 1)
             else:
                 tpot = latency_s / completion_tokens
-            self._get("zostream_time_per_output_token_seconds").observe(tpot)
+            self._get("zostream_time_per_output_token_seconds", api=api).observe(tpot)
 
     def set_jobs(self, counts: dict[str, int]) -> None:
         """Jobs per status; a status missing from `counts` is 0."""

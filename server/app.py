@@ -51,6 +51,7 @@ class ServerConfig:
     tls_key: str | None = None
     max_inflight: int = 256
     drain_seconds: float = 20.0
+    http_port: int | None = None  # the OpenAI-compatible HTTP API on the same engine; None: off
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -193,9 +194,9 @@ class App:
         self.ready_engine().call_soon(call)
         return await asyncio.wrap_future(fut)
 
-    def request_done(self, req, ev, ttft: float | None = None) -> None:
+    def request_done(self, req, ev, ttft: float | None = None, api: str = "grpc") -> None:
         self.metrics.observe_request_done(
-            time.monotonic() - req.arrival, ev.completion_tokens, ev.finish_reason.value, ttft_s=ttft
+            time.monotonic() - req.arrival, ev.completion_tokens, ev.finish_reason.value, ttft_s=ttft, api=api
         )
 
     def log_exception(self, exc: BaseException) -> None:
@@ -300,6 +301,13 @@ async def serve(
     if cfg.metrics_port is not None:
         app.metrics.start_http(cfg.metrics_port, cfg.metrics_addr)
     app.bound_port = port
+    http = None
+    if cfg.http_port is not None:
+        from .http_app import HttpServer
+
+        http = HttpServer(app, cfg.host, cfg.http_port)
+        await http.start()
+        app.http_port = http.port
     log.info("listening on %s:%d (metrics %s)", cfg.host, port, cfg.metrics_port)
     app.start_engine()
     stop = stop or asyncio.Event()
@@ -317,11 +325,15 @@ async def serve(
             serving = True
             app.metrics.set_engine_up(True)
             print(f"zostream: serving on {cfg.host}:{port}", flush=True)
+            if http is not None:
+                print(f"zostream: OpenAI-compatible HTTP API on {cfg.host}:{http.port}", flush=True)
         if ready is not None and (serving or app.engine_error):
             ready.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.1)
     await _drain(app)
+    if http is not None:
+        await http.stop()
     await server.stop(grace=2.0)
     app.stopped.set()
     app._thread.join(timeout=60)

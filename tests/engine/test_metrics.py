@@ -210,16 +210,24 @@ def test_request_done_latency_and_tpot() -> None:
     m.observe_request_done(2.0, 5, "eos_token", ttft_s=0.4)  # (2.0 - 0.4) / 4 = 0.4
     m.observe_request_done(1.0, 4, "max_tokens")  # no TTFT: 1.0 / 4 = 0.25
     m.observe_request_done(0.5, 1, "cancelled")  # one token: no TPOT
-    assert val(m, "zostream_requests_total", finish_reason="eos_token") == 1
-    assert val(m, "zostream_requests_total", finish_reason="max_tokens") == 1
-    assert val(m, "zostream_requests_total", finish_reason="cancelled") == 1
-    assert val(m, "zostream_requests_total", finish_reason="error") == 0
-    assert val(m, "zostream_request_latency_seconds_count") == 3
-    assert val(m, "zostream_request_latency_seconds_sum") == pytest.approx(3.5)
+    assert val(m, "zostream_requests_total", finish_reason="eos_token", api="grpc") == 1
+    assert val(m, "zostream_requests_total", finish_reason="max_tokens", api="grpc") == 1
+    assert val(m, "zostream_requests_total", finish_reason="cancelled", api="grpc") == 1
+    assert val(m, "zostream_requests_total", finish_reason="error", api="grpc") == 0
+    assert val(m, "zostream_request_latency_seconds_count", api="grpc") == 3
+    assert val(m, "zostream_request_latency_seconds_sum", api="grpc") == pytest.approx(3.5)
     tpot = "zostream_time_per_output_token_seconds"
-    assert val(m, f"{tpot}_count") == 2
-    assert val(m, f"{tpot}_sum") == pytest.approx(0.65)
-    assert val(m, f"{tpot}_bucket", le="0.25") == 1 and val(m, f"{tpot}_bucket", le="0.5") == 2
+    assert val(m, f"{tpot}_count", api="grpc") == 2
+    assert val(m, f"{tpot}_sum", api="grpc") == pytest.approx(0.65)
+    assert val(m, f"{tpot}_bucket", le="0.25", api="grpc") == 1
+    assert val(m, f"{tpot}_bucket", le="0.5", api="grpc") == 2
+    # the same request through the HTTP front end lands in its own series
+    m.observe_request_done(1.0, 2, "eos_token", api="http")
+    assert val(m, "zostream_requests_total", finish_reason="eos_token", api="http") == 1
+    assert val(m, "zostream_requests_total", finish_reason="eos_token", api="grpc") == 1
+    assert val(m, "zostream_request_latency_seconds_count", api="http") == 1
+    with pytest.raises(ValueError, match="api must be one of grpc, http"):
+        m.observe_request_done(1.0, 2, "eos_token", api="rest")
 
 
 def test_gauges_jobs_memory_residency() -> None:
@@ -269,7 +277,7 @@ def test_cardinality_does_not_grow_with_requests() -> None:
     text = m.exposition().decode()
     assert len(samples(m)) == n_after_one
     assert "req-0999" not in text and "req-" not in text
-    assert val(m, "zostream_request_latency_seconds_count") == 1000
+    assert val(m, "zostream_request_latency_seconds_count", api="grpc") == 1000
 
 
 def test_real_step_stats_are_accepted() -> None:
@@ -282,7 +290,7 @@ def test_real_step_stats_are_accepted() -> None:
     m.observe_step(st, codec="none", running=1, waiting=0)
     m.observe_request_done(0.3, ev.completion_tokens, ev.finish_reason.value, ttft_s=0.02)
     assert val(m, "zostream_generation_tokens_total") == 3
-    assert val(m, "zostream_requests_total", finish_reason="stop_sequence") == 1
+    assert val(m, "zostream_requests_total", finish_reason="stop_sequence", api="grpc") == 1
 
 
 def test_http_endpoint_on_a_free_port() -> None:

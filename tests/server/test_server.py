@@ -252,7 +252,9 @@ def wait_freed(server: ThreadServer) -> None:
 
 def requests_total(server: ThreadServer, reason: str) -> float:
     return (
-        server.app.metrics.registry.get_sample_value("zostream_requests_total", {"finish_reason": reason})
+        server.app.metrics.registry.get_sample_value(
+            "zostream_requests_total", {"finish_reason": reason, "api": "grpc"}
+        )
         or 0
     )
 
@@ -1005,7 +1007,7 @@ def test_prometheus_scrapes_every_dashboard_metric(
         for q in (
             "zostream_time_to_first_token_seconds_count",
             "zostream_generation_tokens_total",
-            'zostream_requests_total{finish_reason="max_tokens"}',
+            'zostream_requests_total{finish_reason="max_tokens",api="grpc"}',
             "zostream_update_log_bytes_total",
         ):
             assert float(prom_query(web, q)[0]["value"][1]) > 0, q

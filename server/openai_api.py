@@ -1,0 +1,181 @@
+"""OpenAI generation endpoints: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from zostream.engine.errors import RequestError
+from zostream.engine.generation import FinishReason, TokenEvent
+
+from . import openai_params as P
+from .http_app import error_sse, read_json
+from .openai_engine import Run, StopTrim, finish_reason
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class GenerationFailed(RequestError):
+    """A request the engine ended with an error (a diverged adapter, an adapter deleted meanwhile)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "", code="INTERNAL")
+
+
+def routes(app: Any) -> list[Route]:
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": _models(app)})
+
+    async def model(request: Request) -> Response:
+        mid = request.path_params["model"]
+        for m in _models(app):
+            if m["id"] == mid:
+                return JSONResponse(m)
+        P.resolve_model(app.ready_engine(), mid)  # raises the 404
+        raise AssertionError("unreachable")
+
+    async def chat(request: Request) -> Response:
+        body = await read_json(request)
+        return await _respond(app, P.chat_plan(body, app.ready_engine()), chat=True)
+
+    async def completions(request: Request) -> Response:
+        body = await read_json(request)
+        return await _respond(app, P.completion_plan(body, app.ready_engine()), chat=False)
+
+    return [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+
+
+def _models(app: Any) -> list[dict]:
+    e = app.ready_engine()
+    base = P.base_model_id(e)
+    out = [
+        {"id": base, "object": "model", "created": 0, "owned_by": "zostream", "root": base, "parent": None}
+    ]
+    for aid in sorted(list(e.adapters)):
+        rec = app.jobs.jobs.get(aid)
+        created = int(rec.created_at) if rec else 0
+        out.append(
+            {
+                "id": aid,
+                "object": "model",
+                "created": created,
+                "owned_by": "zostream",
+                "root": base,
+                "parent": base,
+            }
+        )
+    return out
+
+
+class _Choice:
+    """One choice's text (stop strings cut), token count, finish and logprobs as events arrive."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.trim = StopTrim(stops)
+        self.text: list[str] = []
+        self.final: TokenEvent | None = None
+
+    def add(self, ev: TokenEvent) -> str:
+        piece = self.trim.feed(ev.text)
+        if ev.finish_reason is not None:
+            if ev.finish_reason is FinishReason.ERROR:
+                raise GenerationFailed(ev.error or "the request failed")
+            self.final = ev
+            piece += self.trim.finish()
+        self.text.append(piece)
+        return piece
+
+    @property
+    def finish(self) -> str | None:
+        return None if self.final is None else finish_reason(self.final, self.trim)
+
+
+def _usage(plan: P.GenPlan, choices: list[_Choice]) -> dict[str, int]:
+    prompt = sum(c.final.prompt_tokens for c in choices[:: plan.n] if c.final)  # each prompt once
+    completion = sum(c.final.completion_tokens for c in choices if c.final)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
+    if plan.top_logprobs is not None:
+        raise RequestError("is not supported by this server yet", "logprobs")
+    run = Run(app, plan.requests)  # admission errors are HTTP errors: no response has started
+    choices = [_Choice(plan.stop) for _ in plan.requests]
+    cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {
+        "id": cid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": "zostream-" + app.engine.store.fingerprint[:16],
+    }
+    if plan.stream:
+        return StreamingResponse(
+            _sse(run, plan, choices, head, chat), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    async for i, ev in run.events():
+        choices[i].add(ev)
+    out = []
+    for i, c in enumerate(choices):
+        text = "".join(c.text)
+        if chat:
+            out.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": c.finish,
+                }
+            )
+        else:
+            if plan.echo:
+                text = plan.echo[i // plan.n] + text
+            out.append({"index": i, "text": text, "logprobs": None, "finish_reason": c.finish})
+    return JSONResponse({**head, "choices": out, "usage": _usage(plan, choices)})
+
+
+async def _sse(
+    run: Run, plan: P.GenPlan, choices: list[_Choice], head: dict, chat: bool
+) -> AsyncIterator[bytes]:
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if piece:
+                delta["content"] = piece
+            c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            c = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        body = {**head, "choices": [c]}
+        if plan.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    try:
+        for i in range(len(choices)):
+            if chat:
+                yield chunk(i, None, None, role=True)
+            elif plan.echo:
+                yield chunk(i, plan.echo[i // plan.n], None)
+        async for i, ev in run.events():
+            piece = choices[i].add(ev)
+            if piece or choices[i].final is not None:
+                yield chunk(i, piece, choices[i].finish)
+        if plan.include_usage:
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(plan, choices)})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    except RequestError as exc:  # the status line went out already: the error is the last event
+        yield error_sse(exc)

@@ -1,0 +1,136 @@
+"""The HTTP front end's one link to the engine: submit requests, yield their events, clean up.
+
+The same bookkeeping as the gRPC Generate servicer (admission, the in-flight set that drain waits
+on, abort when the client goes away, one finished-request sample per request), labelled api="http".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zostream.engine.errors import RequestError, ResourceExhaustedError
+from zostream.engine.generation import FinishReason, GenerateRequest, TokenEvent
+
+API = "http"
+
+
+class Run:
+    """Requests submitted together (the choices of one OpenAI call), and their events as they arrive.
+
+    `Run(app, reqs)` admits and submits at once, so a refused request is an error before any
+    response starts. Closing `events()` early (the client went away) aborts what is still running.
+    """
+
+    def __init__(self, app: Any, reqs: list[GenerateRequest]) -> None:
+        self.app, self.reqs = app, reqs
+        self.engine = engine = app.ready_engine()
+        if app.draining:
+            raise RequestError(
+                "the server is shutting down; retry on another replica", "", code="UNAVAILABLE"
+            )
+        if len(app.inflight) + len(reqs) > app.max_inflight:
+            raise ResourceExhaustedError(f"{len(app.inflight)} requests in flight; retry later", "")
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.index = {r.request_id: i for i, r in enumerate(reqs)}
+        self.pending: set[str] = set()
+        self.first: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+        for r in reqs:
+            r.callback = lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        try:
+            for r in reqs:
+                engine.submit(r)  # RequestError (too long, queue full): abort the ones already in
+                self.pending.add(r.request_id)
+                app.inflight.add(r.request_id)
+        except BaseException:
+            self.close()
+            raise
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(index in reqs, event) until every request has finished."""
+        try:
+            while self.pending:
+                ev: TokenEvent = await self.queue.get()
+                rid = ev.request_id
+                if rid not in self.pending:
+                    continue
+                req = self.reqs[self.index[rid]]
+                self.tokens[rid] = self.tokens.get(rid, 0) + len(ev.token_ids)
+                if rid not in self.first and ev.token_ids:
+                    self.first[rid] = time.monotonic() - req.arrival
+                if ev.finish_reason is not None:
+                    self.pending.discard(rid)
+                    self.app.inflight.discard(rid)
+                    self.app.request_done(req, ev, self.first.get(rid), api=API)
+                yield self.index[rid], ev
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort what is still running; each still counts as one finished (cancelled) request."""
+        for rid in list(self.pending):
+            self.pending.discard(rid)
+            self.app.inflight.discard(rid)
+            self.engine.abort(rid)
+            latency = time.monotonic() - self.reqs[self.index[rid]].arrival
+            n = self.tokens.get(rid, 0)
+            self.app.metrics.observe_request_done(latency, n, "cancelled", self.first.get(rid), api=API)
+
+
+class StopTrim:
+    """Cuts the text at the first stop string (OpenAI does not return it) and, while streaming, holds
+    back a tail that could still become one, so the streamed pieces concatenate to the final text."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.text = ""  # everything the engine produced
+        self.sent = 0  # characters of it released
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """The next releasable piece after `delta` arrived ('' while held back or after a stop)."""
+        if self.stopped:
+            return ""
+        self.text += delta
+        cut = self._cut()
+        if cut is not None:
+            self.stopped = True
+            return self._release(cut)
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - hold)
+
+    def finish(self) -> str:
+        """What is left once the request ended."""
+        if self.stopped:
+            return ""
+        cut = self._cut()
+        self.stopped = True
+        return self._release(len(self.text) if cut is None else cut)
+
+    def _cut(self) -> int | None:
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.sent : max(upto, self.sent)]
+        self.sent = max(upto, self.sent)
+        return piece
+
+
+FINISH = {
+    FinishReason.MAX_TOKENS: "length",
+    FinishReason.TIME_LIMIT: "length",
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+    FinishReason.CANCELLED: "stop",
+}
+
+
+def finish_reason(ev: TokenEvent, trim: StopTrim) -> str:
+    if trim.stopped and trim.stops and trim._cut() is not None:
+        return "stop"
+    return FINISH.get(ev.finish_reason, "stop")

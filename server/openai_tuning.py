@@ -1,0 +1,410 @@
+"""OpenAI fine-tuning endpoints: /v1/files (JSONL training data) and /v1/fine_tuning/jobs.
+
+Files are the job store's datasets (a dataset uploaded over gRPC is a file here, by its name).
+OpenAI's chat fine-tuning records ({"messages": [...]} with optional `weight`, `name`, content
+parts) are normalised to zostream's chat records before the usual validation.
+
+Jobs are LoRA ZO jobs built as a zostream.v1.CreateJobRequest and checked by the same conversion as
+gRPC. OpenAI's hyperparameters map onto ZO ones: n_epochs -> steps = ceil(n_epochs * examples /
+batch_size), batch_size -> batch_size, learning_rate_multiplier -> x the LoRA default learning rate.
+ZO-specific extras go in the same `hyperparameters` object (EXTRAS); `steps` there wins over
+n_epochs. The finished job's id is its `fine_tuned_model`: usable as `model` in chat completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from zostream.engine import data as D
+from zostream.engine.config import ZOConfig
+from zostream.engine.errors import NotFoundError, RequestError
+from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
+from zostream.v1 import common_pb2, finetuning_pb2
+
+from . import convert as C
+from .http_app import read_json
+from .openai_params import base_model_id
+
+STATUS = {
+    "queued": "queued",
+    "running": "running",
+    "cancelling": "running",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+# ZO hyperparameters accepted next to OpenAI's (name -> proto Hyperparameters field, or lora.*)
+EXTRAS = {
+    "steps": "steps",
+    "learning_rate": "learning_rate",
+    "eps": "eps",
+    "q": "q",
+    "warmup_steps": "warmup_steps",
+    "min_lr_ratio": "min_lr_ratio",
+    "weight_decay": "weight_decay",
+    "max_len": "max_len",
+    "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every",
+    "lr_schedule": "lr_schedule",
+    "noise": "noise",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_target_modules": "lora.target_modules",
+}
+OPENAI_HP = ("n_epochs", "batch_size", "learning_rate_multiplier")
+_SCHEDULES = {
+    "constant": finetuning_pb2.LR_SCHEDULE_CONSTANT,
+    "linear": finetuning_pb2.LR_SCHEDULE_LINEAR,
+    "cosine": finetuning_pb2.LR_SCHEDULE_COSINE,
+}
+_NOISE = {"gaussian": finetuning_pb2.NOISE_KIND_GAUSSIAN, "rademacher": finetuning_pb2.NOISE_KIND_RADEMACHER}
+_FIELDS = {
+    "training_dataset": "training_file",
+    "validation_dataset": "validation_file",
+    "display_name": "suffix",
+    "hyperparameters.lora.r": "hyperparameters.lora_r",
+    "hyperparameters.lora.alpha": "hyperparameters.lora_alpha",
+    "hyperparameters.lora.target_modules": "hyperparameters.lora_target_modules",
+}
+
+
+def routes(app: Any) -> list[Route]:
+    t = _Tuning(app)
+    return [
+        Route("/v1/files", t.upload, methods=["POST"]),
+        Route("/v1/files", t.list_files, methods=["GET"]),
+        Route("/v1/files/{file_id}", t.get_file, methods=["GET"]),
+        Route("/v1/files/{file_id}", t.delete_file, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", t.file_content, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs", t.create, methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", t.list_jobs, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", t.get_job, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", t.cancel, methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", t.events, methods=["GET"]),
+    ]
+
+
+def normalise_line(line: str, lineno: int) -> str:
+    """One JSONL record in OpenAI's chat fine-tuning format -> a zostream chat record (others as is)."""
+    if not line.strip():
+        return line
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return line  # the dataset loader names the line and what is wrong
+    if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+        return line
+    msgs = []
+    for i, m in enumerate(rec["messages"]):
+        if not isinstance(m, dict):
+            return line
+        if m.get("weight", 1) != 1:
+            raise RequestError(
+                f"line {lineno}: messages[{i}].weight 0 (a turn not to learn from) is not supported; "
+                "drop the weight or the turn",
+                "file",
+            )
+        if m.get("tool_calls") or m.get("function_call"):
+            raise RequestError(f"line {lineno}: messages[{i}]: tool calls are not supported", "file")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        content = m.get("content")
+        if isinstance(content, list):  # text parts
+            content = "".join(p.get("text", "") if isinstance(p, dict) else "" for p in content)
+        msgs.append({"role": role, "content": "" if content is None else content})
+    return json.dumps({"messages": msgs})
+
+
+def _file(info: dict) -> dict:
+    return {
+        "id": info["name"],
+        "object": "file",
+        "bytes": info["size_bytes"],
+        "created_at": int(info["created_at"]),
+        "filename": info.get("filename") or info["name"] + ".jsonl",
+        "purpose": info.get("purpose", "fine-tune"),
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def _job(rec: Any, base: str) -> dict:
+    spec, hp = rec.spec, rec.spec["hyperparameters"]
+    err = None
+    if rec.error:
+        err = {
+            "code": rec.error.get("code", ""),
+            "message": rec.error.get("message", ""),
+            "param": _FIELDS.get(rec.error.get("field", ""), rec.error.get("field")) or None,
+        }
+    hps = {
+        "n_epochs": spec.get("openai", {}).get("n_epochs", "auto"),
+        "batch_size": hp["batch_size"],
+        "learning_rate_multiplier": ZOConfig(method="lora", lr=hp.get("lr")).learning_rate / 1e-4,
+        **{k: hp[k] for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len") if k in hp},
+    }
+    done = rec.status == "succeeded"
+    return {
+        "id": rec.id,
+        "object": "fine_tuning.job",
+        "model": spec.get("openai", {}).get("model", base),
+        "created_at": int(rec.created_at),
+        "finished_at": int(rec.finished_at) if rec.finished_at else None,
+        "fine_tuned_model": rec.id if done and spec["method"] == "lora" else None,
+        "organization_id": "zostream",
+        "result_files": [],
+        "status": STATUS[rec.status],
+        "validation_file": spec.get("validation_dataset") or None,
+        "training_file": spec["training_dataset"],
+        "hyperparameters": hps,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hps}},
+        "trained_tokens": rec.tokens if done else None,
+        "error": err,
+        "seed": hp["seed"],
+        "estimated_finish": None,
+        "integrations": [],
+        "metadata": spec.get("openai", {}).get("metadata"),
+        "user_provided_suffix": spec.get("display_name") or None,
+    }
+
+
+def _page(request: Request, items: list[dict], key: str = "id") -> dict:
+    try:
+        limit = int(request.query_params.get("limit", 20))
+    except ValueError:
+        raise RequestError("must be an integer", "limit") from None
+    if not 1 <= limit <= 100:
+        raise RequestError("must be in 1..100", "limit")
+    after = request.query_params.get("after")
+    if after:
+        ids = [i[key] for i in items]
+        if after not in ids:
+            raise RequestError(f"{after[:64]!r} is not an id from a previous page", "after")
+        items = items[ids.index(after) + 1 :]
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+class _Tuning:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    # ---- files ------------------------------------------------------------------------------------
+    async def upload(self, request: Request) -> Response:
+        engine = self.app.ready_engine()
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as exc:  # noqa: BLE001 - multipart parse errors: the client's body
+            raise RequestError(
+                f"expected multipart/form-data with 'file' and 'purpose' ({exc})", "file"
+            ) from None
+        purpose, up = form.get("purpose"), form.get("file")
+        if purpose != "fine-tune":
+            raise RequestError(f"only 'fine-tune' files are accepted, got {str(purpose)[:40]!r}", "purpose")
+        if up is None or isinstance(up, str):
+            raise RequestError("is required: a JSONL file", "file")
+        data = await up.read(MAX_DATASET_BYTES + 1)
+        if len(data) > MAX_DATASET_BYTES:
+            raise RequestError(
+                f"files are limited to {MAX_DATASET_BYTES} bytes", "file", code="RESOURCE_EXHAUSTED"
+            )
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"is not valid UTF-8 (byte {exc.start})", "file") from None
+        lines = [normalise_line(line, i) for i, line in enumerate(lines, start=1)]
+        name = "file-" + uuid.uuid4().hex[:24]
+        fname = (up.filename or "")[:200] or name + ".jsonl"
+        try:
+            ds = await asyncio.to_thread(D.load_records, lines, fname, engine.tokenizer, 1 << 16)
+        except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
+            if isinstance(exc, RequestError):
+                raise RequestError(str(exc), "file") from None
+            raise RequestError(
+                f"a record cannot be read ({type(exc).__name__}: {str(exc)[:160]})", "file"
+            ) from None
+        n = len(ds.choices) if ds.kind == "choice" else len(ds.examples)
+        body = ("\n".join(lines) + "\n").encode()
+        meta = {"kind": ds.kind, "num_records": n, "filename": fname, "purpose": purpose}
+        info = self.app.jobs.save_dataset(name, body, meta)
+        return JSONResponse(_file(info))
+
+    def _info(self, file_id: str, param: str = "file_id") -> dict:
+        check_name(file_id, param)
+        for info in self.app.jobs.list_datasets():
+            if info["name"] == file_id:
+                return info
+        raise NotFoundError(f"no file {file_id[:64]!r}; upload it with POST /v1/files", param)
+
+    async def list_files(self, request: Request) -> Response:
+        files = sorted((_file(i) for i in self.app.jobs.list_datasets()), key=lambda f: -f["created_at"])
+        return JSONResponse(_page(request, files))
+
+    async def get_file(self, request: Request) -> Response:
+        return JSONResponse(_file(self._info(request.path_params["file_id"])))
+
+    async def file_content(self, request: Request) -> Response:
+        info = self._info(request.path_params["file_id"])
+        return Response(self.app.jobs.dataset_path(info["name"]).read_bytes(), media_type="application/jsonl")
+
+    async def delete_file(self, request: Request) -> Response:
+        info = self._info(request.path_params["file_id"])
+        used = [
+            r.id
+            for r in self.app.jobs.list()
+            if not r.terminal
+            and info["name"] in (r.spec["training_dataset"], r.spec.get("validation_dataset"))
+        ]
+        if used:
+            raise RequestError(
+                f"job {used[0]} is using it; cancel the job first", "file_id", code="FAILED_PRECONDITION"
+            )
+        root = self.app.jobs.datasets_dir
+        for suffix in (".jsonl", ".json"):
+            (root / f"{info['name']}{suffix}").unlink(missing_ok=True)
+        return JSONResponse({"id": info["name"], "object": "file", "deleted": True})
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    async def create(self, request: Request) -> Response:
+        engine = self.app.ready_engine()
+        body = await read_json(request)
+        base = base_model_id(engine)
+        if body.get("model") != base:
+            raise RequestError(f"fine-tuning starts from the served base model {base!r}", "model")
+        hp = dict(body.get("hyperparameters") or {})
+        method = body.get("method")
+        if method is not None:
+            if not isinstance(method, dict) or method.get("type") != "supervised":
+                raise RequestError("only {'type': 'supervised'} fine-tuning is supported", "method.type")
+            hp.update((method.get("supervised") or {}).get("hyperparameters") or {})
+        for k in hp:
+            if k not in OPENAI_HP and k not in EXTRAS:
+                known = ", ".join((*OPENAI_HP, *EXTRAS))
+                raise RequestError(f"unknown hyperparameter; use {known}", f"hyperparameters.{k}")
+        train = self._info(_str(body.get("training_file"), "training_file"), "training_file")
+        if body.get("validation_file") is not None:
+            self._info(_str(body["validation_file"], "validation_file"), "validation_file")
+        pb = finetuning_pb2.CreateJobRequest(
+            method=common_pb2.TUNING_METHOD_LORA,
+            training_dataset=train["name"],
+            validation_dataset=body.get("validation_file") or "",
+            display_name=_str(body["suffix"], "suffix") if body.get("suffix") is not None else "",
+        )
+        _hyperparameters(pb.hyperparameters, hp, body.get("seed"), train["num_records"])
+        try:
+            spec = C.job_spec(pb, engine.cfg.codec.name, engine.family.module_names(engine.spec))
+        except RequestError as exc:
+            f = _FIELDS.get(exc.field, exc.field)
+            raise RequestError(str(exc.args[0]).removeprefix(f"{exc.field}: "), f, code=exc.code) from None
+        if self.app.draining:
+            raise RequestError(
+                "the server is shutting down; retry on another replica", "", code="UNAVAILABLE"
+            )
+        spec["openai"] = {
+            "model": base,
+            "n_epochs": hp.get("n_epochs", "auto"),
+            "metadata": body.get("metadata"),
+        }
+        rec, _ = self.app.jobs.create(spec)
+        engine.call_soon(lambda: None)  # wake the engine loop
+        return JSONResponse(_job(rec, base))
+
+    async def list_jobs(self, request: Request) -> Response:
+        base = base_model_id(self.app.ready_engine())
+        jobs = [_job(r, base) for r in self.app.jobs.list()[::-1]]  # newest first
+        return JSONResponse(_page(request, jobs))
+
+    async def get_job(self, request: Request) -> Response:
+        rec = self.app.jobs.get(request.path_params["job_id"])
+        return JSONResponse(_job(rec, base_model_id(self.app.ready_engine())))
+
+    async def cancel(self, request: Request) -> Response:
+        rec = self.app.jobs.get(request.path_params["job_id"])
+        if not rec.terminal and rec.status != "cancelling":
+            self.app.jobs.set_status(rec, "cancelling", "cancel requested")
+            self.app.ready_engine().call_soon(lambda: None)
+        return JSONResponse(_job(rec, base_model_id(self.app.ready_engine())))
+
+    async def events(self, request: Request) -> Response:
+        rec = self.app.jobs.get(request.path_params["job_id"])
+        out = []
+        for ev in self.app.jobs.events(rec.id)[::-1]:  # newest first, as OpenAI lists them
+            level = "error" if ev["type"] == "failed" else "info"
+            out.append(
+                {
+                    "object": "fine_tuning.job.event",
+                    "id": f"ftevent-{rec.id}-{ev['id']}",
+                    "created_at": int(ev["time"]),
+                    "level": level,
+                    "message": ev["message"],
+                    "type": "metrics" if ev["type"] == "step" else "message",
+                    "data": {"step": ev["step"], "zostream_type": ev["type"], **ev["metrics"]},
+                }
+            )
+        return JSONResponse(_page(request, out))
+
+
+def _str(v: Any, name: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise RequestError("must be a non-empty string", name)
+    return v
+
+
+def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
+    """OpenAI's and ZO's hyperparameters onto the proto message; "auto" means the ZO default."""
+
+    def num(name: str, integer: bool = False) -> float | None:
+        v = hp.get(name)
+        if v is None or v == "auto":
+            return None
+        ok = isinstance(v, int) if integer else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or v < 0:
+            raise RequestError(
+                f"must be {'an integer' if integer else 'a number'} >= 0 or 'auto'", f"hyperparameters.{name}"
+            )
+        return v
+
+    batch = num("batch_size", True)
+    if batch is not None:
+        h.batch_size = int(batch)
+    steps = num("steps", True)
+    epochs = num("n_epochs")
+    if steps is None and epochs is not None:
+        steps = max(1, math.ceil(epochs * n_records / (h.batch_size or ZOConfig().batch_size)))
+    h.steps = int(steps or ZOConfig().steps)
+    mult = num("learning_rate_multiplier")
+    lr = num("learning_rate")
+    if lr is not None:
+        h.learning_rate = lr
+    elif mult is not None:
+        h.learning_rate = mult * ZOConfig(method="lora").learning_rate
+    for name in ("eps", "min_lr_ratio", "weight_decay"):
+        if (v := num(name)) is not None:
+            setattr(h, name, v)
+    for name in ("q", "warmup_steps", "max_len", "eval_every", "checkpoint_every"):
+        if (v := num(name, True)) is not None:
+            setattr(h, name, int(v))
+    if (v := num("lora_r", True)) is not None:
+        h.lora.r = int(v)
+    if (v := num("lora_alpha")) is not None:
+        h.lora.alpha = v
+    targets = hp.get("lora_target_modules")
+    if targets is not None:
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise RequestError("must be an array of module names", "hyperparameters.lora_target_modules")
+        h.lora.target_modules.extend(targets)
+    for name, table in (("lr_schedule", _SCHEDULES), ("noise", _NOISE)):
+        if hp.get(name) is not None:
+            if hp[name] not in table:
+                raise RequestError(f"must be one of {', '.join(table)}", f"hyperparameters.{name}")
+            setattr(h, name, table[hp[name]])
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise RequestError("must be an integer in [0, 2**63)", "seed")
+        h.seed = seed
