@@ -1,12 +1,13 @@
 """ZostreamClient: a typed, synchronous Python client for the zostream gRPC API.
 
 Every call carries the API key as `authorization: Bearer KEY` metadata and a deadline (the call's
-`timeout`, else the client's). UNAVAILABLE (server down, restarting, overloaded listener) is
-retried with exponential backoff: unary calls at any time, streams only before their first
-message, so a retry never duplicates output. StreamJobEvents is the exception: it resumes after
-a drop from the last event id it saw, which the API makes exact. Other failures raise
-ZostreamError(code, message). Messages come back as dicts (proto field names, enums as names,
-64-bit integers as ints), generation output as the frozen dataclasses below.
+`timeout`, else the client's; Generate and StreamJobEvents only the call's, so a long generation is
+never cut short). UNAVAILABLE (server down, restarting, overloaded listener) is retried with
+exponential backoff: unary calls at any time, streams only before their first message, so a retry
+never duplicates output. StreamJobEvents is the exception: it resumes after a drop from the last
+event id it saw, which the API makes exact. Other failures raise ZostreamError(code, message).
+Messages come back as dicts (proto field names, enums as names, 64-bit integers as ints),
+generation output as the frozen dataclasses below.
 """
 
 from __future__ import annotations
@@ -226,10 +227,12 @@ class ZostreamClient:
         raise AssertionError("unreachable")
 
     def _stream(
-        self, method: Callable[..., Any], request: Any, timeout: float | None = None
+        self, method: Callable[..., Any], request: Any, timeout: float | None = None, *, bounded: bool = True
     ) -> Iterator[Any]:
-        """Server-streaming call, retried on UNAVAILABLE until its first message; closing cancels it."""
-        deadline = timeout or self.timeout
+        """Server-streaming call, retried on UNAVAILABLE until its first message; closing cancels it.
+
+        `bounded` False: no deadline unless `timeout` is given (a generation may outlast any default)."""
+        deadline = timeout or (self.timeout if bounded else None)
         attempt = 0
         while True:
             call = method(request, metadata=self._metadata, timeout=deadline)
@@ -276,6 +279,7 @@ class ZostreamClient:
         adapter_id: str = "",
         request_id: str = "",
         continue_final_message: bool = False,
+        include_stop_sequence: bool = False,
     ) -> generation_pb2.GenerateRequest:
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages or token_ids")
@@ -295,6 +299,7 @@ class ZostreamClient:
                 stop_token_ids=list(stop_token_ids),
                 ignore_eos=ignore_eos,
                 time_limit_seconds=time_limit or 0.0,
+                include_stop_sequence=include_stop_sequence,
             ),
             adapter_id=adapter_id,
             stream=stream,
@@ -319,11 +324,13 @@ class ZostreamClient:
         """Stream a generation: chunks of new tokens/text; the last has finish_reason, usage and seed.
 
         `params`: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
-        stop_token_ids, ignore_eos, time_limit (s), adapter_id, request_id, continue_final_message.
+        stop_token_ids, ignore_eos, time_limit (s), adapter_id, request_id, continue_final_message,
+        include_stop_sequence. No deadline unless `timeout` is given: the client's default would cut
+        a long generation short (bound it with time_limit, which ends it with a final message).
         Raises ZostreamError when the request fails inside the engine (finish_reason "error").
         """
         req = self._generate_request(prompt, messages, token_ids, True, **params)
-        with closing(self._stream(self._gen.Generate, req, timeout)) as responses:
+        with closing(self._stream(self._gen.Generate, req, timeout, bounded=False)) as responses:
             for r in responses:
                 _check_engine_error(r)
                 yield GenerateChunk(
@@ -348,7 +355,7 @@ class ZostreamClient:
         """Generate a whole completion (one final message); same parameters as generate_stream."""
         req = self._generate_request(prompt, messages, token_ids, False, **params)
         text, ids, last = [], [], None
-        with closing(self._stream(self._gen.Generate, req, timeout)) as responses:
+        with closing(self._stream(self._gen.Generate, req, timeout, bounded=False)) as responses:
             for r in responses:  # one message; several are tolerated (a server may stream anyway)
                 _check_engine_error(r)
                 text.append(r.text)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from zostream import defaults
 from zostream.clients.cli import UsageError
 from zostream.clients.common import (
     add_json_arg,
@@ -25,7 +26,7 @@ from zostream.clients.common import (
     usage_error,
 )
 
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = defaults.MAX_NEW_TOKENS
 MAX_BATCH = 8  # default KV-cache slots: more prompts wait and join as slots free (continuous batching)
 _FLAGS = {
     "prompt": "PROMPT",

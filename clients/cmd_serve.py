@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from zostream import defaults
 from zostream.clients.cli import UsageError
 from zostream.clients.common import add_runtime_args, positive_int, size_arg
 
@@ -48,7 +49,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (batch rows)")
-    p.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest prompt + generation")
+    p.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=defaults.SERVER_MAX_SEQ_LEN,
+        help=f"longest prompt + generation (default {defaults.SERVER_MAX_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=defaults.SERVER_MAX_NEW_TOKENS,
+        help=f"most new tokens a request may ask for (default {defaults.SERVER_MAX_NEW_TOKENS}; a request "
+        f"that sets none gets {defaults.MAX_NEW_TOKENS}, capped by this)",
+    )
     p.add_argument(
         "--kv-memory",
         type=size_arg,
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         limits=LimitsConfig(
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
+            max_new_tokens=args.max_new_tokens,
             max_waiting=args.max_waiting,
             kv_memory_bytes=args.kv_memory,
         ),

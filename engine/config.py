@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from zostream import defaults as D
+
 CODECS = ("none", "int8", "nf4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -73,8 +75,8 @@ class LimitsConfig:
     """Admission limits: what a request may ask and what the KV cache holds."""
 
     max_batch: int = 8
-    max_seq_len: int = 2048
-    max_new_tokens: int = 1024
+    max_seq_len: int = D.SERVER_MAX_SEQ_LEN
+    max_new_tokens: int = D.SERVER_MAX_NEW_TOKENS
     max_waiting: int = 256
     max_prefill_tokens: int = 4096
     # Paged KV cache: positions per block, and the pool's bytes (None: max_batch full sequences, at
@@ -125,9 +127,9 @@ class ZOConfig:
     method: str = "lora"
     steps: int = 100
     lr: float | None = None  # None: 1e-6 full, 1e-4 lora
-    eps: float | None = None  # None: 1e-3
-    batch_size: int = 8
-    q: int = 1
+    eps: float | None = None  # None: defaults.EPS
+    batch_size: int = D.BATCH_SIZE
+    q: int = D.Q
     seed: int = 0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -135,12 +137,12 @@ class ZOConfig:
     weight_decay: float = 0.0
     noise: str = "gaussian"
     master_dtype: str = "auto"  # auto: float32 for lora; the base dtype (stochastic rounding) for full
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    max_len: int = 512
-    eval_every: int = 0
-    checkpoint_every: int = 0  # 0: only at the end (the update log is the durable record anyway)
+    lora_r: int = D.LORA_R
+    lora_alpha: float = D.lora_alpha(D.LORA_R)
+    lora_targets: tuple[str, ...] = D.LORA_TARGETS
+    max_len: int = D.MAX_LEN
+    eval_every: int = D.EVAL_EVERY
+    checkpoint_every: int = D.CHECKPOINT_EVERY  # 0: only the export after the last step
     divergence_guard: bool = True
     # Examples per forward: the batch runs as batch_size // micro_batch slices in one pass, and the loss is
     # their summed NLL over their summed token count (see trainer.reduce_partials). None: one slice. The
@@ -188,7 +190,7 @@ class ZOConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-6 if self.method == "full" else 1e-4)
+        return self.lr if self.lr is not None else D.LR[self.method]
 
     @property
     def micro_batch_size(self) -> int:
@@ -196,4 +198,4 @@ class ZOConfig:
 
     @property
     def epsilon(self) -> float:
-        return self.eps if self.eps is not None else 1e-3
+        return self.eps if self.eps is not None else D.EPS

@@ -311,8 +311,9 @@ class Engine:
                     s.first_token_time = now
                     stats.first_token_latencies.append(now - s.req.arrival)
                 s.output.append(tok)
-                delta = s.detok.add(tok)
+                s.detok.add(tok)
                 reason = s.check_stop(tok, self.eos_ids)
+                delta = s.take_text(final=reason is not None)
                 _emit(
                     s.req,
                     TokenEvent(
@@ -329,20 +330,36 @@ class Engine:
         if s is None:
             return None
         s.finish = reason
-        ev = TokenEvent(request_id, (), "", reason, len(s.req.prompt_ids), len(s.output), s.seed, error)
+        tail = s.take_text(final=True)  # text held back for a stop sequence that never came
+        ev = TokenEvent(request_id, (), tail, reason, len(s.req.prompt_ids), len(s.output), s.seed, error)
         _emit(s.req, ev)
         return ev
 
     # ---- conveniences -------------------------------------------------------------------------
     def encode_prompt(
-        self, text: str | None = None, messages: list[dict] | None = None, chat: bool = False
+        self,
+        text: str | None = None,
+        messages: list[dict] | None = None,
+        chat: bool = False,
+        continue_final_message: bool = False,
     ) -> list[int]:
         tok = self.tokenizer
         if messages is not None or chat:
             msgs = messages if messages is not None else [{"role": "user", "content": text or ""}]
             if not getattr(tok, "chat_template", None):
                 raise PreconditionError("this model has no chat template; send a plain prompt", "messages")
-            rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            if continue_final_message and msgs[-1].get("role") != "assistant":
+                raise RequestError(
+                    "continue_final_message continues an assistant turn: make the last message's role "
+                    "assistant, or set continue_final_message false",
+                    "continue_final_message",
+                )
+            rendered = tok.apply_chat_template(
+                msgs,
+                add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+            )
             return list(tok(rendered, add_special_tokens=False)["input_ids"])
         return list(tok(text or "")["input_ids"])
 

@@ -32,6 +32,7 @@ class StopParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     time_limit_s: float = 0.0  # 0: none
+    include_stop: bool = False  # keep the matched stop sequence in the text (default: cut it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -100,6 +101,8 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # paged cache: block table for the tokens so far
     finish: FinishReason | None = None
     first_token_time: float | None = None
+    emitted: int = 0  # characters of detok.text already sent to the client
+    text_end: int | None = None  # where the visible text ends once a stop sequence matched
 
     @property
     def tokens(self) -> list[int]:
@@ -107,17 +110,59 @@ class Sequence:
 
     def check_stop(self, token: int, eos_ids: set[int]) -> FinishReason | None:
         st = self.req.stopping
-        if token in st.stop_token_ids:
-            return FinishReason.STOP_SEQUENCE
+        if token in st.stop_token_ids:  # documented as EOS: "an end-of-sequence token (or one of ...)"
+            return FinishReason.EOS_TOKEN
         if not st.ignore_eos and token in eos_ids:
             return FinishReason.EOS_TOKEN
-        if st.stop and any(s in self.detok.text for s in st.stop):
-            return FinishReason.STOP_SEQUENCE
+        if st.stop:
+            end = find_stop(self.detok.text, st.stop, self.emitted, st.include_stop)
+            if end is not None:
+                self.text_end = end
+                return FinishReason.STOP_SEQUENCE
         if len(self.output) >= st.max_new_tokens:
             return FinishReason.MAX_TOKENS
         if st.time_limit_s and time.monotonic() - self.req.arrival > st.time_limit_s:
             return FinishReason.TIME_LIMIT
         return None
+
+    def take_text(self, final: bool) -> str:
+        """Text not yet sent. Held back while its tail could still become a stop sequence, unless final."""
+        text = self.detok.text
+        if self.text_end is not None:
+            end = self.text_end
+        elif final:
+            end = len(text)
+        else:
+            end = len(text) - _stop_prefix_len(text, self.req.stopping.stop)
+        end = max(end, self.emitted)
+        delta, self.emitted = text[self.emitted : end], end
+        return delta
+
+
+def find_stop(text: str, stops: tuple[str, ...], emitted: int, include: bool) -> int | None:
+    """End of the visible text when one of `stops` occurs in `text` (the earliest match wins), else None.
+
+    Only text from `emitted` on is searched (the rest was sent, so it held no match); `include` keeps
+    the matched sequence."""
+    best: tuple[int, int] | None = None
+    for s in stops:
+        i = text.find(s, emitted)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, len(s))
+    if best is None:
+        return None
+    return best[0] + best[1] if include else best[0]
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
 
 
 def new_sequence(

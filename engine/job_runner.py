@@ -195,7 +195,7 @@ class JobRunner:
         rec.tokens += int(result.get("tokens", 0))
         rec.metrics.update(
             {
-                "step": result["step"],
+                "step": tr.step,  # steps done, as JobProgress.steps_done and JobEvent.step count them
                 "train_loss": result["loss"],
                 "loss_plus": result["loss_plus"],
                 "loss_minus": result["loss_minus"],
@@ -209,8 +209,8 @@ class JobRunner:
             # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
             keys = ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")
             self.store.event(job_id, "step", msg, tr.step, {k: result[k] for k in keys})
-            every = aj.cfg.checkpoint_every or max(1, aj.cfg.steps // 10)
-            if tr.step % every == 0 and not tr.done:
+            every = aj.cfg.checkpoint_every  # 0: none; the result is exported after the last step
+            if every and tr.step % every == 0 and not tr.done:
                 self._checkpoint(aj)
             if aj.eval_ds is not None and aj.cfg.eval_every and tr.step % aj.cfg.eval_every == 0:
                 self._eval(aj)

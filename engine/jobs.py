@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-import re
+import secrets
 import threading
 import time
 import uuid
@@ -23,23 +23,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zostream import defaults
+
 from .errors import NotFoundError, RequestError
 
 STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_DATASET_BYTES = 256 * 2**20
 
 
 def check_name(name: str, field_name: str) -> str:
     """Names are identifiers, never paths: no separators, no '..', bounded length."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: no trailing \n
+    if not defaults.check_name(name):  # fullmatch: no trailing \n
         raise RequestError(
-            f"{name[:40]!r} is not a valid name: use 1-100 letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit)",
+            f"{str(name)[:40]!r} is not a valid name: use 1-{defaults.NAME_MAX_CHARS} letters, digits, "
+            "'.', '_' or '-' (starting with a letter or digit, no '..')",
             field_name,
         )
     return name
+
+
+def _as_asked(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec as the client asked it: a seed the server picked compares equal to an unset one."""
+    if not spec.get("seed_picked") and spec.get("hyperparameters", {}).get("seed", 0) is not None:
+        return spec
+    hp = {**spec["hyperparameters"], "seed": None}
+    return {**{k: v for k, v in spec.items() if k != "seed_picked"}, "hyperparameters": hp}
 
 
 def _cut_torn_line(path: Path) -> None:
@@ -142,13 +151,16 @@ class JobStore:
             if key:
                 for rec in self.jobs.values():
                     if rec.spec.get("idempotency_key") == key:
-                        if {k: v for k, v in rec.spec.items()} != spec:
+                        if _as_asked(rec.spec) != _as_asked(spec):
                             raise RequestError(
                                 f"idempotency_key {key!r} was used for a different job ({rec.id})",
                                 "idempotency_key",
                                 code="ALREADY_EXISTS",
                             )
                         return rec, False
+            hp = spec.get("hyperparameters", {})
+            if hp.get("seed", 0) is None:  # unset: the server picks one, and Job reports it
+                spec = {**spec, "hyperparameters": {**hp, "seed": secrets.randbits(63)}, "seed_picked": True}
             job_id = "job-" + uuid.uuid4().hex[:12]
             d = self.job_dir(job_id)
             d.mkdir(parents=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from zostream import defaults as D
 from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.engine.generation import FinishReason, GenerateRequest, StopParams, TokenEvent
@@ -16,9 +17,9 @@ from zostream.engine.jobs import JobRecord, check_name
 from zostream.engine.sampling import MAX_SEED, SamplingParams
 from zostream.v1 import adapters_pb2, common_pb2, finetuning_pb2, generation_pb2
 
-MAX_PROMPT_CHARS = 1_000_000
-MAX_MESSAGES = 256
-MAX_ID_CHARS = 128
+MAX_PROMPT_CHARS = D.MAX_PROMPT_CHARS
+MAX_MESSAGES = D.MAX_CHAT_MESSAGES
+MAX_ID_CHARS = D.MAX_ID_CHARS
 
 FINISH = {
     FinishReason.MAX_TOKENS: generation_pb2.FINISH_REASON_MAX_TOKENS,
@@ -73,6 +74,7 @@ WIRE_FIELDS = {
     "prompt_token_ids": "token_ids",
     "max_new_tokens": "stopping.max_new_tokens",
     "messages": "chat",
+    "continue_final_message": "chat.continue_final_message",
 }
 HP_FIELDS = {
     "lr": "learning_rate",
@@ -127,7 +129,10 @@ def prompt_ids(
             if len(m.content) > MAX_PROMPT_CHARS:
                 raise RequestError("is too long", f"chat.messages[{i}].content")
         try:
-            return engine.encode_prompt(messages=[{"role": m.role, "content": m.content} for m in msgs])
+            return engine.encode_prompt(
+                messages=[{"role": m.role, "content": m.content} for m in msgs],
+                continue_final_message=req.chat.continue_final_message,
+            )
         except RequestError as exc:
             raise wire_error(exc) from None
     raise RequestError("set one of text, token_ids or chat", "prompt")
@@ -137,21 +142,23 @@ def generate_request(
     req: generation_pb2.GenerateRequest, engine: Any, deadline_s: float | None
 ) -> GenerateRequest:
     s, st = req.sampling, req.stopping
-    temperature = s.temperature if s.HasField("temperature") else 1.0
+    temperature = s.temperature if s.HasField("temperature") else D.TEMPERATURE
     if s.HasField("seed") and s.seed > MAX_SEED:
         raise RequestError(f"must be <= {MAX_SEED}", "sampling.seed")
     try:
         sampling = SamplingParams(
             temperature=float(temperature),
             top_k=int(s.top_k),
-            top_p=float(s.top_p) if s.HasField("top_p") else 1.0,
-            repetition_penalty=float(s.repetition_penalty) if s.HasField("repetition_penalty") else 1.0,
+            top_p=float(s.top_p) if s.HasField("top_p") else D.TOP_P,
+            repetition_penalty=(
+                float(s.repetition_penalty) if s.HasField("repetition_penalty") else D.REPETITION_PENALTY
+            ),
             seed=int(s.seed) if s.HasField("seed") else None,
         )
     except RequestError as exc:
         raise RequestError(str(exc).split(": ", 1)[-1], f"sampling.{exc.field}") from None
     lim = engine.limits
-    max_new = int(st.max_new_tokens) or min(lim.max_new_tokens, 256)
+    max_new = int(st.max_new_tokens) or min(lim.max_new_tokens, D.MAX_NEW_TOKENS)
     if not math.isfinite(st.time_limit_seconds) or st.time_limit_seconds < 0:
         raise RequestError("must be a finite number of seconds >= 0", "stopping.time_limit_seconds")
     time_limit = st.time_limit_seconds
@@ -159,11 +166,18 @@ def generate_request(
         # End with TIME_LIMIT (and a final message) just before the client's deadline hits.
         margin = deadline_s * 0.9
         time_limit = min(time_limit, margin) if time_limit else margin
-    if any(len(x) > 256 for x in st.stop):
-        raise RequestError("each stop sequence must be at most 256 characters", "stopping.stop")
+    if any(len(x) > D.MAX_STOP_CHARS for x in st.stop):
+        raise RequestError(
+            f"each stop sequence must be at most {D.MAX_STOP_CHARS} characters", "stopping.stop"
+        )
     try:
         stopping = StopParams(
-            max_new, tuple(st.stop), tuple(int(t) for t in st.stop_token_ids), st.ignore_eos, time_limit
+            max_new,
+            tuple(st.stop),
+            tuple(int(t) for t in st.stop_token_ids),
+            st.ignore_eos,
+            time_limit,
+            include_stop=st.include_stop_sequence,
         )
     except RequestError as exc:
         raise RequestError(str(exc).split(": ", 1)[-1], f"stopping.{exc.field}") from None
@@ -192,9 +206,13 @@ def generate_response(
 
 # ---- jobs -----------------------------------------------------------------------------------------
 def job_spec(
-    req: finetuning_pb2.CreateJobRequest, default_codec: str, modules: Collection[str] | None = None
+    req: finetuning_pb2.CreateJobRequest,
+    default_codec: str,
+    modules: Collection[str] | None = None,
+    base_dtype: str = "float32",
 ) -> dict[str, Any]:
-    """The job's spec from the request; `modules` (the model's LoRA-able module names) checks targets."""
+    """The job's spec from the request, every documented default filled in (the seed is picked when the
+    job is stored: JobStore.create); `modules` (the model's LoRA-able module names) checks targets."""
     method = METHOD.get(req.method)
     if method is None:
         raise RequestError("must be TUNING_METHOD_FULL or TUNING_METHOD_LORA", "method")
@@ -210,21 +228,24 @@ def job_spec(
         raise RequestError("is required (number of ZO steps, >= 1)", "hyperparameters.steps")
     fields: dict[str, Any] = {
         "steps": int(hp.steps),
-        "batch_size": int(hp.batch_size) or 8,
-        "q": int(hp.q) or 1,
-        "seed": int(hp.seed) if hp.HasField("seed") else 0,
+        "batch_size": int(hp.batch_size) or D.BATCH_SIZE,
+        "q": int(hp.q) or D.Q,
+        "seed": int(hp.seed) if hp.HasField("seed") else None,
         "lr_schedule": SCHEDULE[hp.lr_schedule],
         "warmup_steps": int(hp.warmup_steps),
         "min_lr_ratio": float(hp.min_lr_ratio),
         "weight_decay": float(hp.weight_decay),
         "noise": NOISE[hp.noise],
-        "master_dtype": hp.master_dtype or "auto",
-        "max_len": int(hp.max_len) or 512,
+        # Resolved here so Job.hyperparameters reports the dtype the job trains in (never "auto").
+        "master_dtype": hp.master_dtype or (D.LORA_MASTER_DTYPE if method == "lora" else base_dtype),
+        "max_len": int(hp.max_len) or D.MAX_LEN,
         "eval_every": int(hp.eval_every),
         "checkpoint_every": int(hp.checkpoint_every),
-        "lora_r": int(hp.lora.r) or 8,
-        "lora_alpha": float(hp.lora.alpha) if hp.lora.HasField("alpha") else float(int(hp.lora.r) or 8) * 2,
-        "lora_targets": list(hp.lora.target_modules) or ["q_proj", "v_proj"],
+        "lora_r": int(hp.lora.r) or D.LORA_R,
+        "lora_alpha": float(hp.lora.alpha)
+        if hp.lora.HasField("alpha")
+        else D.lora_alpha(int(hp.lora.r) or D.LORA_R),
+        "lora_targets": list(hp.lora.target_modules) or list(D.LORA_TARGETS),
     }
     if hp.HasField("learning_rate"):
         fields["lr"] = float(hp.learning_rate)
@@ -242,7 +263,10 @@ def job_spec(
             "hyperparameters.codec",
         )
     try:
-        ZOConfig(method=method, **{**fields, "lora_targets": tuple(fields["lora_targets"])})
+        ZOConfig(
+            method=method,
+            **{**fields, "seed": fields["seed"] or 0, "lora_targets": tuple(fields["lora_targets"])},
+        )
     except ValueError as exc:
         name, _, msg = str(exc).partition(": ")
         raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
@@ -298,10 +322,9 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         min_lr_ratio=hp["min_lr_ratio"],
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
-    if "lr" in hp:
-        h.learning_rate = hp["lr"]
-    if "eps" in hp:
-        h.eps = hp["eps"]
+    # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.
+    h.learning_rate = hp["lr"] if hp.get("lr") is not None else D.LR[spec["method"]]
+    h.eps = hp["eps"] if hp.get("eps") is not None else D.EPS
     job = finetuning_pb2.Job(
         id=rec.id,
         display_name=spec.get("display_name", ""),
@@ -343,6 +366,19 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     return job
 
 
+# The job's files name a step's and an eval's numbers as the trainer returns them; the API names them as
+# JobMetrics' fields (JobEvent.metrics, Checkpoint.metrics).
+_EVENT_METRICS = {
+    "step": {"loss": "train_loss", "lr": "learning_rate"},
+    "eval": {"loss": "eval_loss", "accuracy": "eval_accuracy"},
+}
+
+
+def event_metrics(ev: dict) -> dict[str, float]:
+    names = _EVENT_METRICS.get(ev["type"], {})
+    return {names.get(k, k): v for k, v in ev["metrics"].items()}
+
+
 def event_pb(ev: dict) -> finetuning_pb2.JobEvent:
     return finetuning_pb2.JobEvent(
         id=ev["id"],
@@ -351,7 +387,7 @@ def event_pb(ev: dict) -> finetuning_pb2.JobEvent:
         type=ev["type"],
         message=ev["message"],
         step=ev["step"],
-        metrics=ev["metrics"],
+        metrics=event_metrics(ev),
     )
 
 
@@ -384,8 +420,9 @@ def adapter_pb(
     return a
 
 
-def page(items: list, page_size: int, token: str, field: str = "page_token") -> tuple[list, str]:
-    size = min(page_size or 50, 1000)
+def page(items: list, page_size: int, token: str, rpc: str, field: str = "page_token") -> tuple[list, str]:
+    """One page of `items` for the list RPC `rpc` (its documented default page size)."""
+    size = min(page_size or D.PAGE_SIZE[rpc], D.MAX_PAGE_SIZE)
     try:
         start = int(token) if token else 0
     except ValueError:

@@ -137,8 +137,8 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                     self.app.request_done(req, ev, first)
                     if request.stream:
                         yield C.generate_response(ev)
-                    else:
-                        yield C.generate_response(ev, "".join(texts), ids)
+                    else:  # the final event may carry text held back for a stop sequence
+                        yield C.generate_response(ev, "".join([*texts, ev.text]), [*ids, *ev.token_ids])
                     return
                 if request.stream:
                     yield C.generate_response(ev)
@@ -243,7 +243,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
 
     @rpc
     async def ListDatasets(self, request, context):
-        items, token = C.page(self.jobs.list_datasets(), request.page_size, request.page_token)
+        items, token = C.page(
+            self.jobs.list_datasets(), request.page_size, request.page_token, "ListDatasets"
+        )
         return finetuning_pb2.ListDatasetsResponse(
             datasets=[_dataset_pb(i) for i in items], next_page_token=token
         )
@@ -251,7 +253,12 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def CreateJob(self, request, context):
         engine = self.app.ready_engine()
-        spec = C.job_spec(request, engine.cfg.codec.name, engine.family.module_names(engine.spec))
+        spec = C.job_spec(
+            request,
+            engine.cfg.codec.name,
+            engine.family.module_names(engine.spec),
+            str(engine.store.dtype).removeprefix("torch."),
+        )
         self.jobs.dataset_path(spec["training_dataset"])
         if spec["validation_dataset"]:
             try:
@@ -276,14 +283,14 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         if bad:
             raise RequestError(f"unknown status value {bad[0]}", "statuses")
         recs = self.jobs.list(tuple(C.STATUS_NAME[s] for s in request.statuses))[::-1]  # newest first
-        items, token = C.page(recs, request.page_size, request.page_token)
+        items, token = C.page(recs, request.page_size, request.page_token, "ListJobs")
         return finetuning_pb2.ListJobsResponse(jobs=[C.job_pb(r) for r in items], next_page_token=token)
 
     @rpc
     async def CancelJob(self, request, context):
         rec = self.jobs.get(request.job_id)
-        if rec.terminal:
-            raise PreconditionError(f"job {rec.id} already {rec.status}", "job_id")
+        if rec.terminal:  # documented: cancelling a finished job changes nothing
+            return C.job_pb(rec)
         if rec.status != "cancelling":
             self.jobs.set_status(rec, "cancelling", "cancel requested")
             self.app.ready_engine().call_soon(lambda: None)
@@ -292,7 +299,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def ListJobEvents(self, request, context):
         self.jobs.get(request.job_id)
-        items, token = C.page(self.jobs.events(request.job_id), request.page_size, request.page_token)
+        items, token = C.page(
+            self.jobs.events(request.job_id), request.page_size, request.page_token, "ListJobEvents"
+        )
         return finetuning_pb2.ListJobEventsResponse(
             events=[C.event_pb(e) for e in items], next_page_token=token
         )
@@ -315,20 +324,27 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     async def ListCheckpoints(self, request, context):
         rec = self.jobs.get(request.job_id)
         d = self.jobs.job_dir(rec.id) / "checkpoints"
+        # Checkpoint.metrics: the step event's (and an eval's) metrics at the checkpoint's step.
+        at_step: dict[int, dict[str, float]] = {}
+        for ev in self.jobs.events(rec.id):
+            if ev["type"] in ("step", "eval"):
+                at_step.setdefault(ev["step"], {}).update(C.event_metrics(ev))
         cps = []
         for p in sorted(d.glob("step-*")) if d.exists() else []:
             if p.name.endswith(".tmp"):
                 continue
             size = sum(f.stat().st_size for f in p.iterdir())
+            step = int(p.name.split("-")[1])
             cps.append(
                 finetuning_pb2.Checkpoint(
                     name=p.name,
-                    step=int(p.name.split("-")[1]),
+                    step=step,
                     size_bytes=size,
                     created_at=C.ts(p.stat().st_mtime),
+                    metrics=at_step.get(step, {}),
                 )
             )
-        items, token = C.page(cps, request.page_size, request.page_token)
+        items, token = C.page(cps, request.page_size, request.page_token, "ListCheckpoints")
         return finetuning_pb2.ListCheckpointsResponse(checkpoints=items, next_page_token=token)
 
 
@@ -416,7 +432,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
     @rpc
     async def ListAdapters(self, request, context):
         newest_first = sorted(self._all(), key=lambda a: (a.created_at.ToNanoseconds(), a.id), reverse=True)
-        items, token = C.page(newest_first, request.page_size, request.page_token)
+        items, token = C.page(newest_first, request.page_size, request.page_token, "ListAdapters")
         return adapters_pb2.ListAdaptersResponse(adapters=items, next_page_token=token)
 
     @rpc

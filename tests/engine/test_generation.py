@@ -122,5 +122,5 @@ def test_seeded_sampling_reproducible_and_stop_token(tmp_path):
         StopParams(max_new_tokens=10, stop_token_ids=(first,), ignore_eos=True),
     )
     out = eng.generate([stop])["s"]
-    assert out.finish_reason is FinishReason.STOP_SEQUENCE
+    assert out.finish_reason is FinishReason.EOS_TOKEN  # stop_token_ids end like EOS (proto)
     assert out.token_ids == a.token_ids[: a.token_ids.index(first) + 1]

@@ -348,7 +348,7 @@ def test_lora_job_events_and_adapter(
     assert set(types) <= EVENT_TYPES
     steps = [e for e in events if e.type == "step"]
     assert [e.step for e in steps] == list(range(1, JOB_STEPS + 1))  # steps done so far
-    assert all(math.isfinite(e.metrics["loss"]) for e in steps)
+    assert all(math.isfinite(e.metrics["train_loss"]) for e in steps)  # JobMetrics' names
     # checkpoint_every=2: after steps 2 and 4 (the last step exports instead)
     assert [e.step for e in events if e.type == "checkpoint"] == [2, 4]
     assert events[-1].step == JOB_STEPS
@@ -453,9 +453,8 @@ def test_cancel_a_running_job(server: ThreadServer, stubs: Stubs, finished_job: 
     assert ad.status == A.ADAPTER_STATUS_STOPPED and ad.steps == job.progress.steps_done
     with UpdateLog.open(server.app.jobs.job_dir(job_id) / "update.log", repair=False) as log:
         assert len(log) == job.progress.steps_done  # the steps it took are kept
-    with pytest.raises(grpc.RpcError) as exc:
-        stubs.ft.CancelJob(F.CancelJobRequest(job_id=job_id), timeout=10)
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    again = stubs.ft.CancelJob(F.CancelJobRequest(job_id=job_id), timeout=10)  # documented: changes nothing
+    assert (again.status, again.finished_at) == (job.status, job.finished_at)
 
 
 # ==== 3. kill -9 and SIGTERM =========================================================================
@@ -660,7 +659,6 @@ BAD_REQUESTS: list[tuple[str, Any, grpc.StatusCode, str]] = [
         "metadata.name",
     ),
     ("get-unknown-job", lambda s, j: s.ft.GetJob(F.GetJobRequest(job_id="job-nope")), NF, "job_id"),
-    ("cancel-finished-job", lambda s, j: s.ft.CancelJob(F.CancelJobRequest(job_id=j)), FP, "job_id"),
     (
         "list-jobs-bad-page-token",
         lambda s, j: s.ft.ListJobs(F.ListJobsRequest(page_token="zzz")),

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 from stress.fuzz import METHODS
 from tests.server.conftest import Stubs, ThreadServer, server_config, thread_server
 from tests.server.test_server import self_signed
+from zostream.defaults import NAME_MAX_CHARS
 from zostream.v1 import adapters_pb2 as A
 from zostream.v1 import common_pb2 as Cm
 from zostream.v1 import finetuning_pb2 as F
@@ -176,7 +177,7 @@ TRAVERSAL = [
     "..",
     "name\n",
     "a\x00b",
-    "x" * 101,
+    "x" * (NAME_MAX_CHARS + 1),  # one past the documented 1-128
     ".hidden",
 ]
 

@@ -127,7 +127,8 @@ class FineTuningServicer:
 
     def CancelJob(self, request, context):
         """Asks a job to stop. A queued job is cancelled at once; a running one goes to CANCELLING and
-        stops after its current step (which is kept). Cancelling a finished job changes nothing.
+        stops after its current step (which is kept). Cancelling a finished job changes nothing: the
+        job is returned as it is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,105 @@
+"""The API's documented defaults and limits, in one place.
+
+The server (server/convert.py), the engine's configs, the CLI and the Python client read these
+values; the proto comments state them, and tests/server/test_contract.py checks that each comment
+says what `DOCUMENTED` below says and that a live server does it. Change a default here, then the
+comment it names, then regenerate the stubs.
+
+This module imports nothing but the standard library: a client-only install has it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ---- generation ------------------------------------------------------------------------------------
+TEMPERATURE = 0.0  # unset temperature: greedy, as `zostream generate` and the README say
+TOP_P = 1.0
+REPETITION_PENALTY = 1.0
+MAX_NEW_TOKENS = 256  # StoppingCriteria.max_new_tokens = 0, capped by the server's --max-new-tokens
+SERVER_MAX_NEW_TOKENS = 1024  # `zostream serve --max-new-tokens`: the most a request may ask for
+SERVER_MAX_SEQ_LEN = 2048  # `zostream serve --max-seq-len`
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+INCLUDE_STOP_SEQUENCE = False  # the matched stop sequence is cut from the text
+MAX_PROMPT_CHARS = 1_000_000
+MAX_CHAT_MESSAGES = 256
+MAX_ID_CHARS = 128  # request ids, display names, idempotency keys
+MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # completions from one prompt
+
+# ---- names and pages --------------------------------------------------------------------------------
+NAME_MAX_CHARS = 128
+# Datasets and adapters are named, never addressed by path: no separators, no leading '.'.
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}")
+MAX_PAGE_SIZE = 1000
+PAGE_SIZE = {
+    "ListDatasets": 100,
+    "ListJobs": 50,
+    "ListJobEvents": 100,
+    "ListCheckpoints": 100,
+    "ListAdapters": 100,
+}
+
+# ---- fine-tuning hyperparameters (Hyperparameters and `zostream train`) -----------------------------
+STEPS = 100  # the CLI's default; the API requires steps
+BATCH_SIZE = 8
+Q = 1
+LR = {"full": 1e-6, "lora": 1e-4}
+EPS = 1e-3  # both methods (MeZO's value)
+LORA_R = 8
+LORA_ALPHA_PER_R = 2.0  # unset alpha: 2r (scale 2.0), MeZO's LoRA setting (r 8, alpha 16)
+LORA_TARGETS = ("q_proj", "v_proj")
+MAX_LEN = 512
+CHECKPOINT_EVERY = 0  # no intermediate checkpoints; the result is exported after the last step
+EVAL_EVERY = 0
+# Master dtype of the trained weights: LoRA always trains float32 masters; FULL keeps the base dtype.
+LORA_MASTER_DTYPE = "float32"
+
+
+def lora_alpha(r: int) -> float:
+    return LORA_ALPHA_PER_R * r
+
+
+def check_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _g(x: float, fmt: str = "g") -> str:
+    """A number as the proto comments write it: 0, 2, 0.001, 1e-6."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", format(x, fmt)).replace("e+", "e")
+
+
+# Field (as "Message.field" of the v1 protos) -> a phrase its comment must contain. Built from the values
+# above, so a default changed here and not in the proto fails the contract test.
+DOCUMENTED: dict[str, str] = {
+    "SamplingParams.temperature": f"Unset: {_g(TEMPERATURE)} (greedy)",
+    "SamplingParams.top_p": f"Unset: {TOP_P!r} (off)",
+    "SamplingParams.repetition_penalty": f"Unset: {REPETITION_PENALTY!r} (off)",
+    "StoppingCriteria.max_new_tokens": f"0 (default): {MAX_NEW_TOKENS}",
+    "StoppingCriteria.stop": f"At most {MAX_STOP_SEQUENCES}, each 1-{MAX_STOP_CHARS} characters",
+    "StoppingCriteria.include_stop_sequence": "false (default): the matched sequence is cut",
+    "GenerateRequest.request_id": f"up to {MAX_ID_CHARS} characters",
+    "Hyperparameters.batch_size": f"0: {BATCH_SIZE}",
+    "Hyperparameters.q": f"0: {Q}",
+    "Hyperparameters.learning_rate": (
+        f"Unset: {_g(LR['full'], '.0e')} for FULL, {_g(LR['lora'], '.0e')} for LORA"
+    ),
+    "Hyperparameters.eps": f"Unset: {_g(EPS)}",
+    "Hyperparameters.max_len": f"0: {MAX_LEN}",
+    "Hyperparameters.checkpoint_every": f"{CHECKPOINT_EVERY} (default): none before the last step",
+    "Hyperparameters.master_dtype": f"Empty: {LORA_MASTER_DTYPE} for LORA, the base dtype for FULL",
+    "Hyperparameters.seed": "Unset: the server picks one",
+    "LoraConfig.r": f"0: {LORA_R}",
+    "LoraConfig.alpha": f"Unset: {_g(LORA_ALPHA_PER_R)} * r",
+    "LoraConfig.target_modules": "Empty: [" + ", ".join(f'"{t}"' for t in LORA_TARGETS) + "]",
+    "DatasetMetadata.name": f"1-{NAME_MAX_CHARS} characters",
+    "ImportUpdateLogMetadata.adapter_id": f"1-{NAME_MAX_CHARS} characters",
+    "CreateJobRequest.display_name": f"up to {MAX_ID_CHARS} characters",
+    "ListDatasetsRequest.page_size": f"0: {PAGE_SIZE['ListDatasets']}; at most {MAX_PAGE_SIZE}",
+    "ListJobsRequest.page_size": f"0: {PAGE_SIZE['ListJobs']}; at most {MAX_PAGE_SIZE}",
+    "ListJobEventsRequest.page_size": f"0: {PAGE_SIZE['ListJobEvents']}; at most {MAX_PAGE_SIZE}",
+    "ListCheckpointsRequest.page_size": f"0: {PAGE_SIZE['ListCheckpoints']}; at most {MAX_PAGE_SIZE}",
+    "ListAdaptersRequest.page_size": f"0: {PAGE_SIZE['ListAdapters']}; at most {MAX_PAGE_SIZE}",
+}
