@@ -111,7 +111,10 @@ def _usage(plan: P.GenPlan, choices: list[_Choice]) -> dict[str, int]:
 async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
     if plan.top_logprobs is not None:
         raise RequestError("is not supported by this server yet", "logprobs")
-    run = Run(app, plan.requests)  # admission errors are HTTP errors: no response has started
+    try:
+        run = Run(app, plan.requests)  # admission errors are HTTP errors: no response has started
+    except RequestError as exc:
+        raise P.rename(exc, plan.max_name) from None
     choices = [_Choice(plan.stop) for _ in plan.requests]
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {

@@ -41,6 +41,7 @@ class GenPlan:
     stop: tuple[str, ...]
     top_logprobs: int | None  # None: no logprobs; k >= 0: the chosen token and the k most likely
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text
+    max_name: str = "max_tokens"  # which parameter set the token budget (for error messages)
 
 
 def base_model_id(engine: Any) -> str:
@@ -242,7 +243,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
             pb.stopping.stop.extend(stop)
             reqs.append(_convert(pb, engine, max_name))
     include_usage = bool(stream and opts and opts.get("include_usage"))
-    return GenPlan(str(model), reqs, n, stream, include_usage, stop, top)
+    return GenPlan(str(model), reqs, n, stream, include_usage, stop, top, max_name=max_name)
 
 
 _RENAME = [
@@ -269,8 +270,9 @@ def rename(exc: RequestError, max_name: str) -> RequestError:
     msg = str(exc.args[0]) if exc.args else str(exc)
     if exc.field:
         msg = msg.removeprefix(f"{exc.field}: ")
-    out = RequestError(msg, param_name(exc.field, max_name), code=exc.code)
-    return out
+    return RequestError(
+        msg.replace("max_new_tokens", max_name), param_name(exc.field, max_name), code=exc.code
+    )
 
 
 def _convert(pb: generation_pb2.GenerateRequest, engine: Any, max_name: str) -> GenerateRequest:

@@ -359,26 +359,29 @@ def _str(v: Any, name: str) -> str:
 def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     """OpenAI's and ZO's hyperparameters onto the proto message; "auto" means the ZO default."""
 
-    def num(name: str, integer: bool = False) -> float | None:
+    def num(name: str, integer: bool = False, low: float = 0) -> float | None:
+        """hp[name] as a number >= low; None when absent or "auto". 0 means "unset" in the proto
+        for the counts that must be >= 1, so those are checked here, with the OpenAI name."""
         v = hp.get(name)
         if v is None or v == "auto":
             return None
         ok = isinstance(v, int) if integer else isinstance(v, int | float)
-        if isinstance(v, bool) or not ok or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or v < low:
+            what = "an integer" if integer else "a number"
             raise RequestError(
-                f"must be {'an integer' if integer else 'a number'} >= 0 or 'auto'", f"hyperparameters.{name}"
+                f"must be {what} >= {low:g} or 'auto', got {str(v)[:40]}", f"hyperparameters.{name}"
             )
         return v
 
-    batch = num("batch_size", True)
+    batch = num("batch_size", True, 1)
     if batch is not None:
         h.batch_size = int(batch)
-    steps = num("steps", True)
-    epochs = num("n_epochs")
+    steps = num("steps", True, 1)
+    epochs = num("n_epochs", False, 1e-9)
     if steps is None and epochs is not None:
         steps = max(1, math.ceil(epochs * n_records / (h.batch_size or ZOConfig().batch_size)))
     h.steps = int(steps or ZOConfig().steps)
-    mult = num("learning_rate_multiplier")
+    mult = num("learning_rate_multiplier", False, 1e-12)
     lr = num("learning_rate")
     if lr is not None:
         h.learning_rate = lr
@@ -387,10 +390,16 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     for name in ("eps", "min_lr_ratio", "weight_decay"):
         if (v := num(name)) is not None:
             setattr(h, name, v)
-    for name in ("q", "warmup_steps", "max_len", "eval_every", "checkpoint_every"):
-        if (v := num(name, True)) is not None:
+    for name, low in (
+        ("q", 1),
+        ("max_len", 2),
+        ("warmup_steps", 0),
+        ("eval_every", 0),
+        ("checkpoint_every", 0),
+    ):
+        if (v := num(name, True, low)) is not None:
             setattr(h, name, int(v))
-    if (v := num("lora_r", True)) is not None:
+    if (v := num("lora_r", True, 1)) is not None:
         h.lora.r = int(v)
     if (v := num("lora_alpha")) is not None:
         h.lora.alpha = v
