@@ -86,6 +86,22 @@ def _register_info(model_sub: argparse._SubParsersAction) -> None:
         metavar="GB/S",
         help="host-to-device link rate in GB/s (10^9 bytes/s; default 54, PCIe Gen5 x16 pinned)",
     )
+    p.add_argument(
+        "--host-memory",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="host RAM budget for the base, e.g. 16GiB: blocks beyond it are read from disk every pass "
+        "(default: none, the base stays in RAM)",
+    )
+    p.add_argument(
+        "--disk-gbps",
+        type=positive_float,
+        default=None,
+        metavar="GB/S",
+        help="sequential disk read rate in GB/s (default: measured on the model's files when "
+        "--host-memory is given, reading up to 1 GiB or 3 s)",
+    )
     p.add_argument("--codec", choices=CODECS, default="none", help="transfer codec (default: none)")
     p.add_argument(
         "--dtype",
@@ -122,6 +138,8 @@ def model_info(
     max_batch: int = 16,
     max_seq_len: int = 2048,
     kv_memory: int | None = None,
+    host_memory: int | None = None,
+    disk_gbps: float | None = None,
 ) -> dict:
     """The facts `zostream model info` prints, from the safetensors headers alone."""
     import math
@@ -199,8 +217,39 @@ def model_info(
         "seconds_per_pass": streamed / rate,
         "fits": gpu_memory is not None and plan.all_resident,
     }
+    out |= _disk_plan(store, packed, plan, outer, host_memory, disk_gbps, depth, rate)
     if out["fits"]:
         out["warnings"].append(FITS_WARNING)
+    return out
+
+
+def _disk_plan(store, packed, plan, outer, host_memory, disk_gbps, depth, link_rate) -> dict:
+    """The host tier's plan: which blocks are read from disk every pass, and the predicted pass time
+    = max(link time, disk time) (readahead overlaps the two)."""
+    from zostream.engine.host_tier import measure_read_rate, plan_host
+
+    # Blocks kept on the device are read from the host once; a CPU engine (no budget) reads all.
+    gpu_resident = set(plan.resident) if plan.budget is not None else set()
+    sizes = [0 if i in gpu_resident else packed[i] for i in range(len(packed))]
+    host = plan_host(sizes, outer, host_memory, depth)
+    disk_bytes = sum(sizes[i] for i in host.streamed)
+    out = {
+        "host_budget_bytes": host_memory,
+        "host_resident_blocks": [i for i in host.resident if i not in gpu_resident],
+        "disk_blocks": list(host.streamed),
+        "disk_bytes_per_pass": disk_bytes,
+        "disk_gbps": disk_gbps,
+        "disk_rate_measured": False,
+        "link_seconds_per_pass": sum(packed[i] for i in plan.streamed) / link_rate,
+    }
+    if host_memory is not None and disk_gbps is None:
+        files = sorted({info.file for info in store.infos.values()})
+        m = measure_read_rate(files)
+        out["disk_gbps"] = m["bytes_per_second"] / 1e9
+        out["disk_rate_measured"] = True
+    rate = (out["disk_gbps"] or 0) * 1e9
+    out["disk_seconds_per_pass"] = disk_bytes / rate if rate else 0.0
+    out["seconds_per_pass"] = max(out["link_seconds_per_pass"], out["disk_seconds_per_pass"])
     return out
 
 
@@ -227,6 +276,8 @@ def _info(args: argparse.Namespace) -> int:
         args.max_batch,
         args.max_seq_len,
         args.kv_memory,
+        args.host_memory,
+        args.disk_gbps,
     )
     for w in info["warnings"]:
         warn("model info", f"WARNING: {w}")
@@ -273,11 +324,21 @@ def _info(args: argparse.Namespace) -> int:
         )
     )
     rate = f"at {info['link_gbps']:g} GB/s"
+    if info["host_budget_bytes"] is not None:
+        how = "measured" if info["disk_rate_measured"] else "given"
+        lines.append(
+            (
+                "host",
+                f"{info['host_budget_bytes']:,} bytes: {len(info['disk_blocks'])} blocks read from disk per "
+                f"pass ({info['disk_bytes_per_pass']:,} bytes, {info['disk_seconds_per_pass']:.4g} s at "
+                f"{info['disk_gbps']:.3g} GB/s {how})",
+            )
+        )
     lines.append(
         (
             "pass",
-            f"{info['seconds_per_pass']:.4g} s {rate} ({info['streamed_bytes_per_pass']:,} bytes "
-            "streamed per pass)",
+            f"{info['seconds_per_pass']:.4g} s (link {info['link_seconds_per_pass']:.4g} s {rate}, "
+            f"{info['streamed_bytes_per_pass']:,} bytes streamed per pass)",
         )
     )
     lines.append(

@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         device=args.device,
         compute_dtype=args.dtype,
-        stream=StreamConfig(gpu_memory_bytes=args.gpu_memory),
+        stream=StreamConfig(
+            gpu_memory_bytes=args.gpu_memory, host_memory_bytes=getattr(args, "host_memory", None)
+        ),
         codec=CodecConfig(args.codec),
         limits=LimitsConfig(
             max_batch=args.max_batch,

@@ -463,7 +463,9 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
             device,
             dtype,
             base,
-            StreamConfig(gpu_memory_bytes=args.gpu_memory),
+            StreamConfig(
+                gpu_memory_bytes=args.gpu_memory, host_memory_bytes=getattr(args, "host_memory", None)
+            ),
             args.codec,
         )
     except ValueError as exc:

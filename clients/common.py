@@ -87,6 +87,14 @@ def add_runtime_args(p: argparse.ArgumentParser, codec: bool = True, gpu_memory:
             help="device memory budget for weights, e.g. 24GiB; 0 streams every block "
             "(default: keep every block resident)",
         )
+        p.add_argument(
+            "--host-memory",
+            type=size_arg,
+            default=None,
+            metavar="SIZE",
+            help="host RAM budget for the base, e.g. 16GiB: blocks beyond it are read from disk each "
+            "pass, read ahead and dropped behind; 0 reads every block from disk (default: no limit)",
+        )
     if codec:
         p.add_argument(
             "--codec",
@@ -159,7 +167,10 @@ def open_engine(args: argparse.Namespace, limits: Any, tokenizer: Any = None) ->
             model_dir=str(args.model),
             device=args.device,
             compute_dtype=args.dtype,
-            stream=StreamConfig(gpu_memory_bytes=getattr(args, "gpu_memory", None)),
+            stream=StreamConfig(
+                gpu_memory_bytes=getattr(args, "gpu_memory", None),
+                host_memory_bytes=getattr(args, "host_memory", None),
+            ),
             codec=CodecConfig(name=getattr(args, "codec", "none")),
             limits=limits,
         )
@@ -170,6 +181,7 @@ def open_engine(args: argparse.Namespace, limits: Any, tokenizer: Any = None) ->
                 "model_dir": "--model",
                 "compute_dtype": "--dtype",
                 "gpu_memory": "--gpu-memory",
+                "host_memory": "--host-memory",
                 "name": "--codec",
             },
         ) from None

@@ -42,15 +42,20 @@ class StreamConfig:
 
     gpu_memory_bytes: weight budget on the device (None: all free memory; 0: stream every block).
     prefetch_depth: blocks in flight ahead of compute (>= 2 hides the copy behind compute).
+    host_memory_bytes: RAM budget for the read-only base (None: no limit, the page cache decides;
+        0: every block is read from the file each pass, read ahead and dropped behind it).
     """
 
     gpu_memory_bytes: int | None = None
     prefetch_depth: int = 2
     register_host_memory: bool = True
+    host_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 0:
             raise ValueError("gpu_memory must be >= 0 (0 streams every block)")
+        if self.host_memory_bytes is not None and self.host_memory_bytes < 0:
+            raise ValueError("host_memory must be >= 0 bytes (0 reads every block from disk each pass)")
         if not 1 <= self.prefetch_depth <= 8:
             raise ValueError(f"prefetch_depth must be in 1..8, got {self.prefetch_depth}")
 

@@ -2,8 +2,11 @@
 
 Opening reads config.json and the safetensors headers only (a few KB per shard), so
 the time does not grow with the model: tensor data is paged in by the OS when a block
-is first touched. Tensors are views into a private (copy-on-write) mapping, so even a
-stray in-place op can never reach the file on disk.
+is first touched. Tensors are views into a read-only shared mapping (PROT_READ,
+MAP_SHARED): its pages are clean page cache, so a base larger than RAM maps without being
+charged against the commit limit, the kernel can drop and re-read them under memory
+pressure, and a read-only file or mount opens. A write through a view faults (SIGSEGV):
+the base can never be modified.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,14 +101,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 
 class MappedFile:
-    """One file mapped privately: reads page in lazily, writes never reach the disk."""
+    """One file mapped read-only and shared (a base or codec cache), or read-write and shared (a
+    job-owned working copy, whose writes must reach its file)."""
 
     def __init__(self, path: str, writable: bool = False) -> None:
         self.path = path
-        size = os.path.getsize(path)
-        # MAP_PRIVATE (default): copy-on-write, so the base file can never be modified through a
-        # view. MAP_SHARED only for a job-owned working copy, whose writes must reach its file.
-        self.data = torch.from_file(path, shared=writable, size=size, dtype=torch.uint8) if size else None
+        self.size = size = os.path.getsize(path)
+        self.map: mmap.mmap | None = None
+        if not size:
+            self.data = None
+        elif writable:
+            self.data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        else:
+            self.map = map_readonly(path, size)
+            with warnings.catch_warnings():
+                # torch warns that the buffer is not writable: that is the point (a write faults).
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                self.data = torch.frombuffer(self.map, dtype=torch.uint8)
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         assert self.data is not None
@@ -114,8 +128,20 @@ class MappedFile:
         return raw.view(info.dtype).view(info.shape)
 
 
+def map_readonly(path: str, size: int) -> mmap.mmap:
+    """PROT_READ + MAP_SHARED: not charged against the commit limit (a private mapping is, and the
+    kernel refuses one larger than RAM + swap); works on a 0444 file and a read-only mount."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot map {size} bytes read-only ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 def open_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file as read-only-by-contract mmap views (no copy)."""
+    """All tensors of one safetensors file as read-only mmap views (no copy; a write faults)."""
     infos, _ = read_safetensors_header(Path(path))
     mf = MappedFile(str(path))
     return {name: mf.view(info) for name, info in infos.items()}

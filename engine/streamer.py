@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import StreamConfig
+from .host_tier import HostTier, file_spans, read_maps
 from .store import WeightStore
 
 _HOST_REGISTER_READONLY = 8  # cudaHostRegisterReadOnly
@@ -120,6 +121,7 @@ class LayerStreamer:
             budget = int(free * 0.8)
         self.plan = plan_residency(packed, decoded, outer, budget, cfg.prefetch_depth)
         self.stats = StreamStats()
+        self.tier = self._host_tier()
         self._outer = {k: self._to_device(v) for k, v in store.outer().items()}
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         for i in self.plan.resident:
@@ -137,7 +139,10 @@ class LayerStreamer:
         self.stats.passes += 1
         if self._cuda is not None:
             self._cuda.start_pass()
+        tier = self.tier if self._cuda is None else None  # CUDA: _CudaSlots calls it at copy time
         for i in range(self.store.num_layers):
+            if tier is not None:
+                tier.before(i)
             if i in self._resident:
                 yield i, self._resident[i]
             elif self._cuda is not None:
@@ -151,6 +156,8 @@ class LayerStreamer:
                 if i in self._dirty:
                     self._write_back_cpu(i, w)
             self._dirty.discard(i)
+            if tier is not None:
+                tier.after(i)
 
     def mark_dirty(self, i: int) -> None:
         """The caller updated block i's master in place: write it back before reuse."""
@@ -170,13 +177,26 @@ class LayerStreamer:
         return self._resident.get(i)
 
     # ---- internals ---------------------------------------------------------------------------
+    def _host_tier(self) -> HostTier | None:
+        """A host-memory budget on a read-only base: blocks beyond it stream from the file."""
+        if self.cfg.host_memory_bytes is None or self.mutable:
+            return None
+        skip = set(self.plan.resident) if self.cuda else set()  # read once onto the device, never again
+        maps = read_maps()
+        spans = [
+            [] if i in skip else file_spans(self.source(i).values(), maps)
+            for i in range(self.store.num_layers)
+        ]
+        return HostTier(spans, self.store.outer_nbytes(), self.cfg.host_memory_bytes, self.cfg.prefetch_depth)
+
     def _decoded_nbytes(self, i: int) -> int:
         return sum(t.numel() * self.dtype.itemsize for t in self.store.block(i).values())
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.mutable and t.device == self.device and t.dtype == self.dtype:
-            return t  # CPU master: the host working copy itself
-        return t.to(self.device, self.dtype, copy=not self.mutable or self.cuda)
+        # CPU, same dtype: the mapped tensor itself, no copy (a mutable master: the host working copy;
+        # a frozen base: a read-only mapping, where a write faults, so no private copy is needed, and
+        # an outer tensor larger than RAM stays paged). Another device or dtype copies anyway.
+        return t.to(self.device, self.dtype)
 
     def _load_blocking(self, i: int) -> dict[str, torch.Tensor]:
         host = self.source(i)
@@ -212,7 +232,10 @@ class _CudaSlots:
         self.slot_of: dict[int, int] = {}
         self.order = list(owner.plan.streamed)
         self.next_issue = 0
-        self.registered = owner.cfg.register_host_memory and self._register_host()
+        # Under a host budget the tier decides what stays in RAM; registering the whole mapping would pin
+        # all of it, so streamed blocks go through the pinned staging ring (pins depth x slot bytes).
+        # TODO(host tier): register the spans of owner.tier.plan.resident and stage only the rest.
+        self.registered = owner.cfg.register_host_memory and owner.tier is None and self._register_host()
         self.staging = (
             None
             if self.registered
@@ -251,6 +274,9 @@ class _CudaSlots:
         self.next_issue += 1
         self.slot_of[i] = s
         host = self.o.source(i)
+        tier = self.o.tier
+        if tier is not None:
+            tier.before(i)  # its pages are in RAM (read ahead); the staging copies below are synchronous
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[s])
             off = 0
@@ -267,6 +293,8 @@ class _CudaSlots:
             self.staged[s].record(self.copy_stream)
             self.ready[s].record(self.copy_stream)
             self.o.stats.h2d_bytes += off
+        if tier is not None:
+            tier.after(i)
 
     def acquire(self, i: int) -> dict[str, torch.Tensor]:
         s = self.slot_of[i]

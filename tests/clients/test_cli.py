@@ -257,6 +257,21 @@ def test_model_info_kv_cache_share(capsys, model):
     assert len(squeezed["resident_blocks"]) < len(full["resident_blocks"])
 
 
+def test_model_info_host_budget_predicts_the_disk_bound_pass(capsys, model):
+    files = _file_tensors(model)
+    block_bytes = sum(b for k, (_, b) in files.items() if ".layers." in k)
+    argv = ("model", "info", model, "--gpu-memory", "0", "--link-gbps", "10", "--host-memory", "0")
+    info = run_json(capsys, *argv, "--disk-gbps", "2")
+    assert info["disk_blocks"] == [0, 1, 2] and info["disk_bytes_per_pass"] == block_bytes
+    assert not info["disk_rate_measured"]
+    assert info["disk_seconds_per_pass"] == pytest.approx(block_bytes / 2e9, rel=1e-12)
+    assert info["seconds_per_pass"] == pytest.approx(max(block_bytes / 10e9, block_bytes / 2e9), rel=1e-12)
+    measured = run_json(capsys, *argv)  # no --disk-gbps: read the model file to measure the rate
+    assert measured["disk_rate_measured"] and measured["disk_gbps"] > 0
+    roomy = run_json(capsys, "model", "info", model, "--gpu-memory", "0", "--host-memory", "1GiB")
+    assert roomy["disk_blocks"] == [] and roomy["disk_seconds_per_pass"] == 0
+
+
 # ---- train / eval -------------------------------------------------------------------------------
 def _header_size(log: Path) -> int:
     raw = log.read_bytes()

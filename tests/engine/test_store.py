@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -296,19 +299,45 @@ def test_open_reads_headers_only_on_a_sparse_2gb_model(models, tmp_path):
 
 
 # ---- 4. the base file is never written ----------------------------------------------------------
-def test_in_place_op_on_a_view_never_reaches_the_file(models, tmp_path):
+_WRITE_THROUGH_A_VIEW = """
+import sys
+from zostream.engine.store import WeightStore
+t = WeightStore(sys.argv[1]).block(0)["self_attn.q_proj.weight"]
+print("mapped", flush=True)
+t.add_(1)
+print("written", flush=True)
+"""
+
+
+@LINUX_PROC
+def test_a_write_through_a_view_faults_and_never_reaches_the_file(models, tmp_path):
+    # The mapping is PROT_READ: the kernel refuses the store (SIGSEGV), so neither the file nor the
+    # process's own view can change. Run in a child: the fault kills the process that writes.
     d = clone(models["llama"], tmp_path)
     path = d / "model.safetensors"
     before = sha256(path)
     ref = load_file(path)["model.layers.0.self_attn.q_proj.weight"].clone()
-    store = WeightStore(d)
-    t = store.block(0)["self_attn.q_proj.weight"]
-    t.add_(1)
-    assert torch.equal(t, ref + 1)  # the write happened (privately)
-    del t, store
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITE_THROUGH_A_VIEW, str(d)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.split() == ["mapped"], (proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr[-2000:]
     assert sha256(path) == before
-    fresh = WeightStore(d).block(0)["self_attn.q_proj.weight"]
-    assert torch.equal(fresh, ref)
+    assert torch.equal(WeightStore(d).block(0)["self_attn.q_proj.weight"], ref)
+
+
+@LINUX_PROC
+def test_the_base_is_a_read_only_shared_mapping(models):
+    # /proc/self/maps lists the file with "r--s" permissions: read-only, shared (not charged against
+    # the commit limit as a private copy-on-write mapping is).
+    store = WeightStore(models["llama"])
+    t = store.block(0)["self_attn.q_proj.weight"]
+    target = str((models["llama"] / "model.safetensors").resolve())
+    perms = [
+        line.split()[1] for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(target)
+    ]
+    assert perms and set(perms) == {"r--s"}, perms
+    del t
 
 
 # ---- 5. fingerprint -----------------------------------------------------------------------------
