@@ -160,6 +160,6 @@ class PagedView:
         kf[self.write_pos] = k.transpose(1, 2)[self.write_b, self.write_t].to(kf.dtype)
         vf[self.write_pos] = v.transpose(1, 2)[self.write_b, self.write_t].to(vf.dtype)
         # [B,Lk,Hkv,D] -> [B,Hkv,Lk,D], contiguous like the slot cache's slice (same SDPA inputs).
-        k_out = kf[self.read_pos].transpose(1, 2).contiguous().to(k.dtype)
-        v_out = vf[self.read_pos].transpose(1, 2).contiguous().to(v.dtype)
+        k_out = kf[self.read_pos].transpose(1, 2).to(k.dtype)
+        v_out = vf[self.read_pos].transpose(1, 2).to(v.dtype)
         return k_out, v_out

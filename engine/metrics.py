@@ -194,8 +194,7 @@ class Metrics:
         self._get("zostream_h2d_bytes_total", codec).inc(stats.h2d_bytes)
         # Paged KV cache (engine.StepStats): blocks after the pass, bytes the pass moved.
         if hasattr(stats, "kv_blocks_used"):
-            self._get("zostream_kv_blocks", "used").set(stats.kv_blocks_used)
-            self._get("zostream_kv_blocks", "free").set(stats.kv_blocks_free)
+            self.set_kv_blocks(stats.kv_blocks_used, stats.kv_blocks_free)
         for op in KV_OPS:
             self._get("zostream_kv_bytes_total", op).inc(getattr(stats, f"kv_bytes_{op}", 0))
         self._get("zostream_d2h_bytes_total").inc(stats.d2h_bytes)
@@ -275,6 +274,10 @@ class Metrics:
     def set_residency(self, resident: int, streamed: int) -> None:
         self._get("zostream_resident_blocks").set(resident)
         self._get("zostream_streamed_blocks").set(streamed)
+
+    def set_kv_blocks(self, used: int, free: int) -> None:
+        self._get("zostream_kv_blocks", "used").set(used)
+        self._get("zostream_kv_blocks", "free").set(free)
 
     def set_engine_up(self, up: bool) -> None:
         self._get("zostream_engine_up").set(1 if up else 0)

@@ -219,6 +219,7 @@ class App:
                 self.device_name = torch.cuda.get_device_name(engine.device)
             plan = engine.streamer.plan
             self.metrics.set_residency(len(plan.resident), len(plan.streamed))
+            self.metrics.set_kv_blocks(engine.scheduler.kv.used, engine.scheduler.kv.free)
             self.engine = engine
         except Exception as exc:  # noqa: BLE001
             self.engine_error = f"{type(exc).__name__}: {exc}"

@@ -159,3 +159,18 @@ def test_kv_metrics_follow_the_engine(tmp_path):
     assert val(m, "zostream_kv_bytes_total", op="read") > val(m, "zostream_kv_bytes_total", op="written")
     assert used[0] == 2 + 3  # blocks of 4 holding 5 and 11 tokens
     assert used[-1] == 0 and val(m, "zostream_kv_blocks", state="free") == eng.kv_plan.num_blocks
+
+
+def test_cancel_returns_blocks_to_a_waiting_request(tmp_path):
+    d = make_tiny_model(tmp_path, "llama")
+    per = kv_bytes_per_token(3, 2, 8, 4)
+    eng = make_engine(d, kv_block_size=4, kv_memory_bytes=20 * per)  # 5 blocks: one 19-token request
+    eng.submit(greedy("a", PROMPTS[2], 8))
+    eng.submit(greedy("b", PROMPTS[2], 8))
+    eng.step()
+    assert list(eng.scheduler.running) == ["a"] and list(eng.scheduler.waiting) == ["b"]
+    assert eng.scheduler.kv.used == 3  # 11 prompt positions in blocks of 4
+    eng.abort("a")
+    eng.step()
+    assert list(eng.scheduler.running) == ["b"] and not eng.scheduler.waiting
+    assert eng.scheduler.kv.tables["b"] and "a" not in eng.scheduler.kv.tables
