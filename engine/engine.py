@@ -427,10 +427,6 @@ def _replace(obj, **kw):
     return dataclasses.replace(obj, **kw)
 
 
-def _allocator(plan: KVPlan) -> BlockAllocator:
-    return BlockAllocator(plan.num_blocks, plan.block_size)
-
-
 def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any) -> tuple[KVPlan, Any]:
     """The KV pool's plan, and the stream config whose budget is what the pool leaves for weights."""
     kv_heads = getattr(spec, "kv_heads", spec.heads)
