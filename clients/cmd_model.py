@@ -116,10 +116,16 @@ def _register_info(model_sub: argparse._SubParsersAction) -> None:
 
 def _add_kv_args(p: argparse.ArgumentParser) -> None:
     """The KV-cache limits `serve` takes: the plan's KV share depends on them."""
+    from zostream import defaults
     from zostream.clients.common import positive_int, size_arg
 
     p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (default 16)")
-    p.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest prompt + generation")
+    p.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=defaults.SERVER_MAX_SEQ_LEN,
+        help=f"longest prompt + generation (default {defaults.SERVER_MAX_SEQ_LEN})",
+    )
     p.add_argument(
         "--kv-memory",
         type=size_arg,
