@@ -5,7 +5,9 @@ Every call carries the API key as `authorization: Bearer KEY` metadata and a dea
 never cut short). UNAVAILABLE (server down, restarting, overloaded listener) is retried with
 exponential backoff: unary calls at any time, streams only before their first message, so a retry
 never duplicates output. StreamJobEvents is the exception: it resumes after a drop from the last
-event id it saw, which the API makes exact. Other failures raise ZostreamError(code, message).
+event id it saw, which the API makes exact. Other failures raise a ZostreamError subclass per status
+code (InvalidArgumentError, NotFoundError, ...) carrying the status details: reason, field
+violations, retry advice (clients/errors.py).
 Messages come back as dicts (proto field names, enums as names, 64-bit integers as ints),
 generation output as the frozen dataclasses below.
 """
@@ -26,6 +28,20 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from zostream.clients.errors import (  # noqa: F401 - re-exported: the client's exceptions
+    AlreadyExistsError,
+    FailedPreconditionError,
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    ZostreamError,
+    error,
+    from_rpc_error,
+)
 from zostream.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -47,15 +63,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
 ]
 PathOrBytes = str | os.PathLike[str] | bytes
-
-
-class ZostreamError(Exception):
-    """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` its details."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -94,10 +101,7 @@ def to_dict(msg: Message) -> dict[str, Any]:
     )
 
 
-def _error(exc: grpc.RpcError) -> ZostreamError:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else None
-    return ZostreamError(code.name if code is not None else "UNKNOWN", details or str(exc))
+_error = from_rpc_error
 
 
 def _enum(enum: Any, prefix: str, value: str | int, what: str) -> int:
@@ -125,7 +129,7 @@ def _finish_reason(value: int) -> str:
 
 def _check_engine_error(r: generation_pb2.GenerateResponse) -> None:
     if r.finish_reason == generation_pb2.FINISH_REASON_ERROR:
-        raise ZostreamError(r.error.code or "INTERNAL", r.error.message or "generation failed in the engine")
+        raise error(r.error.code or "INTERNAL", r.error.message or "generation failed in the engine")
 
 
 def _chunks(data: PathOrBytes) -> Iterator[bytes]:
@@ -209,8 +213,10 @@ class ZostreamClient:
         self.close()
 
     # ---- call plumbing -------------------------------------------------------------------------
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(min(self.backoff_s * 2**attempt, _BACKOFF_CAP_S))
+    def _sleep(self, attempt: int, exc: ZostreamError | None = None) -> None:
+        """Exponential backoff, at least the server's RetryInfo advice (both capped)."""
+        hint = exc.retry_after_s if exc is not None and exc.retry_after_s is not None else 0.0
+        time.sleep(min(max(self.backoff_s * 2**attempt, hint), _BACKOFF_CAP_S))
 
     def _unary(
         self, method: Callable[..., Any], request: Any | Callable[[], Any], timeout: float | None = None
@@ -221,9 +227,10 @@ class ZostreamClient:
             try:
                 return method(req, metadata=self._metadata, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
+                err = _error(exc)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise _error(exc) from None
-            self._sleep(attempt)
+                    raise err from None
+            self._sleep(attempt, err)
         raise AssertionError("unreachable")
 
     def _stream(
@@ -243,11 +250,12 @@ class ZostreamClient:
                     yield msg
                 return
             except grpc.RpcError as exc:
+                err = _error(exc)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or received or attempt >= self.retries:
-                    raise _error(exc) from None
+                    raise err from None
             finally:
                 call.cancel()  # no-op after the end; aborts the server's work when the caller stops early
-            self._sleep(attempt)
+            self._sleep(attempt, err)
             attempt += 1
 
     def _pages(self, method: Callable[..., Any], request: Any, field: str) -> Iterator[dict[str, Any]]:
@@ -362,7 +370,7 @@ class ZostreamClient:
                 ids.extend(r.token_ids)
                 last = r
         if last is None or last.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED:
-            raise ZostreamError("INTERNAL", "the server ended the Generate stream without a final message")
+            raise error("INTERNAL", "the server ended the Generate stream without a final message")
         return GenerateResult(
             text="".join(text),
             token_ids=tuple(ids),

@@ -178,7 +178,9 @@ class Engine:
             # a request that is accepted and then fails. Only the engine thread shrinks this sum.
             queued = len(self.scheduler.waiting) + self._admitting
             if queued >= self.limits.max_waiting:
-                raise ResourceExhaustedError(f"{queued} requests are already waiting; retry later", "request")
+                raise ResourceExhaustedError(
+                    f"{queued} requests are already waiting; retry later", "request", reason="QUEUE_FULL"
+                )
             self._admitting += 1
             self._inbox.append(lambda: self._admit(req, seed))
         self._wake.set()

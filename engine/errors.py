@@ -7,13 +7,25 @@ class RequestError(ValueError):
     """Bad input from a caller: the request is refused, the engine keeps running.
 
     `field` names the offending field (dotted path) so servers can map it to
-    INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION with a precise message.
+    INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION with a precise message. `reason` is a stable
+    UPPER_SNAKE code a client can branch on (default: the status code's name); `retry_after_s` how
+    long a client should wait before retrying (RESOURCE_EXHAUSTED / UNAVAILABLE; None: not retryable
+    or no advice).
     """
 
-    def __init__(self, message: str, field: str = "", code: str = "INVALID_ARGUMENT") -> None:
+    def __init__(
+        self,
+        message: str,
+        field: str = "",
+        code: str = "INVALID_ARGUMENT",
+        reason: str = "",
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.field = field
         self.code = code
+        self.reason = reason or code
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         msg = super().__str__()
@@ -31,8 +43,10 @@ class PreconditionError(RequestError):
 
 
 class ResourceExhaustedError(RequestError):
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message, field, code="RESOURCE_EXHAUSTED")
+    def __init__(
+        self, message: str, field: str = "", reason: str = "", retry_after_s: float | None = 1.0
+    ) -> None:
+        super().__init__(message, field, "RESOURCE_EXHAUSTED", reason, retry_after_s)
 
 
 class ModelError(ValueError):

@@ -80,7 +80,9 @@ class Scheduler:
         self.check_fits(prompt_len, max_new_tokens)
         if len(self.waiting) >= self.limits.max_waiting:
             raise ResourceExhaustedError(
-                f"{len(self.waiting)} requests are already waiting; retry later", field="request"
+                f"{len(self.waiting)} requests are already waiting; retry later",
+                field="request",
+                reason="QUEUE_FULL",
             )
         self.waiting.append(request_id)
         self.lengths[request_id] = prompt_len

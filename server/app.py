@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zostream.engine.config import EngineConfig
-from zostream.engine.errors import PreconditionError, RequestError
+from zostream.engine.errors import RequestError
 from zostream.engine.jobs import JobStore
 from zostream.v1 import (
     adapters_pb2,
@@ -32,6 +32,7 @@ from zostream.v1 import (
     generation_pb2_grpc,
 )
 
+from . import status as S
 from .servicers import Adapters, FineTuning, TextGeneration
 
 log = logging.getLogger("zostream.server")
@@ -87,7 +88,8 @@ async def _parse(parse, raw: bytes, context):
     try:
         return parse(raw)
     except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {exc}")
+        msg = f"the request is not a valid message: {exc}"
+        await S.abort(context, S.rich_status("INVALID_ARGUMENT", msg, "MALFORMED_REQUEST"))
 
 
 def _parsing(handler):
@@ -128,11 +130,13 @@ def _parsing(handler):
 def _deny(handler):
     msg = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
 
+    st = S.rich_status("UNAUTHENTICATED", msg, "API_KEY_INVALID")
+
     async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+        await S.abort(context, st)
 
     async def stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+        await S.abort(context, st)
         yield  # pragma: no cover
 
     kw = {
@@ -172,12 +176,19 @@ class App:
     def ready_engine(self):
         if self.engine is None:
             if self.engine_error:
-                raise PreconditionError(f"the engine failed to start: {self.engine_error}", "server")
+                raise RequestError(
+                    f"the engine failed to start: {self.engine_error}",
+                    "server",
+                    code="FAILED_PRECONDITION",
+                    reason="ENGINE_FAILED",
+                )
             # UNAVAILABLE: transient, clients retry it (FAILED_PRECONDITION tells them not to).
             raise RequestError(
                 "the engine is still loading the model; retry when health is SERVING",
                 "server",
                 code="UNAVAILABLE",
+                reason="ENGINE_LOADING",
+                retry_after_s=2.0,
             )
         return self.engine
 

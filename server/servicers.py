@@ -28,6 +28,7 @@ from zostream.v1 import (
 )
 
 from . import convert as C
+from . import status as S
 
 CHUNK = 1 << 20
 MAX_LOG_BYTES = 64 * 2**20
@@ -55,11 +56,15 @@ def rpc(fn):
 
     async def fail(exc: Exception, context) -> None:
         if isinstance(exc, RequestError):
-            await context.abort(_CODES.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            if exc.code not in _CODES:
+                exc.code = "INVALID_ARGUMENT"
+            await S.abort(context, S.from_request_error(exc))
         if isinstance(exc, OSError) and exc.errno in _DISK:  # the data dir, not the request: no paths
             code, why = _DISK[exc.errno]
-            await context.abort(code, f"the server cannot write its data directory ({why}); retry later")
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            msg = f"the server cannot write its data directory ({why}); retry later"
+            reason = "DISK_FULL" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "DATA_DIR_NOT_WRITABLE"
+            await S.abort(context, S.rich_status(code.name, msg, reason, retry_after_s=30.0))
+        await S.abort(context, S.rich_status("INTERNAL", f"internal error: {type(exc).__name__}", "INTERNAL"))
 
     if inspect.isasyncgenfunction(fn):
 
@@ -100,12 +105,18 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         engine = self.app.ready_engine()
         if self.app.draining:
             raise RequestError(
-                "the server is shutting down; retry on another replica", "request", code="UNAVAILABLE"
+                "the server is shutting down; retry on another replica",
+                "request",
+                code="UNAVAILABLE",
+                reason="SERVER_DRAINING",
+                retry_after_s=1.0,
             )
         req = C.generate_request(request, engine, context.time_remaining())
         if len(self.app.inflight) >= self.app.max_inflight:
             raise ResourceExhaustedError(
-                f"{len(self.app.inflight)} requests in flight; retry later", "request"
+                f"{len(self.app.inflight)} requests in flight; retry later",
+                "request",
+                reason="TOO_MANY_IN_FLIGHT",
             )
         if req.request_id in self.app.inflight:  # Abort addresses requests by id: ids must be unique
             raise RequestError(
@@ -267,7 +278,11 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
                 raise NotFoundError(str(exc).split(": ", 1)[-1], "validation_dataset") from None
         if self.app.draining:
             raise RequestError(
-                "the server is shutting down; retry on another replica", "request", code="UNAVAILABLE"
+                "the server is shutting down; retry on another replica",
+                "request",
+                code="UNAVAILABLE",
+                reason="SERVER_DRAINING",
+                retry_after_s=1.0,
             )
         rec, _created = self.jobs.create(spec)
         engine.call_soon(lambda: None)  # wake the engine loop
@@ -362,7 +377,12 @@ async def _read_upload(request_iterator, key: str, limit: int, what: str, check=
         elif which == "chunk":
             buf += part.chunk
             if len(buf) > limit:
-                raise ResourceExhaustedError(f"{what} are limited to {limit} bytes", "chunk")
+                raise ResourceExhaustedError(
+                    f"{what} are limited to {limit} bytes",
+                    "chunk",
+                    reason="UPLOAD_TOO_LARGE",
+                    retry_after_s=None,
+                )
         else:
             raise RequestError("metadata may only be sent first", "metadata")
     if meta is None:

@@ -42,6 +42,7 @@ from tests.server.conftest import (
     thread_server,
     unready_thread_server,
 )
+from zostream.clients.errors import status_details
 from zostream.engine.engine import Engine
 from zostream.engine.generation import GenerateRequest, StopParams
 from zostream.engine.metrics import Metrics
@@ -708,6 +709,12 @@ def test_bad_request(server: ThreadServer, stubs: Stubs, finished_job: dict[str,
         call(stubs, finished_job["job"].id)
     details = exc.value.details()
     assert (exc.value.code(), field in details) == (code, True), details
+    # The status details (google.rpc.Status): an ErrorInfo always, a BadRequest naming the field path.
+    rich = status_details(exc.value.trailing_metadata())
+    assert rich.get("reason"), rich
+    path = field.split(":")[0]
+    if re.fullmatch(r"[\w.\[\]]+", path):
+        assert [v.field for v in rich.get("field_violations", ())] == [path], rich
     assert (
         server.cfg.data_dir not in details and server.cfg.engine.model_dir not in details
     )  # no server paths
