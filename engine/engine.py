@@ -300,7 +300,8 @@ class Engine:
             bad = (~torch.isfinite(wl.logits).all(dim=-1)).tolist()  # [B]
             if any(bad):
                 wl.logits = torch.where(torch.tensor(bad, device=wl.logits.device)[:, None], 0.0, wl.logits)
-            for s, tok, nan in zip(wl.seqs, wl.sample(), bad, strict=True):
+            toks = wl.sample()
+            for s, tok, nan, lp in zip(wl.seqs, toks, bad, wl.logprobs(toks), strict=True):
                 if s.finish is not None:
                     continue  # aborted during the pass
                 if nan:
@@ -319,7 +320,14 @@ class Engine:
                 _emit(
                     s.req,
                     TokenEvent(
-                        s.req.request_id, (tok,), delta, None, len(s.req.prompt_ids), len(s.output), s.seed
+                        s.req.request_id,
+                        (tok,),
+                        delta,
+                        None,
+                        len(s.req.prompt_ids),
+                        len(s.output),
+                        s.seed,
+                        logprobs=(lp,) if lp is not None else (),
                     ),
                 )
                 if reason is not None:

@@ -46,6 +46,16 @@ class StopParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (float32 log-softmax of the raw logits:
+    before repetition penalty, temperature, top-k/top-p), and the `top` most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What a request's callback receives: new token ids + text, and the end when finished."""
 
@@ -57,6 +67,7 @@ class TokenEvent:
     completion_tokens: int = 0
     seed: int = 0
     error: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
 
 @dataclass
@@ -68,6 +79,7 @@ class GenerateRequest:
     adapter_id: str = ""
     callback: Callable[[TokenEvent], None] | None = None
     arrival: float = field(default_factory=time.monotonic)
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
 
 
 class Detokenizer:
@@ -225,3 +237,18 @@ class GenerationWorkload:
         for s, n in zip(self.seqs, self.lens.tolist(), strict=True):
             s.num_cached += n
         return toks.tolist()
+
+    def logprobs(self, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Per sequence: the chosen token's logprob and its request's top-k, or None if not asked."""
+        ks = [s.req.logprobs for s in self.seqs]
+        if all(k is None for k in ks):
+            return [None] * len(ks)
+        lsm = torch.log_softmax(self.logits.float(), dim=-1)  # [B, V]
+        chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])[:, 0].tolist()  # [B]
+        kmax = max(k for k in ks if k is not None)
+        top_v, top_i = lsm.topk(kmax, dim=-1) if kmax else (lsm[:, :0], lsm[:, :0].long())  # [B, kmax]
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return [
+            None if k is None else TokenLogprob(t, c, tuple(zip(top_i[b][:k], top_v[b][:k], strict=True)))
+            for b, (k, t, c) in enumerate(zip(ks, tokens, chosen, strict=True))
+        ]

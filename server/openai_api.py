@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from zostream.engine.errors import RequestError
-from zostream.engine.generation import FinishReason, TokenEvent
+from zostream.engine.generation import FinishReason, TokenEvent, TokenLogprob
 
 from . import openai_params as P
 from .http_app import error_sse, read_json
@@ -79,6 +79,42 @@ def _models(app: Any) -> list[dict]:
     return out
 
 
+class _Logprobs:
+    """Engine TokenLogprobs -> OpenAI's logprobs objects (chat: `content`; completions: parallel lists)."""
+
+    FLOOR = -9999.0  # JSON has no -inf: a token the model rules out entirely
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tok, self.chat = tokenizer, chat
+        self.texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self.texts:
+            self.texts[token_id] = self.tok.decode([token_id])
+        return self.texts[token_id]
+
+    def format(self, lps: list[TokenLogprob], offset: int = 0) -> dict | None:
+        if not lps and not self.chat:
+            return None
+        if self.chat:
+            return {"content": [self._entry(x.token_id, x.logprob, x.top) for x in lps], "refusal": None}
+        tokens = [self.text(x.token_id) for x in lps]
+        offsets = [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [max(x.logprob, self.FLOOR) for x in lps],
+            "top_logprobs": [{self.text(i): max(v, self.FLOOR) for i, v in x.top} for x in lps],
+            "text_offset": offsets,
+        }
+
+    def _entry(self, token_id: int, logprob: float, top: tuple = ()) -> dict:
+        t = self.text(token_id)
+        out = {"token": t, "logprob": max(logprob, self.FLOOR), "bytes": list(t.encode())}
+        if top is not None:
+            out["top_logprobs"] = [self._entry(i, v, None) for i, v in top]
+        return out
+
+
 class _Choice:
     """One choice's text (stop strings cut), token count, finish and logprobs as events arrive."""
 
@@ -86,8 +122,11 @@ class _Choice:
         self.trim = StopTrim(stops)
         self.text: list[str] = []
         self.final: TokenEvent | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.unsent = 0  # logprobs not yet sent in a stream chunk
 
     def add(self, ev: TokenEvent) -> str:
+        self.logprobs.extend(ev.logprobs)
         piece = self.trim.feed(ev.text)
         if ev.finish_reason is not None:
             if ev.finish_reason is FinishReason.ERROR:
@@ -109,8 +148,6 @@ def _usage(plan: P.GenPlan, choices: list[_Choice]) -> dict[str, int]:
 
 
 async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
-    if plan.top_logprobs is not None:
-        raise RequestError("is not supported by this server yet", "logprobs")
     try:
         run = Run(app, plan.requests)  # admission errors are HTTP errors: no response has started
     except RequestError as exc:
@@ -124,44 +161,52 @@ async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
         "model": plan.model,
         "system_fingerprint": "zostream-" + app.engine.store.fingerprint[:16],
     }
+    lp = _Logprobs(app.engine.tokenizer, chat) if plan.top_logprobs is not None else None
     if plan.stream:
         return StreamingResponse(
-            _sse(run, plan, choices, head, chat), media_type="text/event-stream", headers=SSE_HEADERS
+            _sse(run, plan, choices, head, lp), media_type="text/event-stream", headers=SSE_HEADERS
         )
     async for i, ev in run.events():
         choices[i].add(ev)
     out = []
     for i, c in enumerate(choices):
         text = "".join(c.text)
+        echo = plan.echo[i // plan.n] if plan.echo else ""
+        logprobs = lp.format(c.logprobs, len(echo)) if lp else None
         if chat:
             out.append(
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": c.finish,
                 }
             )
         else:
-            if plan.echo:
-                text = plan.echo[i // plan.n] + text
-            out.append({"index": i, "text": text, "logprobs": None, "finish_reason": c.finish})
+            out.append({"index": i, "text": echo + text, "logprobs": logprobs, "finish_reason": c.finish})
     return JSONResponse({**head, "choices": out, "usage": _usage(plan, choices)})
 
 
 async def _sse(
-    run: Run, plan: P.GenPlan, choices: list[_Choice], head: dict, chat: bool
+    run: Run, plan: P.GenPlan, choices: list[_Choice], head: dict, lp: _Logprobs | None
 ) -> AsyncIterator[bytes]:
+    chat = head["object"] == "chat.completion"
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    sent = [0] * len(choices)  # characters sent per choice (completions' text_offset)
 
     def chunk(i: int, piece: str | None, finish: str | None, role: bool = False) -> bytes:
+        logprobs = None
+        if lp is not None and not role:  # the tokens that arrived since the last chunk
+            c = choices[i]
+            logprobs, c.unsent = lp.format(c.logprobs[c.unsent :], sent[i]), len(c.logprobs)
+        sent[i] += len(piece or "")
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if piece:
                 delta["content"] = piece
-            c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            c = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            c = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            c = {"index": i, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
         body = {**head, "choices": [c]}
         if plan.include_usage:
             body["usage"] = None

@@ -241,7 +241,9 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
             if max_new is not None:
                 pb.stopping.max_new_tokens = max_new
             pb.stopping.stop.extend(stop)
-            reqs.append(_convert(pb, engine, max_name))
+            req = _convert(pb, engine, max_name)
+            req.logprobs = top
+            reqs.append(req)
     include_usage = bool(stream and opts and opts.get("include_usage"))
     return GenPlan(str(model), reqs, n, stream, include_usage, stop, top, max_name=max_name)
 

@@ -54,17 +54,26 @@ def http_requests(server: ThreadServer, reason: str) -> float:
     return server.app.metrics.registry.get_sample_value("zostream_requests_total", labels) or 0
 
 
-def test_chat_answers_paris_like_transformers(client: openai.OpenAI, base: str, demo_model: Path) -> None:
+@pytest.fixture(scope="module")
+def hf(demo_model: Path):
+    """transformers' tokenizer and fp32 model: the independent reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    return tok, AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+
+
+def prompt_ids(tok) -> list[int]:
+    return list(tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def test_chat_answers_paris_like_transformers(client: openai.OpenAI, base: str, hf) -> None:
+    tok, ref = hf
     r = client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=24)
     text = r.choices[0].message.content
     assert "Paris" in text
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = ids["input_ids"]
-    ref = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(tok)])
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
     assert text == tok.decode(out, skip_special_tokens=True)
@@ -72,6 +81,38 @@ def test_chat_answers_paris_like_transformers(client: openai.OpenAI, base: str, 
     assert r.usage.completion_tokens == len(out)
     assert r.usage.total_tokens == ids.shape[1] + len(out)
     assert r.choices[0].finish_reason == ("stop" if out[-1] == tok.eos_token_id else "length")
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 3}])
+def test_logprobs_match_transformers(client: openai.OpenAI, base: str, hf, sampling: dict) -> None:
+    tok, ref = hf
+    r = client.chat.completions.create(
+        model=base, messages=QUESTION, max_tokens=10, logprobs=True, top_logprobs=3, **sampling
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    ids = tok(r.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    ids += [tok.eos_token_id] * (len(content) - len(ids))  # an EOS at the end has no text
+    assert [c.token for c in content] == [tok.decode([i]) for i in ids]  # the tokens line up
+    prompt = prompt_ids(tok)
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    want = torch.log_softmax(logits, dim=-1)  # [T, V]
+    got = torch.tensor([c.logprob for c in content])
+    torch.testing.assert_close(got, want.gather(1, torch.tensor(ids)[:, None])[:, 0], rtol=0, atol=1e-4)
+    top_v, top_i = want.topk(3, dim=-1)
+    for c, v, i in zip(content, top_v, top_i, strict=True):
+        assert [t.token for t in c.top_logprobs] == [tok.decode([j]) for j in i.tolist()]
+        torch.testing.assert_close(torch.tensor([t.logprob for t in c.top_logprobs]), v, rtol=0, atol=1e-4)
+    streamed = client.chat.completions.create(
+        model=base, messages=QUESTION, max_tokens=10, logprobs=True, top_logprobs=3, stream=True, **sampling
+    )
+    chunks = [
+        x.logprob
+        for ch in streamed
+        for x in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])
+    ]
+    assert chunks == [c.logprob for c in content]
 
 
 def test_stream_concatenates_to_the_non_streamed_text(client: openai.OpenAI, base: str) -> None:

@@ -245,3 +245,29 @@ def test_tls_with_the_grpc_certificate(model_dir: Path, tmp_path: Path) -> None:
         assert r.choices[0].text
         with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_completion_logprobs_match_transformers(client: openai.OpenAI, model: str, model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, temperature=0.7, seed=2, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.convert_tokens_to_ids(lp.tokens)
+    prompt = [5, 17, 3, 42]
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1], dim=-1)
+    torch.testing.assert_close(
+        torch.tensor(lp.token_logprobs), want.gather(1, torch.tensor(ids)[:, None])[:, 0], rtol=0, atol=1e-4
+    )
+    for top, row in zip(lp.top_logprobs, want, strict=True):
+        v, i = row.topk(2)
+        assert list(top) == tok.convert_ids_to_tokens(i.tolist())
+        torch.testing.assert_close(torch.tensor(list(top.values())), v, rtol=0, atol=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
