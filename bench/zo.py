@@ -123,7 +123,6 @@ def base_streamer(
         sc,
         source=cache.block,
         decoder=lambda packed, dev, dt: decode_block(c, packed, dev, dt),
-        packed_nbytes=cache.block_nbytes,
     )
 
 

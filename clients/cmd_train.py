@@ -452,6 +452,8 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
         validate_dataset(ds, cfg)
     except ValueError as exc:
         raise UsageError(f"--data: {str(exc).removeprefix('training_dataset: ')}") from None
+    from zostream.engine.engine import emu_device
+
     device, dtype, base, store = _base(args, cfg, store, tok)
     try:
         tr = open_trainer(
@@ -467,6 +469,7 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
                 gpu_memory_bytes=args.gpu_memory, host_memory_bytes=getattr(args, "host_memory", None)
             ),
             args.codec,
+            emu=emu_device(args.device),
         )
     except ValueError as exc:
         raise usage_error(exc, {"codec": "--codec"}, "--out") from None

@@ -17,7 +17,7 @@ from typing import Any
 from zostream.clients.cli import UsageError
 from zostream.engine.config import CODECS, COMPUTE_DTYPES, parse_size
 
-DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_RE = re.compile(r"auto|cpu|emu|cuda(:\d+)?")
 
 
 # ---- argument types (argparse turns ArgumentTypeError into "argument --flag: msg", exit 2) --------
@@ -59,7 +59,7 @@ seed_int = _number(int, 0, 2**63 - 1, what="an integer in [0, 2^63)")
 
 def device_arg(text: str) -> str:
     if not DEVICE_RE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, emu, cuda or cuda:N, got {text!r}")
     return text
 
 
@@ -69,8 +69,8 @@ def add_runtime_args(p: argparse.ArgumentParser, codec: bool = True, gpu_memory:
         "--device",
         type=device_arg,
         default="auto",
-        metavar="auto|cpu|cuda[:N]",
-        help="compute device (default: auto, CUDA when available)",
+        metavar="auto|cpu|emu|cuda[:N]",
+        help="compute device (default: auto, CUDA when available; emu: CPU memory playing a GPU)",
     )
     p.add_argument(
         "--dtype",

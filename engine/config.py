@@ -102,7 +102,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: str
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | emu (CPU memory playing a GPU: engine/emu.py)
     compute_dtype: str = "auto"  # auto: the model's dtype
     stream: StreamConfig = field(default_factory=StreamConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -115,8 +115,8 @@ class EngineConfig:
             raise ValueError(
                 f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
             )
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|emu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, emu, cuda or cuda:N, got {self.device!r}")
 
 
 METHODS = ("full", "lora")

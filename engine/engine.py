@@ -60,12 +60,24 @@ class StepStats:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The compute device; "emu" computes on the CPU (its emulated memory: emu_device(name))."""
+    if name == "emu":
+        return torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RequestError("device cuda was asked for but CUDA is not available; use --device cpu", "device")
     return dev
+
+
+def emu_device(name: str) -> Any:
+    """The process's emulated device for --device emu, else None."""
+    if name != "emu":
+        return None
+    from .emu import shared_device
+
+    return shared_device()
 
 
 def load_tokenizer(model_dir: str) -> Any:
@@ -114,8 +126,9 @@ class Engine:
         self._wake = threading.Event()
 
     def _base_streamer(self) -> LayerStreamer:
+        emu = emu_device(self.cfg.device)
         if self.codec_cache is None:
-            return LayerStreamer(self.store, self.device, self.dtype, self.stream_cfg)
+            return LayerStreamer(self.store, self.device, self.dtype, self.stream_cfg, emu=emu)
         from .codecs import decode_block
 
         cc = self.codec_cache
@@ -126,7 +139,7 @@ class Engine:
             self.stream_cfg,
             source=cc.block,
             decoder=lambda packed, dev, dt: decode_block(self.codec, packed, dev, dt),
-            packed_nbytes=cc.block_nbytes,
+            emu=emu,
         )
 
     # ---- the loop -----------------------------------------------------------------------------

@@ -71,11 +71,14 @@ def open_trainer(
     pad_id: int,
     device: torch.device,
     compute_dtype: torch.dtype,
-    base_streamer: LayerStreamer,
+    base_streamer: LayerStreamer | None,
     stream_cfg: StreamConfig,
     codec_name: str = "none",
+    emu: Any = None,
 ) -> ZOTrainer:
-    """Create the job's files on first open; on later opens resume from the last logged step."""
+    """Create the job's files on first open; on later opens resume from the last logged step.
+    emu: the emulated device a full-parameter job streams its masters through (default: the base
+    streamer's; None with no base streamer: cpu or cuda by `device`)."""
     if cfg.method == "full" and codec_name != "none":
         raise PreconditionError(
             f"a full-parameter job cannot read its weights through the lossy {codec_name} codec (tiny ZO "
@@ -126,7 +129,20 @@ def open_trainer(
         tr.applied = [at] * tr.trainable.num_groups
         return tr
     wc = WorkingCopy(job / "working", store, master)
-    streamer = LayerStreamer(wc.store, device, master, stream_cfg, mutable=True)
+
+    def on_write_back(g: int, upto: int, landed: bool) -> None:
+        # Before the copy: the torn mark (a kill mid-copy rebuilds the group); once landed: the counter.
+        (wc.end_write if landed else wc.begin_write)(g, upto - 1)
+
+    streamer = LayerStreamer(
+        wc.store,
+        device,
+        master,
+        stream_cfg,
+        mutable=True,
+        emu=emu if emu is not None else getattr(base_streamer, "emu", None),
+        on_write_back=on_write_back,
+    )
 
     def groups(g: int, w: dict | None) -> dict[str, torch.Tensor]:
         if w is not None:

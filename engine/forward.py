@@ -33,8 +33,9 @@ def run_pass(streamer: LayerStreamer, workloads: list[Workload]) -> None:
     outer = streamer.outer()
     for wl in workloads:
         wl.begin(outer)
-    for i, w in streamer.blocks():
-        for wl in workloads:
-            wl.block(i, w)
+    with streamer.open_pass() as blocks:  # releases (and writes back) even when a workload raises
+        for i, w in blocks:
+            for wl in workloads:
+                wl.block(i, w)
     for wl in workloads:
         wl.end(outer)

@@ -1,43 +1,75 @@
-"""LayerStreamer: the ONLY owner of CUDA streams, events, pinned/registered host memory
-and device weight slots.
+"""LayerStreamer: the ONLY owner of device streams, events, registered host memory, weight slots
+and write-back (docs/ARCHITECTURE.md follows one tensor through it).
 
 A pass asks for blocks 0..L-1 in order. Blocks that fit the budget are resident
-(decoded once, kept on the device); the rest stream through `prefetch_depth`
-preallocated slots: H2D copies run on a copy stream up to `depth` blocks ahead, the
-compute stream waits on a per-slot "ready" event, and the copy stream waits on a
-per-slot "free" event before overwriting a slot. The host never synchronises.
+(decoded once, kept on the device); the rest stream through `depth` preallocated slots:
+H2D copies run on their own stream up to `depth` blocks ahead, compute waits on a per-slot
+"ready" event, and the H2D stream waits on a per-slot "free" event before overwriting a slot.
+Write-back (D2H) runs on a second stream, so uploads and write-backs overlap.
 
-On a CPU device the same code runs with no copies: the host tensors (mmap views or
-codec-packed views) are decoded straight into compute tensors.
+Three device kinds, one code path for the two that copy:
+- cuda: a GPU (cuda_device.CudaDevice);
+- emu: CPU memory playing a GPU (emu.EmuDevice): real copies into separate buffers, asynchronous
+  copy engines, CUDA event semantics; what the tests use to run the GPU's path without one;
+- cpu: no copies at all: host tensors (mmap views or codec-packed views) are decoded straight into
+  compute tensors, and a mutable block IS the host working copy.
 
 Two modes:
 - frozen (generation, LoRA jobs): blocks are decoded to the compute dtype;
-- mutable (full-parameter jobs): blocks are the MASTER tensors on the device, in the
-  master dtype; the caller updates them in place and `mark_dirty(i)` schedules the
-  D2H write-back into the host working copy (a shared mmap) before the slot is reused.
+- mutable (full-parameter jobs): blocks are the MASTER tensors on the device, in the master dtype.
+  The caller updates them in place and `mark_dirty(group, tag)`s them; a streamed block is written
+  back when it is released, resident blocks and the outer tensors at `flush()`. The write-back hook
+  is called with (group, tag, landed=False) before the host copy is touched and (group, tag,
+  landed=True) once the copy has landed there: the owner moves its durable counters in the hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from . import cuda_device
 from .config import StreamConfig
 from .host_tier import HostTier, file_spans, read_maps
 from .store import WeightStore
 
-_HOST_REGISTER_READONLY = 8  # cudaHostRegisterReadOnly
-_HOST_REGISTER_DEFAULT = 0
+OUTER = 0  # group of the outer tensors; block i is group i + 1 (the trainer's and the counters' index)
+SLOT_ALIGN = 256  # tensors start at 256-byte offsets inside a slot (what vectorised kernels expect)
+
+
+def group_of_block(i: int) -> int:
+    return i + 1
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where block tensors sit in a slot: (name, byte offset, nbytes) each, and the bytes the slot needs."""
+
+    items: tuple[tuple[str, int, int], ...]
+    nbytes: int
+
+
+def slot_layout(tensors: dict[str, torch.Tensor], align: int = SLOT_ALIGN) -> SlotLayout:
+    """The one layout helper: slots are sized by it and filled and viewed through it."""
+    off, items = 0, []
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        items.append((name, off, n))
+        off = _align(off + n, align)
+    return SlotLayout(tuple(items), off)
 
 
 @dataclass(frozen=True)
 class ResidencyPlan:
     resident: tuple[int, ...]
     streamed: tuple[int, ...]
-    slot_bytes: int  # bytes of one streaming slot (largest packed streamed block)
+    slot_bytes: int  # bytes of one streaming slot (largest slot layout of a streamed block)
     resident_bytes: int
     budget: int | None
 
@@ -53,6 +85,7 @@ def plan_residency(
 
     Resident blocks come first so the first streamed blocks prefetch behind them.
     budget None: everything resident; 0: every block streams (outer weights always stay).
+    packed_bytes are slot sizes (slot_layout(...).nbytes for the host tensors of each block).
     """
     n = len(packed_bytes)
     if budget is None:
@@ -88,6 +121,16 @@ class StreamStats:
 
 BlockSource = Callable[[int], dict[str, torch.Tensor]]  # host tensors of block i (packed or raw)
 BlockDecoder = Callable[[dict[str, torch.Tensor], torch.device, torch.dtype], dict[str, torch.Tensor]]
+WriteBackHook = Callable[[int, Any, bool], None]  # (group, tag, landed)
+_CLEAN = object()
+
+
+def _nbytes(ts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts.values())
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
 
 
 class LayerStreamer:
@@ -99,9 +142,12 @@ class LayerStreamer:
         cfg: StreamConfig,
         source: BlockSource | None = None,
         decoder: BlockDecoder | None = None,
-        packed_nbytes: Callable[[int], int] | None = None,
         mutable: bool = False,
+        emu: Any = None,
+        on_write_back: WriteBackHook | None = None,
     ) -> None:
+        """device: where compute runs (cpu for emu). emu: an emu.EmuDevice to play the GPU on the CPU.
+        on_write_back: the mutable owner's counter hook (see the module docstring)."""
         self.store = store
         self.device = device
         self.dtype = dtype  # compute dtype (frozen) or master dtype (mutable)
@@ -109,9 +155,13 @@ class LayerStreamer:
         self.mutable = mutable
         self.source: BlockSource = source or store.block
         self.decoder: BlockDecoder = decoder or _identity_decode
+        self.on_write_back = on_write_back
         self.cuda = device.type == "cuda"
+        self.emu = emu
+        self.dev: Any = emu if emu is not None else (cuda_device.CudaDevice(device) if self.cuda else None)
+        self.copies = self.dev is not None  # False: the direct CPU path
         n = store.num_layers
-        packed = [packed_nbytes(i) if packed_nbytes else store.block_nbytes(i) for i in range(n)]
+        self.layouts = [slot_layout(self.source(i)) for i in range(n)]
         decoded = [self._decoded_nbytes(i) for i in range(n)]
         outer = sum(t.numel() * dtype.itemsize for t in store.outer().values())
         budget = cfg.gpu_memory_bytes
@@ -119,69 +169,116 @@ class LayerStreamer:
             # "auto": what the device has free now, minus headroom for activations and the KV cache.
             free, _total = torch.cuda.mem_get_info(device)
             budget = int(free * 0.8)
-        self.plan = plan_residency(packed, decoded, outer, budget, cfg.prefetch_depth)
+        # A mutable slot is busy until its write-back lands: depth 3 keeps one upload, one compute and one
+        # write-back in flight at once.
+        self.depth = max(cfg.prefetch_depth, 3) if mutable and self.copies else cfg.prefetch_depth
+        self.plan = plan_residency([lay.nbytes for lay in self.layouts], decoded, outer, budget, self.depth)
         self.stats = StreamStats()
         self.tier = self._host_tier()
         self._outer = {k: self._to_device(v) for k, v in store.outer().items()}
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         for i in self.plan.resident:
             self._resident[i] = self._load_blocking(i)
-        self._dirty: set[int] = set()
-        self._cuda = _CudaSlots(self, self.plan.slot_bytes) if self.cuda and self.plan.streamed else None
+        self._dirty: dict[int, Any] = {}  # group -> tag of its pending write-back
+        self._slots = _Slots(self) if self.copies and self.plan.streamed else None
 
     # ---- public ----------------------------------------------------------------------------
     def outer(self) -> dict[str, torch.Tensor]:
         """Embeddings / final norm / head on the device (always resident)."""
         return self._outer
 
-    def blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """One pass: yield (i, weights of block i on the device) for i = 0..L-1, in order."""
+    @contextlib.contextmanager
+    def open_pass(self) -> Iterator[Iterator[tuple[int, dict[str, torch.Tensor]]]]:
+        """One pass as a context: iterate (i, weights of block i on the device) for i = 0..L-1.
+        Leaving it, normally or by an exception, releases the block in use (writing it back if dirty) and
+        waits for the pass's write-backs to land, so the streamer is ready for the next pass."""
         self.stats.passes += 1
-        if self._cuda is not None:
-            self._cuda.start_pass()
-        tier = self.tier if self._cuda is None else None  # CUDA: _CudaSlots calls it at copy time
+        self._current: int | None = None
+        try:
+            yield self._iterate()
+        finally:
+            if self._slots is not None:
+                if self._current is not None:
+                    self._slots.release(self._current, self._dirty.pop(group_of_block(self._current), _CLEAN))
+                self._slots.end_pass()
+
+    def blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """One pass (see open_pass; prefer it where the loop body can raise)."""
+        with self.open_pass() as it:
+            yield from it
+
+    def _iterate(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        slots = self._slots
+        if slots is not None:
+            slots.start_pass()
+        tier = self.tier if slots is None else None  # with slots: _Slots calls it at copy time
         for i in range(self.store.num_layers):
             if tier is not None:
                 tier.before(i)
             if i in self._resident:
                 yield i, self._resident[i]
-            elif self._cuda is not None:
-                yield i, self._cuda.acquire(i)
-                self._cuda.release(i, i in self._dirty)
+            elif slots is not None:
+                w = slots.acquire(i)
+                self._current = i
+                yield i, w
+                self._current = None
+                slots.release(i, self._dirty.pop(group_of_block(i), _CLEAN))
             else:
                 t0 = time.perf_counter()
                 w = self._load_blocking(i)
                 self.stats.transfer_seconds += time.perf_counter() - t0
                 yield i, w
-                if i in self._dirty:
+                if self._dirty.pop(group_of_block(i), _CLEAN) is not _CLEAN:
                     self._write_back_cpu(i, w)
-            self._dirty.discard(i)
             if tier is not None:
                 tier.after(i)
+        if slots is not None:
+            slots.prefetch_next_pass()
 
-    def mark_dirty(self, i: int) -> None:
-        """The caller updated block i's master in place: write it back before reuse."""
+    def mark_dirty(self, group: int, tag: Any = None) -> None:
+        """The caller updated group's master in place (OUTER or group_of_block(i)): write it back, and pass
+        tag to the write-back hook. Streamed blocks go back on release, resident ones and OUTER at flush()."""
         assert self.mutable, "only a mutable (full-parameter) streamer writes back"
-        self._dirty.add(i)
+        self._dirty[group] = tag
 
-    def flush_resident(self) -> None:
-        """Write resident masters back to the host copy (checkpoint / export / job end)."""
+    def flush(self) -> None:
+        """Write dirty resident blocks and the outer tensors back to the host copy (checkpoint / eval /
+        export / job end); returns once they have landed (the hook has moved their counters)."""
         if not self.mutable:
             return
-        for i, w in self._resident.items():
-            self._write_back_cpu(i, w)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        groups = [g for g in sorted(self._dirty) if g == OUTER or g - 1 in self._resident]
+        for g in groups:
+            tag = self._dirty.pop(g)
+            if not self.copies:
+                continue  # the CPU master is the host copy
+            w = self._outer if g == OUTER else self._resident[g - 1]
+            host = self.store.outer() if g == OUTER else self.source(g - 1)
+            self._hook(g, tag, False)
+            for k, t in w.items():
+                self.dev.download(host[k], t)
+                self.stats.d2h_bytes += t.numel() * t.element_size()
+            self._hook(g, tag, True)
+
+    flush_resident = flush  # the former name
 
     def resident_block(self, i: int) -> dict[str, torch.Tensor] | None:
         return self._resident.get(i)
 
+    def close(self) -> None:
+        """Unregister host memory (before its mapping goes away)."""
+        if self._slots is not None:
+            self._slots.close()
+
     # ---- internals ---------------------------------------------------------------------------
+    def _hook(self, group: int, tag: Any, landed: bool) -> None:
+        if self.on_write_back is not None:
+            self.on_write_back(group, tag, landed)
+
     def _host_tier(self) -> HostTier | None:
         """A host-memory budget on a read-only base: blocks beyond it stream from the file."""
         if self.cfg.host_memory_bytes is None or self.mutable:
             return None
-        skip = set(self.plan.resident) if self.cuda else set()  # read once onto the device, never again
+        skip = set(self.plan.resident) if self.copies else set()  # read once onto the device, never again
         maps = read_maps()
         spans = [
             [] if i in skip else file_spans(self.source(i).values(), maps)
@@ -193,18 +290,26 @@ class LayerStreamer:
         return sum(t.numel() * self.dtype.itemsize for t in self.store.block(i).values())
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.copies:
+            return self.dev.upload(t, self.dtype)
         # CPU, same dtype: the mapped tensor itself, no copy (a mutable master: the host working copy;
         # a frozen base: a read-only mapping, where a write faults, so no private copy is needed, and
-        # an outer tensor larger than RAM stays paged). Another device or dtype copies anyway.
+        # an outer tensor larger than RAM stays paged). Another dtype copies anyway.
         return t.to(self.device, self.dtype)
 
     def _load_blocking(self, i: int) -> dict[str, torch.Tensor]:
         host = self.source(i)
-        self.stats.h2d_bytes += sum(t.numel() * t.element_size() for t in host.values()) if self.cuda else 0
+        if self.copies:
+            self.stats.h2d_bytes += _nbytes(host)
+            on_dev = {k: self.dev.upload(v) for k, v in host.items()}
+            if self.mutable:
+                return on_dev
+            out = self.decoder(on_dev, self.device, self.dtype)
+            self.dev.account(_nbytes(out) - _nbytes(on_dev))  # the packed upload is dropped once decoded
+            return out
         if self.mutable:
             return {k: self._to_device(v) for k, v in host.items()}
-        on_dev = {k: v.to(self.device, non_blocking=False) for k, v in host.items()}
-        return self.decoder(on_dev, self.device, self.dtype)
+        return self.decoder(host, self.device, self.dtype)
 
     def _write_back_cpu(self, i: int, w: dict[str, torch.Tensor]) -> None:
         host = self.source(i)
@@ -218,49 +323,63 @@ def _identity_decode(packed: dict[str, torch.Tensor], device: torch.device, dtyp
     return {k: v.to(device, dtype) for k, v in packed.items()}
 
 
-class _CudaSlots:
-    """Preallocated device slots, a copy stream and events; host memory registered or staged."""
+class _Slots:
+    """Preallocated device slots, an H2D and a D2H stream, and the events that order them.
 
-    def __init__(self, owner: LayerStreamer, slot_bytes: int) -> None:
+    Per slot s: ready[s] (its upload is done: compute may read), free[s] (its consumer and its
+    write-back are done: the next upload may overwrite). Per block i: landed[i] (its last write-back
+    reached the host: its next upload may read the host copy)."""
+
+    def __init__(self, owner: LayerStreamer) -> None:
         self.o = owner
-        dev = owner.device
-        depth = owner.cfg.prefetch_depth
-        self.copy_stream = torch.cuda.Stream(dev)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=dev) for _ in range(depth)]
-        self.ready = [torch.cuda.Event() for _ in range(depth)]
-        self.free = [torch.cuda.Event() for _ in range(depth)]
-        self.slot_of: dict[int, int] = {}
+        dev, depth, slot_bytes = owner.dev, owner.depth, owner.plan.slot_bytes
+        self.h2d, self.d2h = dev.stream("h2d"), dev.stream("d2h")
+        self.slots = [dev.empty(slot_bytes) for _ in range(depth)]
+        self.ready = [dev.event() for _ in range(depth)]
+        self.free = [dev.event() for _ in range(depth)]
+        self.staged = [dev.event() for _ in range(depth)]
         self.order = list(owner.plan.streamed)
+        self.landed = {i: dev.event() for i in self.order}
+        self.slot_of: dict[int, int] = {}
         self.next_issue = 0
+        self.prefetched = False  # the next pass's first blocks were issued at the end of this one
+        self.pending: list[tuple[Any, int, Any]] = []  # (event, group, tag) of write-backs in flight
+        self.registered: list[int] = []
         # Under a host budget the tier decides what stays in RAM; registering the whole mapping would pin
         # all of it, so streamed blocks go through the pinned staging ring (pins depth x slot bytes).
         # TODO(host tier): register the spans of owner.tier.plan.resident and stage only the rest.
-        self.registered = owner.cfg.register_host_memory and owner.tier is None and self._register_host()
-        self.staging = (
-            None
-            if self.registered
-            else [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
-        )
-        self.staged = [torch.cuda.Event() for _ in range(depth)]
+        if owner.cfg.register_host_memory and owner.tier is None:
+            self.registered = self._register_host()
+        self.staging = None
+        if not self.registered:
+            self.staging = [dev.pinned(slot_bytes) for _ in range(depth)]
+        weakref.finalize(self, _unregister, dev, list(self.registered))
 
-    def _register_host(self) -> bool:
-        """cudaHostRegister(ReadOnly) every mapped file once: mmap -> device at the pinned rate."""
-        cudart = torch.cuda.cudart()
-        flags = _HOST_REGISTER_DEFAULT if self.o.mutable else _HOST_REGISTER_READONLY
-        seen: set[int] = set()
+    def _register_host(self) -> list[int]:
+        """Register every mapped file once (read-only for frozen blocks): mmap -> device at the pinned rate.
+        Fails as a whole (memlock, a kernel refusing a writable pin of a shared file mapping...): staging."""
+        spans: dict[int, int] = {}
         for i in self.order:
             for t in self.o.source(i).values():
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr in seen:
-                    continue
-                seen.add(ptr)
-                err = cudart.cudaHostRegister(ptr, storage.nbytes(), flags)
-                if int(err) != 0:
-                    return False  # memlock limits, non-Linux...: fall back to the staging ring
-        return True
+                st = t.untyped_storage()
+                spans[st.data_ptr()] = st.nbytes()
+        return self.o.dev.register(sorted(spans.items()), read_only=not self.o.mutable)
+
+    def close(self) -> None:
+        _unregister(self.o.dev, self.registered)
+        self.registered = []
 
     def start_pass(self) -> None:
+        if not self.prefetched:
+            self._restart()
+        self.prefetched = False
+
+    def prefetch_next_pass(self) -> None:
+        """The next pass's first blocks upload while this pass's head and the caller's commit run."""
+        self._restart()
+        self.prefetched = True
+
+    def _restart(self) -> None:
         self.next_issue = 0
         self.slot_of.clear()
         for _ in range(min(len(self.slots), len(self.order))):
@@ -269,65 +388,88 @@ class _CudaSlots:
     def _issue(self) -> None:
         if self.next_issue >= len(self.order):
             return
+        o, dev = self.o, self.o.dev
         i = self.order[self.next_issue]
         s = self.next_issue % len(self.slots)
         self.next_issue += 1
         self.slot_of[i] = s
-        host = self.o.source(i)
-        tier = self.o.tier
+        host, lay = o.source(i), o.layouts[i]
+        self.h2d.wait_event(self.free[s])  # the slot's consumer and write-back are done
+        self.h2d.wait_event(self.landed[i])  # the host copy holds this block's last write-back
+        slot = self.slots[s]
+        tier = o.tier
         if tier is not None:
             tier.before(i)  # its pages are in RAM (read ahead); the staging copies below are synchronous
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.free[s])
-            off = 0
-            for t in host.values():
-                n = t.numel() * t.element_size()
-                dst = self.slots[s][off : off + n]
-                src = t.reshape(-1).view(torch.uint8)
-                if self.staging is not None:
-                    self.staged[s].synchronize()  # the previous H2D from this staging buffer is done
-                    self.staging[s][off : off + n].copy_(src)
-                    src = self.staging[s][off : off + n]
-                dst.copy_(src, non_blocking=True)
-                off = _align(off + n)
-            self.staged[s].record(self.copy_stream)
-            self.ready[s].record(self.copy_stream)
-            self.o.stats.h2d_bytes += off
+        if self.staging is not None:
+            self.landed[i].synchronize()  # the host reads the host copy itself here
+            self.staged[s].synchronize()  # the previous upload from this staging buffer is done
+            for name, off, n in lay.items:
+                self.staging[s][off : off + n].copy_(_flat(host[name]))
+            dev.copy(slot[: lay.nbytes], self.staging[s][: lay.nbytes], self.h2d, f"h2d {i}")
+        else:
+            for name, off, n in lay.items:
+                dev.copy(slot[off : off + n], _flat(host[name]), self.h2d, f"h2d {i}")
+        self.staged[s].record(self.h2d)
+        self.ready[s].record(self.h2d)
+        o.stats.h2d_bytes += sum(n for _, _, n in lay.items)
         if tier is not None:
             tier.after(i)
 
     def acquire(self, i: int) -> dict[str, torch.Tensor]:
-        s = self.slot_of[i]
-        torch.cuda.current_stream(self.o.device).wait_event(self.ready[s])
-        host = self.o.source(i)
-        off, views = 0, {}
-        for k, t in host.items():
-            n = t.numel() * t.element_size()
-            views[k] = self.slots[s][off : off + n].view(t.dtype).view(t.shape)
-            off = _align(off + n)
-        if self.o.mutable:
+        o, s = self.o, self.slot_of[i]
+        t0 = time.perf_counter()
+        o.dev.compute.wait_event(self.ready[s])
+        o.stats.stall_seconds += time.perf_counter() - t0  # emu: the host waits; cuda: ~0 (asynchronous)
+        host, lay = o.source(i), o.layouts[i]
+        slot = self.slots[s]
+        o.dev.begin_use(slot[: lay.nbytes], f"block {i} in slot {s}")
+        views = {k: slot[off : off + n].view(host[k].dtype).view(host[k].shape) for k, off, n in lay.items}
+        if o.mutable:
             return views
-        return self.o.decoder(views, self.o.device, self.o.dtype)
+        return o.decoder(views, o.device, o.dtype)
 
-    def release(self, i: int, dirty: bool) -> None:
-        s = self.slot_of[i]
-        compute_done = torch.cuda.Event()
-        compute_done.record(torch.cuda.current_stream(self.o.device))
-        if dirty:
-            host = self.o.source(i)
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(compute_done)
-                off = 0
-                for t in host.values():
-                    n = t.numel() * t.element_size()
-                    t.reshape(-1).view(torch.uint8).copy_(self.slots[s][off : off + n], non_blocking=True)
-                    off = _align(off + n)
-                    self.o.stats.d2h_bytes += n
-                self.free[s].record(self.copy_stream)
+    def release(self, i: int, tag: Any) -> None:
+        o, dev, s = self.o, self.o.dev, self.slot_of[i]
+        lay, slot = o.layouts[i], self.slots[s]
+        dev.end_use(slot[: lay.nbytes])
+        done = dev.event()
+        done.record(dev.compute)
+        if tag is not _CLEAN:
+            g = group_of_block(i)
+            o._hook(g, tag, False)  # before the host copy is touched: a kill mid-copy leaves a torn mark
+            host = o.source(i)
+            self.d2h.wait_event(done)
+            for name, off, n in lay.items:
+                dev.copy(_flat(host[name]), slot[off : off + n], self.d2h, f"d2h {i}")
+                o.stats.d2h_bytes += n
+            self.landed[i].record(self.d2h)
+            self.free[s].record(self.d2h)
+            ev = dev.event()
+            ev.record(self.d2h)
+            self.pending.append((ev, g, tag))
         else:
-            self.free[s].record(torch.cuda.current_stream(self.o.device))
+            self.free[s].record(dev.compute)
         self._issue()
+        self._poll()
+
+    def _poll(self) -> None:
+        """Move the counters of write-backs that have landed (in order; never blocks)."""
+        while self.pending and self.pending[0][0].query():
+            _ev, g, tag = self.pending.pop(0)
+            self.o._hook(g, tag, True)
+
+    def end_pass(self) -> None:
+        """Wait for this pass's write-backs to land and move their counters."""
+        while self.pending:
+            ev, g, tag = self.pending.pop(0)
+            ev.synchronize()
+            self.o._hook(g, tag, True)
 
 
-def _align(n: int, a: int = 256) -> int:
+def _unregister(dev: Any, ptrs: list[int]) -> None:
+    if ptrs:
+        dev.unregister(ptrs)
+
+
+def _align(n: int, a: int = SLOT_ALIGN) -> int:
     return (n + a - 1) // a * a

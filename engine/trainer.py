@@ -230,13 +230,18 @@ class ZOTrainer:
         if self.adapter is None and g > 0 and tensors:
             prefix = self.fam.layer_prefix(g - 1)
             tensors = {prefix + k: v for k, v in tensors.items()}
+        # On a copying device (cuda, emu) the master updated here is a device copy: the host copy and its
+        # durable counter move together when the streamer's write-back lands (finetune's hook), never here.
+        in_place = not (self.adapter is None and self.streamer.copies)
         for s in range(self.applied[g], upto):
-            self.trainable.on_written(g, s, False)
+            if in_place:
+                self.trainable.on_written(g, s, False)
             apply_step(tensors, self.steps[s], self.log.header)
             self.applied[g] = s + 1
-            self.trainable.on_written(g, s, True)
-        if self.adapter is None and g > 0 and self.streamer.mutable:
-            self.streamer.mark_dirty(g - 1)
+            if in_place:
+                self.trainable.on_written(g, s, True)
+        if self.adapter is None and self.streamer.mutable:
+            self.streamer.mark_dirty(g, upto)
 
     # ---- steps ---------------------------------------------------------------------------------
     def batch(self, step: int):
@@ -302,16 +307,10 @@ class ZOTrainer:
                 self.catch_up(g, None, upto)
             return
         if any(a < upto for a in self.applied[1:]):
-            with torch.inference_mode():
-                for i, w in self.streamer.blocks():
+            with torch.inference_mode(), self.streamer.open_pass() as blocks:
+                for i, w in blocks:
                     self.catch_up(i + 1, w, upto)
-        self.streamer.flush_resident()
-        # The outer tensors live on the device for the whole job (on a GPU: copies of the working copy's);
-        # the streamer writes back blocks only, so bring the host copy of the outer group up to date here.
-        host = self.trainable.groups(0, None)
-        for name, t in outer.items():
-            if t.data_ptr() != host[name].data_ptr():
-                host[name].copy_(t)
+        self.streamer.flush()  # resident blocks and the outer tensors back to the host copy
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ds: D.Dataset, batch_size: int = 8) -> dict[str, float]:

@@ -23,7 +23,7 @@ from zostream.engine.errors import PreconditionError
 from zostream.engine.finetune import checkpoint, export, open_trainer
 from zostream.engine.models.attention import AttentionBatch, LoraWeights
 from zostream.engine.store import WeightStore
-from zostream.engine.streamer import LayerStreamer
+from zostream.engine.streamer import LayerStreamer, slot_layout
 from zostream.engine.update_log import LogHeader, Step, UpdateLog, read_header
 
 CPU = torch.device("cpu")
@@ -84,10 +84,12 @@ def open_job(
     budget: int | None = None,
     codec: str = "none",
     depth: int = 2,
+    emu: object = None,
 ) -> trainer.ZOTrainer:
+    """emu: an engine.emu.EmuDevice playing the GPU (None: the direct CPU path)."""
     store = WeightStore(model_dir)
     sc = StreamConfig(gpu_memory_bytes=budget, prefetch_depth=depth)
-    base = LayerStreamer(store, CPU, torch.float32, sc)
+    base = LayerStreamer(store, CPU, torch.float32, sc, emu=emu)
     return open_trainer(cfg, job_dir, store, ds, PAD, CPU, torch.float32, base, sc, codec)
 
 
@@ -98,7 +100,7 @@ def partial_budget(model_dir: Path, master: torch.dtype = torch.float32, depth: 
         sum(t.numel() for t in store.block(i).values()) * master.itemsize for i in range(store.num_layers)
     ]
     outer = sum(t.numel() for t in store.outer().values()) * master.itemsize
-    slot = max(store.block_nbytes(i) for i in range(store.num_layers))
+    slot = max(slot_layout(store.block(i)).nbytes for i in range(store.num_layers))
     return outer + depth * slot + max(decoded) + decoded[0]
 
 
@@ -327,15 +329,22 @@ def base_cfg(method: str, **kw: object) -> ZOConfig:
 
 
 def check_against_textbook(
-    model: Path, tmp_path: Path, recorded: list, cfg: ZOConfig, master: torch.dtype = torch.float32
+    model: Path,
+    tmp_path: Path,
+    recorded: list,
+    cfg: ZOConfig,
+    master: torch.dtype = torch.float32,
+    emu: Callable[[], object] | None = None,
 ) -> None:
+    """emu: makes a fresh engine.emu.EmuDevice per job (None: the direct CPU path)."""
     ref = TextbookMeZO(model, cfg, master_dtype=master).run(cfg.steps)
     rounding = "nearest" if master == torch.float32 else "stochastic"
     logs = []
-    for budget in (None, 0, partial_budget(model, master)):
+    depth = 3 if emu is not None and cfg.method == "full" else 2  # copying devices stream masters 3 deep
+    for budget in (None, 0, partial_budget(model, master, depth)):
         job = tmp_path / f"job-{budget}"
         recorded.clear()
-        tr = open_job(model, job, cfg, budget=budget)
+        tr = open_job(model, job, cfg, budget=budget, emu=emu() if emu else None)
         plan = tr.streamer.plan
         if budget is None:
             assert plan.all_resident
@@ -640,8 +649,9 @@ def run_job(
     budget: int | None = None,
     ckpt_at: int | None = None,
     finish: bool = True,
+    emu: object = None,
 ) -> trainer.ZOTrainer:
-    tr = open_job(model, job, cfg, budget=budget)
+    tr = open_job(model, job, cfg, budget=budget, emu=emu)
     while tr.step < steps:
         if tr.step == ckpt_at:
             checkpoint(tr, job)
