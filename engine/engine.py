@@ -57,6 +57,7 @@ class StepStats:
     kv_bytes_read: int = 0  # K/V the attention gathered through block tables
     kv_blocks_used: int = 0
     kv_blocks_free: int = 0
+    kv_preemptions: int = 0  # sequences whose K/V were dropped for lack of blocks (they prefill again)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,7 +148,9 @@ class Engine:
         """Schedule, run one pass over the layers, commit the outputs."""
         t0 = time.monotonic()
         self._drain_inbox()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule({r: len(s.tokens) for r, s in self.seqs.items()})
+        for rid in plan.preempted:  # their K/V are gone: prefill prompt + output again when re-admitted
+            self.seqs[rid].num_cached, self.seqs[rid].blocks = 0, []
         workloads = self._workloads(plan)
         st = self.streamer.stats
         h2d, d2h, xfer, stall = st.h2d_bytes, st.d2h_bytes, st.transfer_seconds, st.stall_seconds
@@ -166,6 +169,7 @@ class Engine:
         stats.h2d_bytes, stats.d2h_bytes = st.h2d_bytes - h2d, st.d2h_bytes - d2h
         stats.transfer_seconds, stats.stall_seconds = st.transfer_seconds - xfer, st.stall_seconds - stall
         stats.kv_blocks_used, stats.kv_blocks_free = self.scheduler.kv.used, self.scheduler.kv.free
+        stats.kv_preemptions = len(plan.preempted)
         stats.seconds = time.monotonic() - t0
         return stats
 
@@ -246,7 +250,7 @@ class Engine:
             for s in seqs:
                 s.slot = self.scheduler.slot_of(s.req.request_id)
                 s.blocks = self.scheduler.kv.ensure(s.req.request_id, len(s.tokens))
-                if kind == "prefill":
+                if kind == "prefill" and not s.output:  # a preempted sequence was admitted before
                     self._queue_times.append(time.monotonic() - s.req.arrival)
             if seqs:
                 wl = GenerationWorkload(self.family, self.spec, seqs, self.cache, self.device, self._lora_for)

@@ -107,6 +107,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("counter", "zostream_finetune_tokens_total", "tokens the fine-tuning steps trained on"),
     _Spec("counter", "zostream_update_log_bytes_total", "bytes appended to update logs"),
     _Spec("counter", "zostream_kv_bytes_total", "KV cache bytes moved (rate: bytes/s)", "op", KV_OPS),
+    _Spec("counter", "zostream_kv_preemptions_total", "sequences preempted for KV blocks (prefilled again)"),
 )
 # fmt: on
 
@@ -195,6 +196,7 @@ class Metrics:
         # Paged KV cache (engine.StepStats): blocks after the pass, bytes the pass moved.
         if hasattr(stats, "kv_blocks_used"):
             self.set_kv_blocks(stats.kv_blocks_used, stats.kv_blocks_free)
+        self._get("zostream_kv_preemptions_total").inc(getattr(stats, "kv_preemptions", 0))
         for op in KV_OPS:
             self._get("zostream_kv_bytes_total", op).inc(getattr(stats, f"kv_bytes_{op}", 0))
         self._get("zostream_d2h_bytes_total").inc(stats.d2h_bytes)

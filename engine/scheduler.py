@@ -1,9 +1,13 @@
 """Decides what the next pass over the layers carries. Imports no torch.
 
 Generation: continuous batching. Waiting requests are admitted, in arrival order, while a
-batch row is free, the paged KV cache can reserve their prompt + max_new_tokens, and the pass's
-prefill-token budget lasts; running requests decode one token a pass. A request waits (it is
-not refused) while blocks are held by others; one that could never fit is refused up front.
+batch row is free, the paged KV cache has free blocks for their prompt (after the blocks the
+running sequences take this pass), and the pass's prefill-token budget lasts; running requests
+decode one token a pass. When a pass's decode rows need more blocks than are free, the most
+recently admitted sequences are preempted: their blocks go back, they wait at the head of the
+queue and are prefilled again (prompt + tokens so far) when blocks free up. The oldest sequence
+is never preempted, so it always finishes. A request whose prompt + max_new_tokens exceeds the
+whole pool is refused up front.
 Fine-tuning: one ZO step rides along every pass, except that a pass right after a
 training pass skips training when requests wait for their first token, so time to
 first token stays bounded by one training pass.
@@ -12,6 +16,7 @@ first token stays bounded by one training pass.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import LimitsConfig
@@ -24,6 +29,7 @@ class PassPlan:
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     train_job: str | None = None
+    preempted: tuple[str, ...] = ()  # back in the queue: their K/V were dropped, they prefill again
 
     @property
     def empty(self) -> bool:
@@ -37,7 +43,6 @@ class Scheduler:
     waiting: deque[str] = field(default_factory=deque)
     running: dict[str, int] = field(default_factory=dict)  # request id -> KV slot
     lengths: dict[str, int] = field(default_factory=dict)  # request id -> tokens to prefill
-    totals: dict[str, int] = field(default_factory=dict)  # request id -> prompt + max_new_tokens
     jobs: deque[str] = field(default_factory=deque)  # trainable job ids, round-robin
     last_pass_trained: bool = False
 
@@ -86,7 +91,6 @@ class Scheduler:
             )
         self.waiting.append(request_id)
         self.lengths[request_id] = prompt_len
-        self.totals[request_id] = prompt_len + max_new_tokens
 
     def slot_of(self, request_id: str) -> int:
         return self.running[request_id]
@@ -98,7 +102,6 @@ class Scheduler:
         elif request_id in self.waiting:
             self.waiting.remove(request_id)
         self.lengths.pop(request_id, None)
-        self.totals.pop(request_id, None)
 
     # ---- jobs -------------------------------------------------------------------------------
     def add_job(self, job_id: str) -> None:
@@ -110,24 +113,39 @@ class Scheduler:
             self.jobs.remove(job_id)
 
     # ---- the plan ---------------------------------------------------------------------------
-    def schedule(self) -> PassPlan:
+    def schedule(self, context: Mapping[str, int] | None = None) -> PassPlan:
+        """The next pass. context[rid]: positions a running rid has after this pass (its tokens so
+        far, prompt + generated); missing rids count as their prompt."""
+        ctx = context or {}
+        kv = self.kv
+        size = {r: ctx.get(r, self.lengths.get(r, 1)) for r in self.running}
+        growth = sum(kv.growth(r, n) for r, n in size.items())
+        preempted: list[str] = []
+        while growth > kv.free and len(self.running) > 1:
+            rid = next(reversed(self.running))  # the most recently admitted
+            growth -= kv.growth(rid, size[rid])
+            self.free_slots.append(self.running.pop(rid))
+            kv.release(rid)
+            self.lengths[rid] = size[rid]
+            self.waiting.appendleft(rid)
+            preempted.append(rid)
         decode = tuple(self.running)
         prefill: list[str] = []
         budget = self.limits.max_prefill_tokens
-        while (
-            self.waiting
-            and self.free_slots
-            and self.lengths[self.waiting[0]] <= budget
-            and self.kv.can_reserve(self.totals[self.waiting[0]])
-        ):
+        free = kv.free - growth
+        while self.waiting and self.free_slots:
+            n = self.lengths[self.waiting[0]]
+            # A preempted sequence may be longer than the prefill budget: it goes alone.
+            if (n > budget and prefill) or kv.blocks_for(n) > free:
+                break
             rid = self.waiting.popleft()
-            budget -= self.lengths[rid]
+            budget -= n
+            free -= kv.blocks_for(n)
             self.running[rid] = self.free_slots.pop()
-            self.kv.reserve(rid, self.totals[rid])
             prefill.append(rid)
         train = None
         if self.jobs and not (self.last_pass_trained and (prefill or self.waiting)):
             train = self.jobs[0]
             self.jobs.rotate(-1)
         self.last_pass_trained = train is not None
-        return PassPlan(tuple(prefill), decode, train)
+        return PassPlan(tuple(prefill), decode, train, tuple(preempted))

@@ -15,27 +15,50 @@ from zostream.engine.errors import RequestError
 from zostream.engine.kv_blocks import BlockAllocator
 from zostream.engine.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv
 from zostream.engine.models.attention import AttentionBatch, KVCache
+from zostream.engine.scheduler import Scheduler
 from zostream.engine.store import WeightStore
 
 
 def test_allocator_takes_blocks_as_tokens_arrive_and_returns_them():
     a = BlockAllocator(num_blocks=6, block_size=4)
-    a.reserve("x", 9)  # 3 blocks promised
-    assert (a.used, a.free, a.unreserved) == (0, 6, 3)
-    assert not a.can_reserve(13) and a.can_reserve(12)
+    assert (a.used, a.free) == (0, 6)
     assert len(a.ensure("x", 1)) == 1 and a.used == 1
-    assert len(a.ensure("x", 4)) == 1
+    assert len(a.ensure("x", 4)) == 1 and a.growth("x", 5) == 1
     assert len(a.ensure("x", 5)) == 2
-    with pytest.raises(ValueError, match="reserved 3"):
-        a.ensure("x", 13)
-    a.reserve("y", 12)
     ty = a.ensure("y", 12)
     assert len(set(ty) | set(a.tables["x"])) == 5  # no block shared
+    with pytest.raises(RuntimeError, match="exhausted"):
+        a.ensure("x", 13)
     a.release("x")
-    assert (a.used, a.free, a.unreserved) == (3, 3, 3)
+    assert (a.used, a.free) == (3, 3)
     a.release("y")
     a.release("y")  # twice is harmless (abort after finish)
-    assert (a.used, a.free, a.unreserved) == (0, 6, 6)
+    assert (a.used, a.free) == (0, 6)
+
+
+def test_scheduler_preempts_the_newest_and_readmits_it_first():
+    """Bookkeeping only (no model): 4 blocks of 2 positions, two 3-token prompts."""
+    sch = Scheduler(LimitsConfig(max_batch=4, max_seq_len=8, kv_block_size=2), BlockAllocator(4, 2))
+    sch.add("a", 3, 5)
+    sch.add("b", 3, 5)
+    sch.add("c", 1, 1)
+    plan = sch.schedule()
+    assert plan.prefill == ("a", "b") and sch.waiting[0] == "c"  # 2 + 2 blocks: c's 1 does not fit
+    assert [len(sch.kv.ensure(r, 3)) for r in plan.prefill] == [2, 2]
+    plan = sch.schedule({"a": 4, "b": 4})  # 4 positions still fit 2 blocks each
+    assert plan.decode == ("a", "b") and not plan.preempted
+    plan = sch.schedule({"a": 5, "b": 5})  # both need a 3rd block, none is free: b (newest) goes
+    assert plan.preempted == ("b",) and plan.decode == ("a",) and list(sch.waiting) == ["b", "c"]
+    assert sch.kv.free == 2 and sch.lengths["b"] == 5 and not plan.prefill  # b needs 3 blocks, 1 spare
+    sch.kv.ensure("a", 5)
+    sch.finish("a")
+    plan = sch.schedule()
+    assert plan.prefill == ("b", "c") and not sch.waiting  # b first (3 blocks), then c (1)
+    sch.kv.ensure("b", 5)
+    sch.kv.ensure("c", 1)
+    plan = sch.schedule({"b": 7, "c": 2})  # b needs a 4th block: c, admitted after it, is preempted
+    assert plan.preempted == ("c",) and plan.decode == ("b",) and list(sch.waiting) == ["c"]
+    assert sch.lengths["c"] == 2 and sch.kv.free == 1
 
 
 def test_plan_kv_sizes():
@@ -100,8 +123,9 @@ def make_engine(d, **limits) -> Engine:
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_small_pool_queues_and_matches_transformers(tmp_path, block_size):
-    """A pool for ~one request at a time: the others wait for blocks, none is refused, tokens are greedy's."""
+def test_small_pool_preempts_and_matches_transformers(tmp_path, block_size):
+    """A 20-token pool for 51 tokens of requests: sequences are preempted and prefilled again, and
+    every one still produces transformers' greedy tokens."""
     d = make_tiny_model(tmp_path, "llama")
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     per = kv_bytes_per_token(3, 2, 8, 4)  # the tiny llama: 3 layers, 2 kv heads, head_dim 8, float32
@@ -117,11 +141,9 @@ def test_small_pool_queues_and_matches_transformers(tmp_path, block_size):
         )[0, len(p) :].tolist()
         assert list(out[str(i)].token_ids) == want, (i, p)
     assert max(s.kv_blocks_used for s in stats) * block_size <= 20
+    assert sum(s.kv_preemptions for s in stats) > 0
     assert (eng.scheduler.kv.used, eng.scheduler.kv.free) == (0, eng.kv_plan.num_blocks)
-    # 13 + 9 reserved tokens exceed the pool: the second request waited for the first to end.
-    assert stats[0].prefill_tokens == len(PROMPTS[0])
-    assert sum(s.prefill_tokens for s in stats) == sum(len(p) for p in PROMPTS)
-    assert sum(s.kv_bytes_written for s in stats) == sum(len(p) + 7 for p in PROMPTS) * per
+    assert not eng.scheduler.running and not eng.scheduler.waiting
 
 
 def test_request_larger_than_the_pool_is_refused_up_front(tmp_path):

@@ -77,7 +77,7 @@ EXPECTED = {
     "counter": "prompt_tokens_total generation_tokens_total requests_total h2d_bytes_total d2h_bytes_total "
     "transfer_stall_seconds_total layer_transfer_seconds_total layer_compute_seconds_total "
     "finetune_steps_total finetune_skipped_steps_total update_log_bytes_total finetune_tokens_total "
-    "kv_bytes_total",
+    "kv_bytes_total kv_preemptions_total",
 }
 
 
@@ -85,7 +85,7 @@ def test_names_docs_and_units() -> None:
     assert tuple(DOCS) == Metrics.METRIC_NAMES
     for kind, names in EXPECTED.items():
         assert {s.name for s in M._SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
-    assert len(Metrics.METRIC_NAMES) == 32
+    assert len(Metrics.METRIC_NAMES) == 33
     for name, doc in DOCS.items():
         assert name.startswith("zostream_") and doc and "\n" not in doc
 
