@@ -76,6 +76,17 @@ class GenerateChunk:
     completion_tokens: int = 0
     seed: int = 0
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob at its position and the most likely tokens there ((id, logprob), best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,14 @@ class GenerateResult:
     completion_tokens: int
     seed: int
     request_id: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def _logprobs(items: Iterable[generation_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(x.token_id, x.logprob, tuple((t.token_id, t.logprob) for t in x.top)) for x in items
+    )
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
@@ -288,6 +307,9 @@ class ZostreamClient:
         request_id: str = "",
         continue_final_message: bool = False,
         include_stop_sequence: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> generation_pb2.GenerateRequest:
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages or token_ids")
@@ -311,6 +333,9 @@ class ZostreamClient:
             ),
             adapter_id=adapter_id,
             stream=stream,
+            logprobs=generation_pb2.LogprobsParams(
+                tokens=logprobs, top_logprobs=top_logprobs, prompt=prompt_logprobs
+            ),
         )
         if prompt is not None:
             req.text = prompt
@@ -333,8 +358,9 @@ class ZostreamClient:
 
         `params`: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
         stop_token_ids, ignore_eos, time_limit (s), adapter_id, request_id, continue_final_message,
-        include_stop_sequence. No deadline unless `timeout` is given: the client's default would cut
-        a long generation short (bound it with time_limit, which ends it with a final message).
+        include_stop_sequence, logprobs / top_logprobs / prompt_logprobs. No deadline unless `timeout`
+        is given: the client's default would cut a long generation short (bound it with time_limit,
+        which ends it with a final message).
         Raises ZostreamError when the request fails inside the engine (finish_reason "error").
         """
         req = self._generate_request(prompt, messages, token_ids, True, **params)
@@ -349,6 +375,8 @@ class ZostreamClient:
                     completion_tokens=r.usage.completion_tokens,
                     seed=r.seed,
                     request_id=r.request_id,
+                    logprobs=_logprobs(r.logprobs),
+                    prompt_logprobs=_logprobs(r.prompt_logprobs),
                 )
 
     def generate(
@@ -362,12 +390,14 @@ class ZostreamClient:
     ) -> GenerateResult:
         """Generate a whole completion (one final message); same parameters as generate_stream."""
         req = self._generate_request(prompt, messages, token_ids, False, **params)
-        text, ids, last = [], [], None
+        text, ids, lps, plps, last = [], [], [], (), None
         with closing(self._stream(self._gen.Generate, req, timeout, bounded=False)) as responses:
             for r in responses:  # one message; several are tolerated (a server may stream anyway)
                 _check_engine_error(r)
                 text.append(r.text)
                 ids.extend(r.token_ids)
+                lps.extend(_logprobs(r.logprobs))
+                plps = plps or _logprobs(r.prompt_logprobs)
                 last = r
         if last is None or last.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED:
             raise error("INTERNAL", "the server ended the Generate stream without a final message")
@@ -379,6 +409,8 @@ class ZostreamClient:
             completion_tokens=last.usage.completion_tokens,
             seed=last.seed,
             request_id=last.request_id,
+            logprobs=tuple(lps),
+            prompt_logprobs=plps,
         )
 
     def abort(self, request_ids: Iterable[str]) -> list[str]:

@@ -317,8 +317,9 @@ class Engine:
             bad = (~torch.isfinite(wl.logits).all(dim=-1)).tolist()  # [B]
             if any(bad):
                 wl.logits = torch.where(torch.tensor(bad, device=wl.logits.device)[:, None], 0.0, wl.logits)
-            toks = wl.sample()
-            for s, tok, nan, lp in zip(wl.seqs, toks, bad, wl.logprobs(toks), strict=True):
+            tokens = wl.sample()
+            logprobs = wl.logprobs(tokens)
+            for s, tok, nan, lp in zip(wl.seqs, tokens, bad, logprobs, strict=True):
                 if s.finish is not None:
                     continue  # aborted during the pass
                 if nan:
@@ -334,6 +335,7 @@ class Engine:
                 s.detok.add(tok)
                 reason = s.check_stop(tok, self.eos_ids)
                 delta = s.take_text(final=reason is not None)
+                first = len(s.output) == 1
                 _emit(
                     s.req,
                     TokenEvent(
@@ -345,6 +347,7 @@ class Engine:
                         len(s.output),
                         s.seed,
                         logprobs=(lp,) if lp is not None else (),
+                        prompt_logprobs=(s.prompt_logprobs or ()) if first else (),
                     ),
                 )
                 if reason is not None:
@@ -395,12 +398,17 @@ class Engine:
         finals: dict[str, TokenEvent] = {}
         texts: dict[str, list[str]] = {}
         tokens: dict[str, list[int]] = {}
+        lps: dict[str, list[Any]] = {}
+        plps: dict[str, tuple[Any, ...]] = {}
         for req in requests:
             user_cb = req.callback
 
             def cb(ev: TokenEvent, user_cb=user_cb) -> None:
                 texts.setdefault(ev.request_id, []).append(ev.text)
                 tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+                lps.setdefault(ev.request_id, []).extend(ev.logprobs)
+                if ev.prompt_logprobs:
+                    plps[ev.request_id] = ev.prompt_logprobs
                 if ev.finish_reason is not None:
                     finals[ev.request_id] = ev
                 if user_cb:
@@ -422,6 +430,8 @@ class Engine:
                 ev.completion_tokens,
                 ev.seed,
                 ev.error,
+                tuple(lps.get(rid, ())),
+                plps.get(rid, ()),
             )
             for rid, ev in finals.items()
         }

@@ -12,6 +12,7 @@ import torch
 
 from .errors import RequestError
 from .kv_cache import PagedKVCache
+from .logprobs import TokenLogprob, token_logprobs
 from .models.attention import AttentionBatch, KVCache, LoraSet
 from .sampling import SamplingParams, make_generator, sample
 
@@ -46,16 +47,6 @@ class StopParams:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model (float32 log-softmax of the raw logits:
-    before repetition penalty, temperature, top-k/top-p), and the `top` most likely tokens there."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True)
 class TokenEvent:
     """What a request's callback receives: new token ids + text, and the end when finished."""
 
@@ -68,6 +59,7 @@ class TokenEvent:
     seed: int = 0
     error: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # prompt tokens 1.., on the first event only
 
 
 @dataclass
@@ -80,6 +72,7 @@ class GenerateRequest:
     callback: Callable[[TokenEvent], None] | None = None
     arrival: float = field(default_factory=time.monotonic)
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (first event)
 
 
 class Detokenizer:
@@ -113,6 +106,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # paged cache: block table for the tokens so far
     finish: FinishReason | None = None
     first_token_time: float | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # computed at prefill when asked for
     emitted: int = 0  # characters of detok.text already sent to the client
     text_end: int | None = None  # where the visible text ends once a stop sequence matched
 
@@ -226,6 +220,13 @@ class GenerationWorkload:
         last = (self.lens - 1).to(self.device)
         h_last = self.h[torch.arange(len(self.seqs), device=self.device), last][:, None]  # [B,1,H]
         self.logits = self.fam.head(h_last, outer, self.spec)[:, 0].float()
+        for b, s in enumerate(self.seqs):
+            if s.req.prompt_logprobs and s.prompt_logprobs is None and s.num_cached == 0:
+                # Position j predicts prompt token j+1: the head over every position but the last.
+                n = int(self.lens[b])
+                logits = self.fam.head(self.h[b : b + 1, : n - 1], outer, self.spec)[0]  # [n-1,V]
+                top = [s.req.logprobs or 0] * (n - 1)
+                s.prompt_logprobs = tuple(token_logprobs(logits, self.ids[b, 1:n], top)) if n > 1 else ()
         self.h = None
 
     def sample(self) -> list[int]:
@@ -240,15 +241,12 @@ class GenerationWorkload:
 
     def logprobs(self, tokens: list[int]) -> list[TokenLogprob | None]:
         """Per sequence: the chosen token's logprob and its request's top-k, or None if not asked."""
-        ks = [s.req.logprobs for s in self.seqs]
-        if all(k is None for k in ks):
-            return [None] * len(ks)
-        lsm = torch.log_softmax(self.logits.float(), dim=-1)  # [B, V]
-        chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])[:, 0].tolist()  # [B]
-        kmax = max(k for k in ks if k is not None)
-        top_v, top_i = lsm.topk(kmax, dim=-1) if kmax else (lsm[:, :0], lsm[:, :0].long())  # [B, kmax]
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        return [
-            None if k is None else TokenLogprob(t, c, tuple(zip(top_i[b][:k], top_v[b][:k], strict=True)))
-            for b, (k, t, c) in enumerate(zip(ks, tokens, chosen, strict=True))
-        ]
+        rows = [b for b, s in enumerate(self.seqs) if s.req.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(self.seqs)
+        if rows:
+            idx = torch.tensor(rows, device=self.logits.device)
+            toks = torch.tensor([tokens[b] for b in rows])
+            got = token_logprobs(self.logits[idx], toks, [self.seqs[b].req.logprobs for b in rows])
+            for b, lp in zip(rows, got, strict=True):
+                out[b] = lp
+        return out

@@ -183,16 +183,40 @@ def generate_request(
         raise RequestError(str(exc).split(": ", 1)[-1], f"stopping.{exc.field}") from None
     rid = _check_id(req.request_id, "request_id") or "req-" + uuid.uuid4().hex[:16]
     adapter = _check_id(req.adapter_id, "adapter_id")
-    return GenerateRequest(rid, prompt_ids(req, engine), sampling, stopping, adapter)
+    lp = req.logprobs
+    if lp.top_logprobs > D.MAX_TOP_LOGPROBS:
+        raise RequestError(f"must be in 0..{D.MAX_TOP_LOGPROBS}", "logprobs.top_logprobs")
+    return GenerateRequest(
+        rid,
+        prompt_ids(req, engine),
+        sampling,
+        stopping,
+        adapter,
+        logprobs=int(lp.top_logprobs) if lp.tokens or lp.top_logprobs else None,
+        prompt_logprobs=lp.prompt,
+    )
+
+
+def logprobs_pb(items) -> list[generation_pb2.TokenLogprob]:
+    return [
+        generation_pb2.TokenLogprob(
+            token_id=x.token_id,
+            logprob=x.logprob,
+            top=[generation_pb2.Logprob(token_id=t, logprob=v) for t, v in x.top],
+        )
+        for x in items
+    ]
 
 
 def generate_response(
-    ev: TokenEvent, final_text: str | None = None, token_ids=None
+    ev: TokenEvent, final_text: str | None = None, token_ids=None, logprobs=None, prompt_logprobs=None
 ) -> generation_pb2.GenerateResponse:
     out = generation_pb2.GenerateResponse(
         request_id=ev.request_id,
         token_ids=list(token_ids if token_ids is not None else ev.token_ids),
         text=final_text if final_text is not None else ev.text,
+        logprobs=logprobs_pb(logprobs if logprobs is not None else ev.logprobs),
+        prompt_logprobs=logprobs_pb(prompt_logprobs if prompt_logprobs is not None else ev.prompt_logprobs),
     )
     if ev.finish_reason is not None:
         out.finish_reason = FINISH[ev.finish_reason]

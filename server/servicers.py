@@ -136,6 +136,8 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         first: float | None = None
         texts: list[str] = []
         ids: list[int] = []
+        lps: list = []
+        plps: tuple = ()
         n_tokens = 0
         try:
             while True:
@@ -149,13 +151,21 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                     if request.stream:
                         yield C.generate_response(ev)
                     else:  # the final event may carry text held back for a stop sequence
-                        yield C.generate_response(ev, "".join([*texts, ev.text]), [*ids, *ev.token_ids])
+                        yield C.generate_response(
+                            ev,
+                            "".join([*texts, ev.text]),
+                            [*ids, *ev.token_ids],
+                            [*lps, *ev.logprobs],
+                            plps or ev.prompt_logprobs,
+                        )
                     return
                 if request.stream:
                     yield C.generate_response(ev)
                 else:
                     texts.append(ev.text)
                     ids.extend(ev.token_ids)
+                    lps.extend(ev.logprobs)
+                    plps = plps or ev.prompt_logprobs
         finally:
             self.app.inflight.discard(req.request_id)
             if not finished:  # client cancelled or deadline passed: still one finished request
