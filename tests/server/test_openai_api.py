@@ -6,6 +6,7 @@ API; the stop cut is checked against the unstopped text cut by hand.
 from __future__ import annotations
 
 import json
+import signal
 import ssl
 import time
 from collections.abc import Iterator
@@ -271,3 +272,28 @@ def test_completion_logprobs_match_transformers(client: openai.OpenAI, model: st
         assert list(top) == tok.convert_ids_to_tokens(i.tolist())
         torch.testing.assert_close(torch.tensor(list(top.values())), v, rtol=0, atol=1e-4)
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_serve_http_port_flag_and_sigterm_drain(model_dir: Path, tmp_path: Path) -> None:
+    """`zostream serve --http-port` in a subprocess: a stream in flight at SIGTERM runs to its end."""
+    from tests.server.conftest import free_port, start_process, stop_process
+
+    port = free_port()
+    p = start_process(model_dir, tmp_path / "data", tmp_path, "--http-port", str(port))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/ready").status_code == 200
+        body = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "seed": 1,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            p.kill(signal.SIGTERM)
+            rest = [x for x in lines if x]
+        assert rest[-1] == "data: [DONE]" and len(rest) > 20, len(rest)  # a long stream, cut by nothing
+        last = json.loads(rest[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] in ("stop", "length")
+        assert p.proc.wait(30) == 0
+        assert "OpenAI-compatible HTTP API on 127.0.0.1:" in p.output()
+    finally:
+        stop_process(p)
