@@ -78,6 +78,7 @@ class GenerateChunk:
     request_id: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # which completion, when n > 1
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,7 @@ class ZostreamClient:
         logprobs: bool = False,
         top_logprobs: int = 0,
         prompt_logprobs: bool = False,
+        n: int = 1,
     ) -> generation_pb2.GenerateRequest:
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
             raise ValueError("give exactly one of prompt, messages or token_ids")
@@ -336,6 +338,7 @@ class ZostreamClient:
             logprobs=generation_pb2.LogprobsParams(
                 tokens=logprobs, top_logprobs=top_logprobs, prompt=prompt_logprobs
             ),
+            n=n,
         )
         if prompt is not None:
             req.text = prompt
@@ -377,6 +380,7 @@ class ZostreamClient:
                     request_id=r.request_id,
                     logprobs=_logprobs(r.logprobs),
                     prompt_logprobs=_logprobs(r.prompt_logprobs),
+                    index=r.index,
                 )
 
     def generate(
@@ -412,6 +416,29 @@ class ZostreamClient:
             logprobs=tuple(lps),
             prompt_logprobs=plps,
         )
+
+    def completions(self, prompt: str | None = None, *, n: int, **params: Any) -> list[GenerateResult]:
+        """`n` completions of one prompt (completion i samples with seed + i), in index order."""
+        parts: dict[int, list[GenerateChunk]] = {}
+        for ch in self.generate_stream(prompt, n=n, **params):
+            parts.setdefault(ch.index, []).append(ch)
+        out = []
+        for i in sorted(parts):
+            chs, last = parts[i], parts[i][-1]
+            out.append(
+                GenerateResult(
+                    text="".join(c.text for c in chs),
+                    token_ids=tuple(t for c in chs for t in c.token_ids),
+                    finish_reason=last.finish_reason,
+                    prompt_tokens=last.prompt_tokens,
+                    completion_tokens=last.completion_tokens,
+                    seed=last.seed,
+                    request_id=last.request_id,
+                    logprobs=tuple(x for c in chs for x in c.logprobs),
+                    prompt_logprobs=next((c.prompt_logprobs for c in chs if c.prompt_logprobs), ()),
+                )
+            )
+        return out
 
     def abort(self, request_ids: Iterable[str]) -> list[str]:
         """Abort in-flight requests; returns the ids that were in flight."""

@@ -165,6 +165,7 @@ class App:
         self.runner = None
         self.engine_error: str | None = None
         self.inflight: set[str] = set()
+        self.groups: dict[str, list[str]] = {}  # request id -> its completions' engine ids (n > 1)
         self.max_inflight = cfg.max_inflight
         self.draining = False
         self.stopped = threading.Event()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 import uuid
 from collections.abc import Collection
 from typing import Any
@@ -197,6 +199,24 @@ def generate_request(
     )
 
 
+def completions(req: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """The engine requests of one Generate: `n` completions of one prompt, completion i sampling with
+    seed + i (one seed picked here when the request set none, so every completion reports its own)."""
+    if n > D.MAX_N:
+        raise RequestError(f"must be at most {D.MAX_N} completions", "n")
+    if n <= 1:
+        return [req]
+    seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbits(63)
+    return [
+        dataclasses.replace(
+            req,
+            request_id=f"{req.request_id}#{i}",
+            sampling=dataclasses.replace(req.sampling, seed=(seed + i) % (MAX_SEED + 1)),
+        )
+        for i in range(n)
+    ]
+
+
 def logprobs_pb(items) -> list[generation_pb2.TokenLogprob]:
     return [
         generation_pb2.TokenLogprob(
@@ -209,10 +229,17 @@ def logprobs_pb(items) -> list[generation_pb2.TokenLogprob]:
 
 
 def generate_response(
-    ev: TokenEvent, final_text: str | None = None, token_ids=None, logprobs=None, prompt_logprobs=None
+    ev: TokenEvent,
+    final_text: str | None = None,
+    token_ids=None,
+    logprobs=None,
+    prompt_logprobs=None,
+    request_id: str | None = None,
+    index: int = 0,
 ) -> generation_pb2.GenerateResponse:
     out = generation_pb2.GenerateResponse(
-        request_id=ev.request_id,
+        request_id=ev.request_id if request_id is None else request_id,
+        index=index,
         token_ids=list(token_ids if token_ids is not None else ev.token_ids),
         text=final_text if final_text is not None else ev.text,
         logprobs=logprobs_pb(logprobs if logprobs is not None else ev.logprobs),

@@ -96,6 +96,23 @@ def rpc(fn):
     return unary
 
 
+class _Acc:
+    """One completion's output so far, for a non-streamed Generate."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.ids: list[int] = []
+        self.lps: list = []
+        self.plps: tuple = ()
+        self.n_tokens = 0
+
+    def add(self, ev) -> None:
+        self.texts.append(ev.text)
+        self.ids.extend(ev.token_ids)
+        self.lps.extend(ev.logprobs)
+        self.plps = self.plps or ev.prompt_logprobs
+
+
 class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -124,61 +141,60 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                 "request_id",
                 code="ALREADY_EXISTS",
             )
+        subs = C.completions(req, request.n)  # n > 1: one engine request per completion
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req.callback = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        for i, sub in enumerate(subs):
+            sub.callback = lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+        submitted: list[str] = []
         try:
-            engine.submit(req)
+            for sub in subs:
+                engine.submit(sub)
+                submitted.append(sub.request_id)
         except RequestError as exc:
+            for rid in submitted:
+                engine.abort(rid)
             raise C.wire_error(exc) from None
         self.app.inflight.add(req.request_id)
-        finished = False
-        first: float | None = None
-        texts: list[str] = []
-        ids: list[int] = []
-        lps: list = []
-        plps: tuple = ()
-        n_tokens = 0
+        self.app.groups[req.request_id] = submitted
+        # Per completion: first-token latency, and (not streaming) what it produced so far.
+        first: list[float | None] = [None] * len(subs)
+        acc = [_Acc() for _ in subs]
+        done = [False] * len(subs)
         try:
-            while True:
-                ev = await queue.get()
-                n_tokens += len(ev.token_ids)
-                if first is None and ev.token_ids:
-                    first = time.monotonic() - req.arrival
+            while not all(done):
+                i, ev = await queue.get()
+                sub, a = subs[i], acc[i]
+                a.n_tokens += len(ev.token_ids)
+                if first[i] is None and ev.token_ids:
+                    first[i] = time.monotonic() - sub.arrival
                 if ev.finish_reason is not None:
-                    finished = True
-                    self.app.request_done(req, ev, first)
-                    if request.stream:
-                        yield C.generate_response(ev)
-                    else:  # the final event may carry text held back for a stop sequence
-                        yield C.generate_response(
-                            ev,
-                            "".join([*texts, ev.text]),
-                            [*ids, *ev.token_ids],
-                            [*lps, *ev.logprobs],
-                            plps or ev.prompt_logprobs,
-                        )
-                    return
+                    done[i] = True
+                    self.app.request_done(sub, ev, first[i])
                 if request.stream:
-                    yield C.generate_response(ev)
-                else:
-                    texts.append(ev.text)
-                    ids.extend(ev.token_ids)
-                    lps.extend(ev.logprobs)
-                    plps = plps or ev.prompt_logprobs
+                    yield C.generate_response(ev, request_id=req.request_id, index=i)
+                    continue
+                a.add(ev)
+                if ev.finish_reason is not None:  # the final event may carry text held back for a stop
+                    yield C.generate_response(
+                        ev, "".join(a.texts), a.ids, a.lps, a.plps, request_id=req.request_id, index=i
+                    )
         finally:
             self.app.inflight.discard(req.request_id)
-            if not finished:  # client cancelled or deadline passed: still one finished request
-                engine.abort(req.request_id)
-                self.app.metrics.observe_request_done(
-                    time.monotonic() - req.arrival, n_tokens, "cancelled", ttft_s=first
-                )
+            self.app.groups.pop(req.request_id, None)
+            for i, sub in enumerate(subs):
+                if not done[i]:  # client cancelled or deadline passed: still a finished request
+                    engine.abort(sub.request_id)
+                    self.app.metrics.observe_request_done(
+                        time.monotonic() - sub.arrival, acc[i].n_tokens, "cancelled", ttft_s=first[i]
+                    )
 
     @rpc
     async def Abort(self, request, context):
         engine = self.app.ready_engine()
         for rid in request.request_ids:
-            engine.abort(rid)
+            for sub in self.app.groups.get(rid, [rid]):  # every completion of an n > 1 request
+                engine.abort(sub)
         return generation_pb2.AbortResponse(
             aborted_request_ids=[r for r in request.request_ids if r in self.app.inflight]
         )

@@ -81,6 +81,7 @@ DOCUMENTED: dict[str, str] = {
     "StoppingCriteria.stop": f"At most {MAX_STOP_SEQUENCES}, each 1-{MAX_STOP_CHARS} characters",
     "StoppingCriteria.include_stop_sequence": "false (default): the matched sequence is cut",
     "GenerateRequest.request_id": f"up to {MAX_ID_CHARS} characters",
+    "GenerateRequest.n": f"0 or 1 (default): one; at most {MAX_N}",
     "LogprobsParams.top_logprobs": f"0 (default) to {MAX_TOP_LOGPROBS}, at most {MAX_TOP_LOGPROBS}",
     "Hyperparameters.batch_size": f"0: {BATCH_SIZE}",
     "Hyperparameters.q": f"0: {Q}",

@@ -61,3 +61,33 @@ def test_too_many_top_logprobs_names_the_field(server: ThreadServer) -> None:
     with ZostreamClient(f"127.0.0.1:{server.port}") as c, pytest.raises(InvalidArgumentError) as exc:
         c.generate("4", max_new_tokens=1, top_logprobs=21)
     assert exc.value.field == "logprobs.top_logprobs"
+
+
+def test_n_completions_equal_single_requests_with_consecutive_seeds(server: ThreadServer) -> None:
+    params = dict(temperature=1.0, max_new_tokens=6, ignore_eos=True)
+    with ZostreamClient(f"127.0.0.1:{server.port}") as c:
+        many = c.completions("4 8 15", n=3, seed=5, **params)
+        singles = [c.generate("4 8 15", seed=5 + i, **params) for i in range(3)]
+        unary = c.generate("4 8 15", seed=5, n=1, **params)
+    assert [m.token_ids for m in many] == [s.token_ids for s in singles]
+    assert [m.seed for m in many] == [5, 6, 7] and unary.token_ids == singles[0].token_ids
+    assert len({m.token_ids for m in many}) > 1  # sampled: the completions differ
+    assert all(m.finish_reason == "max_tokens" and m.completion_tokens == 6 for m in many)
+
+
+def test_n_unary_sends_one_final_message_per_completion(stubs) -> None:
+    from zostream.v1 import generation_pb2 as G
+
+    req = G.GenerateRequest(
+        text="4 8",
+        n=2,
+        sampling=G.SamplingParams(temperature=1.0, seed=9),
+        stopping=G.StoppingCriteria(max_new_tokens=3, ignore_eos=True),
+    )
+    msgs = list(stubs.gen.Generate(req, timeout=30))
+    assert sorted(m.index for m in msgs) == [0, 1]
+    assert all(m.finish_reason == G.FINISH_REASON_MAX_TOKENS and len(m.token_ids) == 3 for m in msgs)
+    assert len({m.request_id for m in msgs}) == 1
+    with pytest.raises(Exception) as exc:
+        list(stubs.gen.Generate(G.GenerateRequest(text="4", n=17), timeout=30))
+    assert "n" in exc.value.details()

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from zostream.v1 import common_pb2 as zostream_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1czostream/v1/generation.proto\x12\x0bzostream.v1\x1a\x18zostream/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"R\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.zostream.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\"\xbb\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x9f\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x1a\n\x12time_limit_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15include_stop_sequence\x18\x06 \x01(\x08\"\xc1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.zostream.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x11.zostream.v1.ChatH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.zostream.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.zostream.v1.StoppingCriteria\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12-\n\x08logprobs\x18\t \x01(\x0b\x32\x1b.zostream.v1.LogprobsParamsB\x08\n\x06prompt\"F\n\x0eLogprobsParams\x12\x0e\n\x06tokens\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x0e\n\x06prompt\x18\x03 \x01(\x08\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"T\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.zostream.v1.Logprob\"\xb2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.zostream.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.zostream.v1.Usage\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12%\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.zostream.v1.ErrorInfo\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.zostream.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.zostream.v1.TokenLogprob\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.zostream.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb3\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rcompute_dtype\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x0c \x01(\t\x12\x1f\n\x17gpu_memory_budget_bytes\x18\r \x01(\x04\x12\x17\n\x0fresident_blocks\x18\x0e \x01(\r\x12\x17\n\x0fstreamed_blocks\x18\x0f \x01(\r\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\x12\x18\n\x10\x62\x61se_fingerprint\x18\x11 \x01(\t\x12\x15\n\reos_token_ids\x18\x12 \x03(\r\x12\x16\n\x0eserver_version\x18\x13 \x01(\t*\xdd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xae\x02\n\x0eTextGeneration\x12I\n\x08Generate\x12\x1c.zostream.v1.GenerateRequest\x1a\x1d.zostream.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.zostream.v1.AbortRequest\x1a\x1a.zostream.v1.AbortResponse\x12G\n\x08Tokenize\x12\x1c.zostream.v1.TokenizeRequest\x1a\x1d.zostream.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .zostream.v1.GetModelInfoRequest\x1a\x16.zostream.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1czostream/v1/generation.proto\x12\x0bzostream.v1\x1a\x18zostream/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"R\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.zostream.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\"\xbb\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x9f\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x1a\n\x12time_limit_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15include_stop_sequence\x18\x06 \x01(\x08\"\xcc\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.zostream.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x11.zostream.v1.ChatH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.zostream.v1.SamplingParams\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.zostream.v1.StoppingCriteria\x12\x12\n\nadapter_id\x18\x07 \x01(\t\x12\x0e\n\x06stream\x18\x08 \x01(\x08\x12-\n\x08logprobs\x18\t \x01(\x0b\x32\x1b.zostream.v1.LogprobsParams\x12\t\n\x01n\x18\n \x01(\rB\x08\n\x06prompt\"F\n\x0eLogprobsParams\x12\x0e\n\x06tokens\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x0e\n\x06prompt\x18\x03 \x01(\x08\",\n\x07Logprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"T\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.zostream.v1.Logprob\"\xc1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.zostream.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.zostream.v1.Usage\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12%\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.zostream.v1.ErrorInfo\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.zostream.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.zostream.v1.TokenLogprob\x12\r\n\x05index\x18\n \x01(\r\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\",\n\rAbortResponse\x12\x1b\n\x13\x61\x62orted_request_ids\x18\x01 \x03(\t\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.zostream.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb3\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_parameters\x18\x04 \x01(\x04\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rcompute_dtype\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\x08 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\t \x01(\r\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x0c \x01(\t\x12\x1f\n\x17gpu_memory_budget_bytes\x18\r \x01(\x04\x12\x17\n\x0fresident_blocks\x18\x0e \x01(\r\x12\x17\n\x0fstreamed_blocks\x18\x0f \x01(\r\x12\x19\n\x11has_chat_template\x18\x10 \x01(\x08\x12\x18\n\x10\x62\x61se_fingerprint\x18\x11 \x01(\t\x12\x15\n\reos_token_ids\x18\x12 \x03(\r\x12\x16\n\x0eserver_version\x18\x13 \x01(\t*\xdd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_MAX_TOKENS\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xae\x02\n\x0eTextGeneration\x12I\n\x08Generate\x12\x1c.zostream.v1.GenerateRequest\x1a\x1d.zostream.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.zostream.v1.AbortRequest\x1a\x1a.zostream.v1.AbortResponse\x12G\n\x08Tokenize\x12\x1c.zostream.v1.TokenizeRequest\x1a\x1d.zostream.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .zostream.v1.GetModelInfoRequest\x1a\x16.zostream.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zostream.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2094
-  _globals['_FINISHREASON']._serialized_end=2315
+  _globals['_FINISHREASON']._serialized_start=2120
+  _globals['_FINISHREASON']._serialized_end=2341
   _globals['_TOKENIDS']._serialized_start=71
   _globals['_TOKENIDS']._serialized_end=94
   _globals['_CHATMESSAGE']._serialized_start=96
@@ -45,27 +45,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGCRITERIA']._serialized_start=417
   _globals['_STOPPINGCRITERIA']._serialized_end=576
   _globals['_GENERATEREQUEST']._serialized_start=579
-  _globals['_GENERATEREQUEST']._serialized_end=900
-  _globals['_LOGPROBSPARAMS']._serialized_start=902
-  _globals['_LOGPROBSPARAMS']._serialized_end=972
-  _globals['_LOGPROB']._serialized_start=974
-  _globals['_LOGPROB']._serialized_end=1018
-  _globals['_TOKENLOGPROB']._serialized_start=1020
-  _globals['_TOKENLOGPROB']._serialized_end=1104
-  _globals['_GENERATERESPONSE']._serialized_start=1107
-  _globals['_GENERATERESPONSE']._serialized_end=1413
-  _globals['_ABORTREQUEST']._serialized_start=1415
-  _globals['_ABORTREQUEST']._serialized_end=1450
-  _globals['_ABORTRESPONSE']._serialized_start=1452
-  _globals['_ABORTRESPONSE']._serialized_end=1496
-  _globals['_TOKENIZEREQUEST']._serialized_start=1498
-  _globals['_TOKENIZEREQUEST']._serialized_end=1575
-  _globals['_TOKENIZERESPONSE']._serialized_start=1577
-  _globals['_TOKENIZERESPONSE']._serialized_end=1630
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1632
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1653
-  _globals['_MODELINFO']._serialized_start=1656
-  _globals['_MODELINFO']._serialized_end=2091
-  _globals['_TEXTGENERATION']._serialized_start=2318
-  _globals['_TEXTGENERATION']._serialized_end=2620
+  _globals['_GENERATEREQUEST']._serialized_end=911
+  _globals['_LOGPROBSPARAMS']._serialized_start=913
+  _globals['_LOGPROBSPARAMS']._serialized_end=983
+  _globals['_LOGPROB']._serialized_start=985
+  _globals['_LOGPROB']._serialized_end=1029
+  _globals['_TOKENLOGPROB']._serialized_start=1031
+  _globals['_TOKENLOGPROB']._serialized_end=1115
+  _globals['_GENERATERESPONSE']._serialized_start=1118
+  _globals['_GENERATERESPONSE']._serialized_end=1439
+  _globals['_ABORTREQUEST']._serialized_start=1441
+  _globals['_ABORTREQUEST']._serialized_end=1476
+  _globals['_ABORTRESPONSE']._serialized_start=1478
+  _globals['_ABORTRESPONSE']._serialized_end=1522
+  _globals['_TOKENIZEREQUEST']._serialized_start=1524
+  _globals['_TOKENIZEREQUEST']._serialized_end=1601
+  _globals['_TOKENIZERESPONSE']._serialized_start=1603
+  _globals['_TOKENIZERESPONSE']._serialized_end=1656
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1658
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1679
+  _globals['_MODELINFO']._serialized_start=1682
+  _globals['_MODELINFO']._serialized_end=2117
+  _globals['_TEXTGENERATION']._serialized_start=2344
+  _globals['_TEXTGENERATION']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)
