@@ -220,7 +220,7 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     cover an initial error of two ulps."""
     y = torch.sqrt(x)
     x64 = x.double()
-    inf, zero = torch.tensor(float("inf"), device=x.device), torch.zeros((), device=x.device)
+    inf, zero = torch.full((), float("inf"), device=x.device), torch.zeros((), device=x.device)
     for _ in range(2):
         y64 = y.double()
         up, down = torch.nextafter(y, inf), torch.nextafter(y, zero)

@@ -4,7 +4,17 @@ job directory, mapped shared (writes go to the file: durable, no RAM beyond page
 Per-group step counters make a crash mid-pass recoverable: `applied[g] = k` means steps
 0..k-1 are in group g's tensors; while step k is being written the counter holds
 -(k+1). On open, a group caught mid-write is rebuilt from the base (counter 0) and
-then catches up from the log like every other group.
+then catches up from the log like every other group. On a copying device (cuda, emu) the
+tensors written are the host copy, by the streamer's write-back: the counter takes the torn
+mark before the copy starts and its new value once the copy has landed.
+
+What is durable against what:
+- process death (kill -9, OOM) at any point: the page cache outlives the process, so the
+  working copy and its counters are trusted as they are (torn groups rebuilt, as above);
+- power loss / machine restart: only the update log is durable (fsync'd per step). Pages of a
+  shared mapping reach the disk in any order, counters possibly before the tensors they count,
+  so after a restart (a new boot id) every group is rebuilt from the base and the trainer replays
+  the whole log into it. Nothing is msync'd on the hot path: the log is the record, this is a cache.
 """
 
 from __future__ import annotations
@@ -48,9 +58,13 @@ class WorkingCopy:
         if not counters.exists():
             np.zeros(self.groups, dtype=np.int64).tofile(counters)
         self.applied = np.memmap(counters, dtype=np.int64, mode="r+", shape=(self.groups,))
+        boot, mark = boot_id(), self.dir / "boot_id"
+        restarted = boot is not None and mark.exists() and mark.read_text() != boot
         for g in range(self.groups):
-            if self.applied[g] < 0:  # killed while writing a step into this group
+            if restarted or self.applied[g] < 0:  # killed while writing a step into this group
                 self._rebuild(g)
+        if boot is not None and (restarted or not mark.exists()):
+            mark.write_text(boot)  # after the rebuild: a kill during it rebuilds again on the next open
 
     def _create(self) -> None:
         tmp = self.dir.with_name(self.dir.name + ".tmp")
@@ -96,11 +110,19 @@ class WorkingCopy:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for p in self.dir.iterdir():
-            if p.name != "applied.bin":
+            if p.name not in ("applied.bin", "boot_id"):
                 shutil.copy2(p, tmp / p.name)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         return out
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux); None where the system does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def save_model_dir(store: WeightStore, tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:

@@ -93,7 +93,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> to
     near = x.to(dtype)
     near32 = near.float()
     up = near32 < x  # nearest is the lower neighbour: the other one is above
-    inf = torch.tensor(math.inf, dtype=dtype, device=x.device)
+    inf = torch.full((), math.inf, dtype=dtype, device=x.device)  # a fill, not a host -> device copy
     other = torch.nextafter(near, torch.where(up, inf, -inf))
     lo = torch.where(up, near, other)
     hi = torch.where(up, other, near)
@@ -140,7 +140,7 @@ def apply_update(
     work = torch.float64 if theta.dtype == torch.float64 else torch.float32
     # The direction count as a device tensor: a host scalar divisor becomes a reciprocal multiply on
     # CUDA, which would break CPU/GPU equality for q not a power of two.
-    count_q = torch.tensor(float(len(coefs)), dtype=torch.float32, device=theta.device)
+    count_q = torch.full((), float(len(coefs)), dtype=torch.float32, device=theta.device)
     flat = theta.view(-1)  # [numel], shares storage with theta
     n = flat.numel()
     for start in range(0, n, chunk):

@@ -160,7 +160,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def rope_tables(positions: torch.Tensor, s: Spec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B,T] -> cos, sin [B,1,T,D] in `dtype` (computed in fp32, as transformers does)."""
-    inv_freq = torch.tensor(s.inv_freq, dtype=torch.float32, device=positions.device)
+    # Built on the host and sent asynchronously: torch.tensor(..., device=cuda) would synchronise the host.
+    inv_freq = torch.tensor(s.inv_freq, dtype=torch.float32).to(positions.device, non_blocking=True)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos() * s.rope_scale, emb.sin() * s.rope_scale

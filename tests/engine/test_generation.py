@@ -26,10 +26,10 @@ class FakeTok:
         return {"input_ids": [int(t) for t in text.split()]}
 
 
-def make_engine(d, **stream) -> Engine:
+def make_engine(d, device: str = "cpu", **stream) -> Engine:
     cfg = EngineConfig(
         str(d),
-        device="cpu",
+        device=device,
         compute_dtype="float32",
         stream=StreamConfig(**stream),
         limits=LimitsConfig(max_batch=4, max_seq_len=64),
@@ -44,11 +44,21 @@ def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerateRequest:
 PROMPTS = [[5, 17, 3, 99, 42], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [60, 61]]
 
 
-@pytest.mark.parametrize("name", ["llama", "opt", "qwen3"])
-def test_greedy_matches_transformers_generate(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "device", "budget"),
+    [
+        ("llama", "cpu", None),
+        ("opt", "cpu", None),
+        ("qwen3", "cpu", None),
+        ("llama", "emu", 0),
+        ("qwen3", "emu", 0),
+    ],
+)
+def test_greedy_matches_transformers_generate(tmp_path, name, device, budget):
+    """emu: every block streamed through the emulated device's slots (real copies, events)."""
     d = make_tiny_model(tmp_path, name)
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    eng = make_engine(d)
+    eng = make_engine(d, device, gpu_memory_bytes=budget)
     out = eng.generate([greedy(str(i), p) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
         want = ref.generate(

@@ -41,12 +41,20 @@ def replayed(out, method: str) -> dict[str, torch.Tensor]:
     return load_file(out / ("adapter_model.safetensors" if method == "lora" else "model.safetensors"))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_replay_reproduces_training_bitwise(models, tmp_path, case):
+@pytest.mark.parametrize(
+    ("case", "device"), [(c, "cpu") for c in sorted(CASES)] + [("full", "emu"), ("full-bf16-sr", "emu")]
+)
+def test_replay_reproduces_training_bitwise(models, tmp_path, case, device):
+    """emu: trained with every master streamed through the emulated device (budget 0), replayed on the CPU."""
     method, name, dtype, lr = CASES[case]
     model = models(name, dtype)
     cfg = base_cfg(method, steps=5, lr=lr)
-    tr = run_job(model, tmp_path / "job", cfg, 5)
+    if device == "emu":
+        from zostream.engine.emu import EmuDevice, EmuOptions
+
+        tr = run_job(model, tmp_path / "job", cfg, 5, 0, emu=EmuDevice(EmuOptions(max_delay_s=0.001)))
+    else:
+        tr = run_job(model, tmp_path / "job", cfg, 5)
     tr.log.close()
     header = UpdateLog.open(tmp_path / "job" / "update.log").header
     if dtype == torch.bfloat16:
