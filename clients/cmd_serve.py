@@ -71,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default auto: max-batch full sequences, at most half of --gpu-memory)",
     )
     p.add_argument(
+        "--kv-offload",
+        action="store_true",
+        help="keep streamed layers' KV in host memory, copied to the device with the layer's weights "
+        "(the device then holds resident layers' KV and one staging pool per streaming slot)",
+    )
+    p.add_argument(
         "--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED"
     )
     add_runtime_args(p)
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             max_waiting=args.max_waiting,
             kv_memory_bytes=args.kv_memory,
+            kv_offload=args.kv_offload,
         ),
     )
     cfg = ServerConfig(

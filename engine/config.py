@@ -88,6 +88,8 @@ class LimitsConfig:
     # most half a nonzero gpu_memory budget; kv_cache.plan_kv).
     kv_block_size: int = 16
     kv_memory_bytes: int | None = None
+    # Streamed layers' KV in host memory, copied up with the layer's weights and back (kv_offload.py).
+    kv_offload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_seq_len", "max_new_tokens", "max_waiting", "max_prefill_tokens"):

@@ -58,6 +58,8 @@ class StepStats:
     kv_blocks_used: int = 0
     kv_blocks_free: int = 0
     kv_preemptions: int = 0  # sequences whose K/V were dropped for lack of blocks (they prefill again)
+    kv_bytes_h2d: int = 0  # offloaded layers' K/V uploaded with their weights
+    kv_bytes_d2h: int = 0  # their new rows written back to host memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,17 +105,14 @@ class Engine:
         # The KV pool comes out of the device budget first (before "auto" measures free memory); the
         # weights' residency plan gets the rest.
         self.kv_plan, self.stream_cfg = _plan_kv(self.spec, self.dtype, self.limits, cfg.stream)
-        kv_heads = getattr(self.spec, "kv_heads", self.spec.heads)
-        self.cache = PagedKVCache.allocate(
-            self.spec.num_layers,
-            self.kv_plan.num_blocks,
-            self.kv_plan.block_size,
-            kv_heads,
-            self.spec.head_dim,
-            self.dtype,
-            self.device,
-        )
-        self.streamer = self._base_streamer()
+        if not self.limits.kv_offload:
+            self.cache = self._allocate_kv()
+            self.streamer = self._base_streamer()
+        else:  # which layers' KV lives in host memory depends on the weights' plan
+            self.streamer = self._base_streamer(
+                resident_extra_bytes=self.kv_plan.nbytes // self.spec.num_layers
+            )
+            self.cache = self._allocate_kv_offloaded()
         self.scheduler = Scheduler(
             self.limits, BlockAllocator(self.kv_plan.num_blocks, self.kv_plan.block_size)
         )
@@ -126,10 +125,37 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
-    def _base_streamer(self) -> LayerStreamer:
+    def _allocate_kv(self, alloc: Callable[[int, int], torch.Tensor] | None = None) -> PagedKVCache:
+        return PagedKVCache.allocate(
+            self.spec.num_layers,
+            self.kv_plan.num_blocks,
+            self.kv_plan.block_size,
+            getattr(self.spec, "kv_heads", self.spec.heads),
+            self.spec.head_dim,
+            self.dtype,
+            self.device,
+            alloc,
+        )
+
+    def _allocate_kv_offloaded(self) -> PagedKVCache:
+        """Streamed layers' pools in host memory, the rest on the device, and the KVOffload between them.
+        Without a copying device (the direct CPU path) there is nothing to offload to."""
+        from .kv_offload import KVOffload
+
+        s = self.streamer
+        if not (s.copies and s.plan.streamed):
+            return self._allocate_kv()
+        streamed = set(s.plan.streamed)
+        cache = self._allocate_kv(lambda i, n: s.dev.pinned(n) if i in streamed else s.dev.empty(n))
+        cache.offload = KVOffload(cache, s.plan.streamed, s.dev, s.depth)
+        s.kv_travel = cache.offload
+        return cache
+
+    def _base_streamer(self, resident_extra_bytes: int = 0) -> LayerStreamer:
         emu = emu_device(self.cfg.device)
+        extra = dict(resident_extra_bytes=resident_extra_bytes)
         if self.codec_cache is None:
-            return LayerStreamer(self.store, self.device, self.dtype, self.stream_cfg, emu=emu)
+            return LayerStreamer(self.store, self.device, self.dtype, self.stream_cfg, emu=emu, **extra)
         from .codecs import decode_block
 
         cc = self.codec_cache
@@ -141,6 +167,7 @@ class Engine:
             source=cc.block,
             decoder=lambda packed, dev, dt: decode_block(self.codec, packed, dev, dt),
             emu=emu,
+            **extra,
         )
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -155,16 +182,27 @@ class Engine:
         st = self.streamer.stats
         h2d, d2h, xfer, stall = st.h2d_bytes, st.d2h_bytes, st.transfer_seconds, st.stall_seconds
         error = None
-        for streamer, wls in self._by_streamer(plan, workloads):
-            try:
-                run_pass(streamer, wls)
-            except Exception as exc:  # a job's pass failing must not take generation down
-                if not _is_train(wls):
-                    raise
-                # Generation in the same pass committed nothing: it simply runs again next pass.
-                workloads = [(k, w) for k, w in workloads if k == "train"]
-                error = exc
+        off = self.cache.offload
+        kv_up, kv_down = (off.h2d_bytes, off.d2h_bytes) if off is not None else (0, 0)
+        views = [w.attn.paged for k, w in workloads if k != "train"]
+        if off is not None and views:
+            off.arm(views)  # streamed layers' KV blocks for this pass ride with their weights
+        try:
+            for streamer, wls in self._by_streamer(plan, workloads):
+                try:
+                    run_pass(streamer, wls)
+                except Exception as exc:  # a job's pass failing must not take generation down
+                    if not _is_train(wls):
+                        raise
+                    # Generation in the same pass committed nothing: it simply runs again next pass.
+                    workloads = [(k, w) for k, w in workloads if k == "train"]
+                    error = exc
+        finally:
+            if off is not None:
+                off.disarm()
         stats = self._commit(plan, workloads, error)
+        if off is not None:
+            stats.kv_bytes_h2d, stats.kv_bytes_d2h = off.h2d_bytes - kv_up, off.d2h_bytes - kv_down
         stats.queue_times, self._queue_times = self._queue_times, []
         stats.h2d_bytes, stats.d2h_bytes = st.h2d_bytes - h2d, st.d2h_bytes - d2h
         stats.transfer_seconds, stats.stall_seconds = st.transfer_seconds - xfer, st.stall_seconds - stall
@@ -471,7 +509,11 @@ def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any) -> tuple[KVPl
     budget = stream.gpu_memory_bytes
     plan = plan_kv(per_token, lim.kv_block_size, lim.max_batch, lim.max_seq_len, lim.kv_memory_bytes, budget)
     if budget:  # None: "auto" measures free memory after the pool exists; 0: every block streams anyway
-        stream = _replace(stream, gpu_memory_bytes=max(0, budget - plan.nbytes))
+        # Offloaded: the device holds a staging pool per streaming slot (resident layers' pools are
+        # charged to their blocks by the streamer's plan); otherwise every layer's pool.
+        layer = plan.nbytes // spec.num_layers
+        device_kv = stream.prefetch_depth * layer if lim.kv_offload else plan.nbytes
+        stream = _replace(stream, gpu_memory_bytes=max(0, budget - device_kv))
     return plan, stream
 
 

@@ -20,7 +20,9 @@ has written, so uninitialised memory never reaches the attention (masked, but 0 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -84,17 +86,30 @@ class PagedKVCache:
     k: list[torch.Tensor]  # per layer [N, block_size, Hkv, D]
     v: list[torch.Tensor]
     block_size: int
+    offload: Any = None  # kv_offload.KVOffload when streamed layers' pools live in host memory
 
     @classmethod
     def allocate(
-        cls, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, device
+        cls,
+        layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype,
+        device,
+        alloc: Callable[[int, int], torch.Tensor] | None = None,
     ) -> PagedKVCache:
+        """alloc(layer, nbytes) -> uint8 buffer for one layer's K or V (None: torch.empty on device)."""
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        return cls(
-            [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
-            [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)],
-            block_size,
-        )
+        nbytes = num_blocks * block_size * kv_heads * head_dim * dtype.itemsize
+
+        def one(i: int) -> torch.Tensor:
+            if alloc is None:
+                return torch.empty(shape, dtype=dtype, device=device)
+            return alloc(i, nbytes).view(dtype).view(shape)
+
+        return cls([one(i) for i in range(layers)], [one(i) for i in range(layers)], block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -121,6 +136,9 @@ class PagedView:
     write_t: torch.Tensor  # [n] int64
     write_pos: torch.Tensor  # [n] int64 block * block_size + offset
     read_pos: torch.Tensor  # [B, Lk] int64
+    # Staging-local positions for layers whose K/V travel with their block (set by KVOffload.arm).
+    local_write: torch.Tensor | None = None
+    local_read: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -154,12 +172,18 @@ class PagedView:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k/v [B,Hkv,T,D] of valid tokens, return the rows' K/V [B,Hkv,Lk,D]."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kf = kc.view(-1, kc.shape[2], kc.shape[3])  # [N*bs, Hkv, D]
-        vf = vc.view(-1, vc.shape[2], vc.shape[3])
-        kf[self.write_pos] = k.transpose(1, 2)[self.write_b, self.write_t].to(kf.dtype)
-        vf[self.write_pos] = v.transpose(1, 2)[self.write_b, self.write_t].to(vf.dtype)
-        # [B,Lk,Hkv,D] -> [B,Hkv,Lk,D], contiguous like the slot cache's slice (same SDPA inputs).
-        k_out = kf[self.read_pos].transpose(1, 2).to(k.dtype)
-        v_out = vf[self.read_pos].transpose(1, 2).to(v.dtype)
+        off = self.cache.offload
+        if off is not None and layer in off.layers:
+            kf, vf = off.staging(layer)  # this layer's blocks, uploaded with its weights
+            wpos, rpos = self.local_write, self.local_read
+        else:
+            kc, vc = self.cache.k[layer], self.cache.v[layer]
+            kf = kc.view(-1, kc.shape[2], kc.shape[3])  # [N*bs, Hkv, D]
+            vf = vc.view(-1, vc.shape[2], vc.shape[3])
+            wpos, rpos = self.write_pos, self.read_pos
+        kf[wpos] = k.transpose(1, 2)[self.write_b, self.write_t].to(kf.dtype)
+        vf[wpos] = v.transpose(1, 2)[self.write_b, self.write_t].to(vf.dtype)
+        # [B,Lk,Hkv,D] -> [B,Hkv,Lk,D] views (SDPA reads strides; tokens equal the slot cache's, tested).
+        k_out = kf[rpos].transpose(1, 2).to(k.dtype)
+        v_out = vf[rpos].transpose(1, 2).to(v.dtype)
         return k_out, v_out

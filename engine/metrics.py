@@ -44,7 +44,8 @@ MEMORY_KINDS = ("allocated", "reserved", "budget")
 PASS_KINDS = ("generate", "train", "mixed")
 METHODS = ("full", "lora")
 KV_BLOCK_STATES = ("used", "free")
-KV_OPS = ("written", "read")  # new K/V stored; K/V the attention gathered through block tables
+# new K/V stored; K/V the attention gathered through block tables; offloaded K/V uploaded / written back
+KV_OPS = ("written", "read", "h2d", "d2h")
 # Which front end a request came through: every per-request family carries it as a second label.
 APIS = ("grpc", "http")
 

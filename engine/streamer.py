@@ -145,9 +145,12 @@ class LayerStreamer:
         mutable: bool = False,
         emu: Any = None,
         on_write_back: WriteBackHook | None = None,
+        resident_extra_bytes: int = 0,
     ) -> None:
         """device: where compute runs (cpu for emu). emu: an emu.EmuDevice to play the GPU on the CPU.
-        on_write_back: the mutable owner's counter hook (see the module docstring)."""
+        on_write_back: the mutable owner's counter hook (see the module docstring).
+        resident_extra_bytes: device bytes a block costs on top of its weights when resident (its KV pool
+        when streamed layers' KV is offloaded: kv_offload.py)."""
         self.store = store
         self.device = device
         self.dtype = dtype  # compute dtype (frozen) or master dtype (mutable)
@@ -172,7 +175,9 @@ class LayerStreamer:
         # A mutable slot is busy until its write-back lands: depth 3 keeps one upload, one compute and one
         # write-back in flight at once.
         self.depth = max(cfg.prefetch_depth, 3) if mutable and self.copies else cfg.prefetch_depth
-        self.plan = plan_residency([lay.nbytes for lay in self.layouts], decoded, outer, budget, self.depth)
+        with_kv = [d + resident_extra_bytes for d in decoded]
+        self.plan = plan_residency([lay.nbytes for lay in self.layouts], with_kv, outer, budget, self.depth)
+        self.kv_travel: Any = None  # kv_offload.KVOffload: streamed layers' KV rides their copies
         self.stats = StreamStats()
         self.tier = self._host_tier()
         self._outer = {k: self._to_device(v) for k, v in store.outer().items()}
@@ -233,6 +238,8 @@ class LayerStreamer:
             if tier is not None:
                 tier.after(i)
         if slots is not None:
+            if self.kv_travel is not None:
+                self.kv_travel.disarm()  # the next pass's first blocks: their KV waits for its views
             slots.prefetch_next_pass()
 
     def mark_dirty(self, group: int, tag: Any = None) -> None:
@@ -373,6 +380,11 @@ class _Slots:
         if not self.prefetched:
             self._restart()
         self.prefetched = False
+        travel = self.o.kv_travel
+        if travel is not None:  # blocks prefetched before this pass's KV blocks were known
+            for i, s in travel.take_pending():
+                travel.upload(i, s, self.h2d)
+                self.ready[s].record(self.h2d)
 
     def prefetch_next_pass(self) -> None:
         """The next pass's first blocks upload while this pass's head and the caller's commit run."""
@@ -409,6 +421,8 @@ class _Slots:
         else:
             for name, off, n in lay.items:
                 dev.copy(slot[off : off + n], _flat(host[name]), self.h2d, f"h2d {i}")
+        if o.kv_travel is not None:
+            o.kv_travel.upload(i, s, self.h2d)  # the layer's KV blocks follow its weights
         self.staged[s].record(self.h2d)
         self.ready[s].record(self.h2d)
         o.stats.h2d_bytes += sum(n for _, _, n in lay.items)
@@ -447,6 +461,8 @@ class _Slots:
             ev = dev.event()
             ev.record(self.d2h)
             self.pending.append((ev, g, tag))
+        elif o.kv_travel is not None and o.kv_travel.download(i, s, self.d2h, done):
+            self.free[s].record(self.d2h)  # the new KV rows left the staging before it is reused
         else:
             self.free[s].record(dev.compute)
         self._issue()
