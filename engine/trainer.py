@@ -23,6 +23,7 @@ from .config import ZOConfig
 from .forward import run_pass
 from .models.attention import AttentionBatch, LoraSet
 from .peft import LoraAdapter
+from .perturb import PassPerturbation
 from .streamer import LayerStreamer
 from .update_log import LogHeader, Step, UpdateLog
 
@@ -85,12 +86,13 @@ class ZOStepWorkload:
         self.tr, self.step = tr, step
         cfg, fam, spec = tr.cfg, tr.fam, tr.spec
         micro = batches if isinstance(batches, list) else [batches]  # one (ids, labels, lens) or a list
+        # One z per direction for the ± pair, shared by every micro-batch (engine/perturb.py).
+        self.perturbation = tr.perturbers([rng.step_seed(cfg.seed, step, d) for d in range(cfg.q)])
         self.subs: list[LossWorkload] = []  # micro-batch-major: [m0 +d0, m0 -d0, m0 +d1, ..., m1 +d0, ...]
         for batch in micro:
             for d in range(cfg.q):
-                seed = rng.step_seed(cfg.seed, step, d)
                 for sign in (1, -1):
-                    self.subs.append(LossWorkload(fam, spec, batch, *tr.perturbers(seed, sign)))
+                    self.subs.append(LossWorkload(fam, spec, batch, *self.perturbation.functions(d, sign)))
         self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
 
     def begin(self, outer: dict[str, torch.Tensor]) -> None:
@@ -196,31 +198,11 @@ class ZOTrainer:
 
         return Trainable(groups, self.spec.num_layers + 1, lambda g, s, done: None)
 
-    def perturbers(self, seed: int, sign: int):
-        """(outer_fn, block_fn, lora_fn) making θ ± ε z work copies for one forward."""
-        eps, kind = self.cfg.epsilon, self.cfg.noise
-        if self.adapter is not None:
-            ad = self.adapter
-
-            def lora_fn(i: int) -> LoraSet:
-                pert = {
-                    n: zo.perturbed(ad.tensors[n], kind, seed, n, eps, sign, torch.float32)
-                    for n in ad.layer_names(i)
-                }
-                return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
-
-            return None, None, lora_fn
-        prefix = self.fam.layer_prefix
-
-        def outer_fn(outer: dict) -> dict:
-            return {n: zo.perturbed(t, kind, seed, n, eps, sign, self.dtype) for n, t in outer.items()}
-
-        def block_fn(i: int, w: dict) -> dict:
-            return {
-                k: zo.perturbed(t, kind, seed, prefix(i) + k, eps, sign, self.dtype) for k, t in w.items()
-            }
-
-        return outer_fn, block_fn, None
+    def perturbers(self, seeds: list[int]) -> PassPerturbation:
+        """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction)."""
+        return PassPerturbation(
+            seeds, self.cfg.noise, self.cfg.epsilon, self.dtype, self.fam.layer_prefix, self.adapter
+        )
 
     def catch_up(self, g: int, w: dict[str, torch.Tensor] | None, upto: int) -> None:
         """Apply logged steps applied[g]..upto-1 to group g's master tensors, in place."""

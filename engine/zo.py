@@ -7,6 +7,10 @@ held and results do not depend on the chunk size. Scalars that the update log st
 float32 values and all tensor math runs in float32 with one rounding per op (no fused
 multiply-add, no division by a host scalar, which CUDA turns into a reciprocal multiply), so the
 same inputs give the same bits on every device (DESIGN invariants 3-5).
+
+Where engine/fused.py has a kernel for the tensor (CPU float32/bfloat16), perturb and update run
+there instead: z drawn per Philox counter and used at once, never held, same bits as the chunked
+torch code below (which stays the specification and the path for other devices and dtypes).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rng import noise, uniform
+from . import fused
+from .rng import NOISE_KINDS, noise, uniform
 
 ROUNDING_MODES = ("nearest", "stochastic")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -39,6 +44,16 @@ def _check_chunk(chunk: int) -> None:
         raise ValueError(f"chunk must be >= 1 elements, got {chunk}")
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {', '.join(NOISE_KINDS)}, got {kind!r}")
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+
+
 def perturbed(
     theta: torch.Tensor,
     kind: str,
@@ -55,24 +70,64 @@ def perturbed(
     """
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    _check_eps(eps)
+    _check_kind(kind)
     _check_chunk(chunk)
     scale = f32(sign * f32(eps))  # exact: sign is ±1
     flat = theta.reshape(-1)  # [numel]; a view when contiguous, never written
-    out = torch.empty(flat.numel(), dtype=out_dtype, device=theta.device)
+    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=False)
+    if fast is not None:
+        return fast[0].view(theta.shape)
+    return _perturbed_torch(flat, kind, seed, name, (scale,), out_dtype, chunk)[0].view(theta.shape)
+
+
+def perturbed_pair(
+    theta: torch.Tensor,
+    kind: str,
+    seed: int,
+    name: str,
+    eps: float,
+    out_dtype: torch.dtype,
+    chunk: int = 1 << 22,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perturbed(..., +1, ...), perturbed(..., -1, ...)) from one draw of z and one read of theta."""
+    _check_eps(eps)
+    _check_kind(kind)
+    _check_chunk(chunk)
+    scale = f32(eps)
+    flat = theta.reshape(-1)
+    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=True)
+    if fast is not None:
+        plus, minus = fast
+    else:
+        plus, minus = _perturbed_torch(flat, kind, seed, name, (scale, -scale), out_dtype, chunk)
+    return plus.view(theta.shape), minus.view(theta.shape)  # type: ignore[union-attr]
+
+
+def _perturbed_torch(
+    flat: torch.Tensor,
+    kind: str,
+    seed: int,
+    name: str,
+    scales: tuple[float, ...],
+    out_dtype: torch.dtype,
+    chunk: int,
+) -> list[torch.Tensor]:
+    """[(flat.float() + s * z).to(out_dtype) for s in scales], z drawn once per chunk."""
     n = flat.numel()
+    outs = [torch.empty(n, dtype=out_dtype, device=flat.device) for _ in scales]
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
-        z = noise(kind, seed, name, n, start, count, device=theta.device)  # float32 [count]
-        out[start : start + count] = (flat[start : start + count].float() + z * scale).to(out_dtype)
-    return out.view(theta.shape)
+        z = noise(kind, seed, name, n, start, count, device=flat.device)  # float32 [count]
+        x = flat[start : start + count].float()
+        for out, s in zip(outs, scales, strict=True):
+            out[start : start + count] = (x + z * s).to(out_dtype)
+    return outs
 
 
 def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> float:
     """(L+ - L-) / (2 eps) in float64, rounded to float32 (the log stores float32)."""
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    _check_eps(eps)
     return f32((float(loss_plus) - float(loss_minus)) / (2.0 * float(eps)))
 
 
@@ -134,9 +189,12 @@ def apply_update(
     stochastic = rounding == "stochastic" and theta.dtype in _LOW_PRECISION
     if stochastic and sr_seed is None:
         raise ValueError("rounding='stochastic' needs sr_seed (the seed of the rounding uniforms)")
+    _check_kind(kind)
     _check_chunk(chunk)
     lr32, wd32 = f32(lr), f32(weight_decay)
     coefs = [(seed, f32(g)) for seed, g in directions]
+    if fused.update(theta, name, coefs, lr32, wd32 if decay else 0.0, kind, stochastic, sr_seed):
+        return
     work = torch.float64 if theta.dtype == torch.float64 else torch.float32
     # The direction count as a device tensor: a host scalar divisor becomes a reciprocal multiply on
     # CUDA, which would break CPU/GPU equality for q not a power of two.

@@ -597,10 +597,10 @@ def test_tied_embedding_is_one_trainable_tensor(models, tmp_path, monkeypatch):
     assert "lm_head.weight" not in names
     perturbed: list[tuple[int, str]] = []
     updated: list[tuple[int, str]] = []
-    real_p, real_u = zo.perturbed, zo.apply_update
+    real_p, real_u = zo.perturbed_pair, zo.apply_update
     monkeypatch.setattr(
         zo,
-        "perturbed",
+        "perturbed_pair",
         lambda t, k, seed, name, *a, **kw: (
             perturbed.append((seed, name)),
             real_p(t, k, seed, name, *a, **kw),
@@ -621,7 +621,8 @@ def test_tied_embedding_is_one_trainable_tensor(models, tmp_path, monkeypatch):
     seeds = [rng.step_seed(cfg.seed, t, 0) for t in range(cfg.steps)]
     assert {s for s, _ in perturbed} == set(seeds)  # embedding and head: z from the step seed, no other
     for seed in seeds:
-        assert sorted({n for s, n in perturbed if s == seed}) == names  # one z per tensor, no lm_head
+        # One z per tensor for the ± pair, drawn once per pass (the outer tensors too), no lm_head.
+        assert sorted(n for s, n in perturbed if s == seed) == names
         assert sorted(n for s, n in updated if s == seed) == names  # one update per tensor and step
     got = exported(tmp_path / "job", "full")
     assert sorted(got) == names

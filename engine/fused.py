@@ -1,0 +1,101 @@
+"""Dispatch of zo.py's perturb and update to the fused kernels, where one exists for the tensor.
+
+A kernel draws z for a counter and uses it at once (no z tensor); its results equal the torch
+path of zo.py bit for bit (tests/engine/test_fused.py), so callers never see which one ran. CPU
+tensors of float32 or bfloat16 go to engine/noise_cpu.py (numba); everything else (CUDA without
+Triton, float16 and float64 masters) returns None and zo.py takes its chunked torch path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import rng
+
+try:  # numba is a pinned dependency; a platform without its wheels still trains, slower
+    import numba
+
+    from . import noise_cpu
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = noise_cpu = None
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_ready(*tensors: torch.Tensor) -> bool:
+    return noise_cpu is not None and all(
+        t.device.type == "cpu" and t.dtype in _CPU_DTYPES and t.is_contiguous() for t in tensors
+    )
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view [numel] of a contiguous CPU tensor sharing its memory (bfloat16 as uint16 bits)."""
+    flat = t.detach().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _threads() -> None:
+    # Follow torch's thread setting (benchmarks pin it; tests run one thread).
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def perturb_pair(
+    theta: torch.Tensor, kind: str, seed: int, name: str, scale: float, out_dtype: torch.dtype, pair: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(θ + scale·z, θ - scale·z if pair) as new [numel] tensors of out_dtype; None: no kernel here."""
+    if not (_cpu_ready(theta) and out_dtype in _CPU_DTYPES):
+        return None
+    n = theta.numel()
+    plus = torch.empty(n, dtype=out_dtype)
+    minus = torch.empty(n if pair else 0, dtype=out_dtype)
+    k0, k1 = rng.tensor_key(seed, name, 0)
+    _threads()
+    noise_cpu.perturb_pair(
+        _array(theta), noise_cpu.KIND_CODES[kind], k0, k1, np.float32(scale), _array(plus), _array(minus)
+    )
+    return plus, (minus if pair else None)
+
+
+def update(
+    theta: torch.Tensor,
+    name: str,
+    coefs: list[tuple[int, float]],
+    lr: float,
+    wd: float,
+    kind: str,
+    stochastic: bool,
+    sr_seed: int | None,
+) -> bool:
+    """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay); False: no kernel here."""
+    if not _cpu_ready(theta):
+        return False
+    keys = np.array([rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=np.uint64)
+    gs = np.array([g for _, g in coefs], dtype=np.float32)
+    sr = rng.tensor_key(sr_seed, name, 1) if stochastic and sr_seed is not None else (0, 0)
+    _threads()
+    noise_cpu.update(
+        _array(theta),
+        noise_cpu.KIND_CODES[kind],
+        keys,
+        gs,
+        np.float32(lr),
+        np.float32(wd),
+        stochastic,
+        sr[0],
+        sr[1],
+    )
+    return True
+
+
+def noise(kind: str, seed: int, name: str, start: int, count: int) -> torch.Tensor | None:
+    """float32 [count] = rng.noise(kind, seed, name, ...) on the CPU from the compiled generator."""
+    if noise_cpu is None:
+        return None
+    out = torch.empty(count, dtype=torch.float32)
+    k0, k1 = rng.tensor_key(seed, name, 0)
+    _threads()
+    noise_cpu.fill_noise(noise_cpu.KIND_CODES[kind], k0, k1, start, out.numpy())
+    return out

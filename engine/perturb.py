@@ -1,0 +1,82 @@
+"""The θ ± ε z work copies of one ZO pass, drawn once and shared by every forward that needs them.
+
+A step runs 2q forwards per micro-batch: (+z_0, -z_0, +z_1, ...) for each of M micro-batches. The
+work copies of a group (the outer tensors, or block i) depend only on the direction and the sign,
+so they are made once per pass: when the first forward reaches the group, every direction's pair
+comes from one draw of z and one read of θ (zo.perturbed_pair), and the M micro-batches' forwards
+use them. The outer pairs live for the whole pass (the embedding at `begin` and the head at `end`
+read the same copies); a block's pairs are dropped when the pass moves on to the next block.
+The master is never written (DESIGN invariant 2).
+
+Memory: 2q work copies of one group at a time (plus the outer group's), where the per-forward
+scheme held one; q is small (1-4) and a block is a small part of a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import zo
+from .models.attention import LoraSet
+
+Pairs = list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]  # per direction: (θ + εz, θ - εz)
+
+
+class PassPerturbation:
+    """Work copies for the directions `seeds` (step seeds, in direction order) of one pass."""
+
+    def __init__(
+        self,
+        seeds: list[int],
+        kind: str,
+        eps: float,
+        dtype: torch.dtype,
+        layer_prefix: Callable[[int], str],
+        adapter: Any = None,
+    ) -> None:
+        self.seeds, self.kind, self.eps, self.dtype = seeds, kind, eps, dtype
+        self.layer_prefix, self.adapter = layer_prefix, adapter
+        self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
+        self._block: tuple[int, object, Pairs] | None = None  # (block index, its dict, its pairs)
+
+    def _pairs(self, named: dict[str, torch.Tensor], out_dtype: torch.dtype) -> Pairs:
+        """named: full tensor name -> master tensor; one draw of z per direction and tensor."""
+        out: Pairs = [({}, {}) for _ in self.seeds]
+        for name, t in named.items():
+            for d, seed in enumerate(self.seeds):
+                out[d][0][name], out[d][1][name] = zo.perturbed_pair(
+                    t, self.kind, seed, name, self.eps, out_dtype
+                )
+        return out
+
+    def outer(self, d: int, sign: int, outer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._outer is None or self._outer[0] is not outer:
+            self._outer = (outer, self._pairs(outer, self.dtype))
+        return self._outer[1][d][0 if sign > 0 else 1]
+
+    def block(self, d: int, sign: int, i: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._block is None or self._block[0] != i or self._block[1] is not w:
+            self._block = None  # free the previous block's copies first
+            prefix = self.layer_prefix(i)
+            pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype)
+            local = [({k: p[prefix + k] for k in w}, {k: m[prefix + k] for k in w}) for p, m in pairs]
+            self._block = (i, w, local)
+        return self._block[2][d][0 if sign > 0 else 1]
+
+    def lora(self, d: int, sign: int, i: int) -> LoraSet:
+        ad = self.adapter
+        if self._block is None or self._block[0] != i:
+            self._block = None
+            named = {n: ad.tensors[n] for n in ad.layer_names(i)}
+            self._block = (i, None, self._pairs(named, torch.float32))
+        pert = self._block[2][d][0 if sign > 0 else 1]
+        return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
+
+    def functions(self, d: int, sign: int) -> tuple[Callable | None, Callable | None, Callable | None]:
+        """(outer_fn, block_fn, lora_fn) of LossWorkload for the forward of direction d, sign ±1."""
+        if self.adapter is not None:
+            return None, None, lambda i: self.lora(d, sign, i)
+        return (lambda o: self.outer(d, sign, o)), (lambda i, w: self.block(d, sign, i, w)), None
