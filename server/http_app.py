@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import socket
 from typing import Any
 
@@ -47,10 +48,15 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 def request_error_response(exc: RequestError) -> JSONResponse:
+    """The refusal as OpenAI's error object; `code` is the error's stable reason (lower case), and a
+    retryable refusal (429, 503) says when to retry in Retry-After, as the gRPC RetryInfo does."""
     status, kind = STATUS.get(exc.code, (400, "invalid_request_error"))
     msg = str(exc.args[0]) if exc.args else str(exc)
-    code = "model_not_found" if exc.field == "model" and exc.code == "NOT_FOUND" else exc.code.lower()
-    return JSONResponse(error_body(msg, kind, exc.field, code), status_code=status)
+    reason = getattr(exc, "reason", "") or exc.code
+    code = "model_not_found" if exc.field == "model" and exc.code == "NOT_FOUND" else reason.lower()
+    retry = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry else None
+    return JSONResponse(error_body(msg, kind, exc.field, code), status_code=status, headers=headers)
 
 
 def error_sse(exc: BaseException) -> bytes:
@@ -58,9 +64,9 @@ def error_sse(exc: BaseException) -> bytes:
     if isinstance(exc, RequestError):
         body = error_body(
             str(exc.args[0]) if exc.args else str(exc),
-            STATUS.get(exc.code, (0, "x"))[1],
+            STATUS.get(exc.code, (500, "server_error"))[1],
             exc.field,
-            exc.code.lower(),
+            (getattr(exc, "reason", "") or exc.code).lower(),
         )
     else:
         body = error_body(f"internal error: {type(exc).__name__}", "server_error", None, "internal")

@@ -93,18 +93,24 @@ class _Logprobs:
             self.texts[token_id] = self.tok.decode([token_id])
         return self.texts[token_id]
 
-    def format(self, lps: list[TokenLogprob], offset: int = 0) -> dict | None:
-        if not lps and not self.chat:
+    def format(self, lps: list[TokenLogprob], offset: int = 0, prompt: tuple | None = None) -> dict | None:
+        """`prompt` (completions with echo): (first prompt token id, logprobs of the prompt tokens after
+        it); they come first, the first token with a null logprob as OpenAI reports it."""
+        if not lps and not self.chat and not prompt:
             return None
         if self.chat:
             return {"content": [self._entry(x.token_id, x.logprob, x.top) for x in lps], "refusal": None}
-        tokens = [self.text(x.token_id) for x in lps]
-        offsets = [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
+        head: list[TokenLogprob | None] = [None, *prompt[1]] if prompt else []
+        ids = ([prompt[0]] + [x.token_id for x in prompt[1]] if prompt else []) + [x.token_id for x in lps]
+        tokens = [self.text(i) for i in ids]
+        every = head + list(lps)
         return {
             "tokens": tokens,
-            "token_logprobs": [max(x.logprob, self.FLOOR) for x in lps],
-            "top_logprobs": [{self.text(i): max(v, self.FLOOR) for i, v in x.top} for x in lps],
-            "text_offset": offsets,
+            "token_logprobs": [None if x is None else max(x.logprob, self.FLOOR) for x in every],
+            "top_logprobs": [
+                None if x is None else {self.text(i): max(v, self.FLOOR) for i, v in x.top} for x in every
+            ],
+            "text_offset": [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))],
         }
 
     def _entry(self, token_id: int, logprob: float, top: tuple = ()) -> dict:
@@ -123,10 +129,13 @@ class _Choice:
         self.text: list[str] = []
         self.final: TokenEvent | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # completions with echo and logprobs
         self.unsent = 0  # logprobs not yet sent in a stream chunk
 
     def add(self, ev: TokenEvent) -> str:
         self.logprobs.extend(ev.logprobs)
+        if getattr(ev, "prompt_logprobs", None):
+            self.prompt_logprobs = ev.prompt_logprobs
         piece = self.trim.feed(ev.text)
         if ev.finish_reason is not None:
             if ev.finish_reason is FinishReason.ERROR:
@@ -172,7 +181,10 @@ async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
     for i, c in enumerate(choices):
         text = "".join(c.text)
         echo = plan.echo[i // plan.n] if plan.echo else ""
-        logprobs = lp.format(c.logprobs, len(echo)) if lp else None
+        prompt = (
+            (plan.requests[i].prompt_ids[0], c.prompt_logprobs) if c.prompt_logprobs is not None else None
+        )
+        logprobs = lp.format(c.logprobs, 0 if prompt else len(echo), prompt) if lp else None
         if chat:
             out.append(
                 {
@@ -198,7 +210,10 @@ async def _sse(
         logprobs = None
         if lp is not None and not role:  # the tokens that arrived since the last chunk
             c = choices[i]
-            logprobs, c.unsent = lp.format(c.logprobs[c.unsent :], sent[i]), len(c.logprobs)
+            prompt, offset = None, sent[i]
+            if c.prompt_logprobs is not None and c.unsent == 0:  # echo: the prompt's, with the first chunk
+                prompt, offset = (plan.requests[i].prompt_ids[0], c.prompt_logprobs), 0
+            logprobs, c.unsent = lp.format(c.logprobs[c.unsent :], offset, prompt), len(c.logprobs)
         sent[i] += len(piece or "")
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}

@@ -29,10 +29,15 @@ class Run:
         self.engine = engine = app.ready_engine()
         if app.draining:
             raise RequestError(
-                "the server is shutting down; retry on another replica", "", code="UNAVAILABLE"
+                "the server is shutting down; retry on another replica",
+                "",
+                code="UNAVAILABLE",
+                reason="SERVER_DRAINING",
+                retry_after_s=1.0,
             )
         if len(app.inflight) + len(reqs) > app.max_inflight:
-            raise ResourceExhaustedError(f"{len(app.inflight)} requests in flight; retry later", "")
+            msg = f"{len(app.inflight)} requests in flight; retry later"
+            raise ResourceExhaustedError(msg, "", reason="TOO_MANY_IN_FLIGHT")
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.index = {r.request_id: i for i, r in enumerate(reqs)}

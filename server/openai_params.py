@@ -174,6 +174,8 @@ def completion_plan(body: dict, engine: Any) -> GenPlan:
     plan = _plan({**body, "max_tokens": max_tokens}, engine, prompts, "max_tokens", top)
     if echo:
         plan.echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in items]
+        for req in plan.requests:  # OpenAI reports the echoed prompt's logprobs too
+            req.prompt_logprobs = top is not None
     return plan
 
 
@@ -273,7 +275,11 @@ def rename(exc: RequestError, max_name: str) -> RequestError:
     if exc.field:
         msg = msg.removeprefix(f"{exc.field}: ")
     return RequestError(
-        msg.replace("max_new_tokens", max_name), param_name(exc.field, max_name), code=exc.code
+        msg.replace("max_new_tokens", max_name),
+        param_name(exc.field, max_name),
+        code=exc.code,
+        reason=getattr(exc, "reason", ""),
+        retry_after_s=getattr(exc, "retry_after_s", None),
     )
 
 

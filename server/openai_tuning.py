@@ -301,7 +301,8 @@ class _Tuning:
             spec = C.job_spec(pb, engine.cfg.codec.name, engine.family.module_names(engine.spec))
         except RequestError as exc:
             f = _FIELDS.get(exc.field, exc.field)
-            raise RequestError(str(exc.args[0]).removeprefix(f"{exc.field}: "), f, code=exc.code) from None
+            msg = str(exc.args[0]).removeprefix(f"{exc.field}: ")
+            raise RequestError(msg, f, code=exc.code, reason=exc.reason) from None
         if self.app.draining:
             raise RequestError(
                 "the server is shutting down; retry on another replica", "", code="UNAVAILABLE"

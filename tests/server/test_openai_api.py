@@ -297,3 +297,25 @@ def test_serve_http_port_flag_and_sigterm_drain(model_dir: Path, tmp_path: Path)
         assert "OpenAI-compatible HTTP API on 127.0.0.1:" in p.output()
     finally:
         stop_process(p)
+
+
+def test_echo_with_logprobs_reports_the_prompt(client: openai.OpenAI, model: str, model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    lp = client.completions.create(**kw).choices[0].logprobs
+    assert (
+        lp.tokens[:4] == ["5", "17", "3", "42"]
+        and lp.token_logprobs[0] is None
+        and lp.top_logprobs[0] is None
+    )
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = [int(t) for t in lp.tokens if t.isdigit()]
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([ids])).logits[0, :-1], dim=-1)  # [T-1, V]
+    got = torch.tensor(lp.token_logprobs[1 : len(ids)])
+    torch.testing.assert_close(got, want.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], rtol=0, atol=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)]
+    tokens = [t for x in streamed if x for t in x.tokens]
+    assert tokens == lp.tokens
