@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zostream import defaults as D
 from zostream.engine.errors import NotFoundError, RequestError
 from zostream.engine.generation import GenerateRequest
 from zostream.engine.sampling import MAX_SEED
@@ -21,7 +22,6 @@ from zostream.v1 import generation_pb2
 
 from . import convert as C
 
-MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions call
 MAX_TOP_LOGPROBS = 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -205,7 +205,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
     _neutral(body)
     model = body.get("model")
     adapter = resolve_model(engine, model)
-    n = _int(body, "n", 1, MAX_N) or 1
+    n = _int(body, "n", 1, D.MAX_N) or 1
     stop = _stop(body)
     temperature = _num(body, "temperature", 0.0, 2.0)
     top_p = _num(body, "top_p", 0.0, 1.0)
@@ -225,27 +225,25 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
     stream = _bool(body, "stream")
     rid = "cmpl-" + uuid.uuid4().hex[:24]
     reqs = []
-    for p, base in enumerate(prompts):
-        for i in range(n):
-            pb = generation_pb2.GenerateRequest()
-            pb.CopyFrom(base)
-            pb.request_id = f"{rid}-{p}-{i}"
-            pb.adapter_id = adapter
-            pb.sampling.temperature = 1.0 if temperature is None else temperature
-            if top_p is not None:
-                pb.sampling.top_p = top_p
-            if seed is not None:  # choice i of a seeded call: seed + i, so choices differ and repeat
-                pb.sampling.seed = (seed + i) % (MAX_SEED + 1)
-            if top_k is not None:
-                pb.sampling.top_k = top_k
-            if rep is not None:
-                pb.sampling.repetition_penalty = rep
-            if max_new is not None:
-                pb.stopping.max_new_tokens = max_new
-            pb.stopping.stop.extend(stop)
-            req = _convert(pb, engine, max_name)
-            req.logprobs = top
-            reqs.append(req)
+    for p, pb in enumerate(prompts):
+        pb.request_id = f"{rid}-{p}"
+        pb.adapter_id = adapter
+        pb.sampling.temperature = 1.0 if temperature is None else temperature  # OpenAI's default
+        if top_p is not None:
+            pb.sampling.top_p = top_p
+        if seed is not None:
+            pb.sampling.seed = seed
+        if top_k is not None:
+            pb.sampling.top_k = top_k
+        if rep is not None:
+            pb.sampling.repetition_penalty = rep
+        if max_new is not None:
+            pb.stopping.max_new_tokens = max_new
+        pb.stopping.stop.extend(stop)
+        req = _convert(pb, engine, max_name)
+        req.logprobs = top
+        # the n choices as gRPC makes them: choice i samples with seed + i (one seed picked if unset)
+        reqs.extend(C.completions(req, n))
     include_usage = bool(stream and opts and opts.get("include_usage"))
     return GenPlan(str(model), reqs, n, stream, include_usage, stop, top, max_name=max_name)
 
