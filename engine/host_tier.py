@@ -4,9 +4,10 @@ The base is a read-only shared mapping (engine/store.py), so its pages are clean
 they can be read ahead, and dropped and re-read at will, without a copy. Under a host budget
 (`--host-memory`) the first blocks that fit stay in RAM; the rest stream from the file:
 
-- readahead: a background thread reads the next `depth` streamed blocks (pread into a scratch
-  buffer, which fills the page cache and completes before the compute touches the block; or,
-  mode "willneed", only asks the kernel with posix_fadvise WILLNEED, which does not wait);
+- readahead: a background thread submits the next `depth` streamed blocks to the disk at once
+  (posix_fadvise WILLNEED: a deep request queue) and, mode "read", preads them into a scratch
+  buffer, so each is in the page cache before the compute touches it; mode "willneed" does not
+  wait (the compute's page faults wait instead);
   it wraps around, so the end of one pass reads the start of the next;
 - drop behind: once the pass is past a streamed block, madvise(MADV_DONTNEED) unmaps its
   pages here and posix_fadvise(DONTNEED) evicts them from the page cache, so RAM holds the
@@ -33,6 +34,7 @@ import torch
 
 PAGE = mmap.PAGESIZE
 READ_CHUNK = 16 * 2**20  # pread size: large enough for sequential disk rates, small scratch buffer
+_WINDOW = 16 * READ_CHUNK  # measure_read_rate keeps one window queued ahead of its preads
 MODES = ("read", "willneed")
 
 
@@ -209,8 +211,9 @@ class HostTier:
         buf = memoryview(self._scratch)
         for s in self.spans[i]:
             fd = self._fd(s.path)
+            # WILLNEED submits the whole span to the disk at once (deep queue); "read" then waits for it.
+            os.posix_fadvise(fd, s.offset, s.nbytes, os.POSIX_FADV_WILLNEED)
             if self.mode == "willneed":
-                os.posix_fadvise(fd, s.offset, s.nbytes, os.POSIX_FADV_WILLNEED)
                 continue
             off, end = s.offset, s.offset + s.nbytes
             while off < end:
@@ -233,7 +236,8 @@ class HostTier:
 def measure_read_rate(paths: Iterable[str], max_bytes: int = 2**30, max_seconds: float = 3.0) -> dict:
     """Sequential read rate of the files from the disk (bytes/s): their pages are evicted first
     (posix_fadvise DONTNEED; pages another process maps stay cached and inflate the figure), read in
-    READ_CHUNK preads up to max_bytes or max_seconds, and evicted again."""
+    READ_CHUNK preads with the next 256 MiB queued (WILLNEED) up to max_bytes or max_seconds, and
+    evicted again."""
     buf = memoryview(bytearray(READ_CHUNK))
     total, t0 = 0, time.perf_counter()
     for path in paths:
@@ -243,6 +247,12 @@ def measure_read_rate(paths: Iterable[str], max_bytes: int = 2**30, max_seconds:
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
             off = 0
             while off < size and total < max_bytes and time.perf_counter() - t0 < max_seconds:
+                if off % _WINDOW == 0:  # keep the next window queued at the disk, as the tier does
+                    os.posix_fadvise(fd, off + _WINDOW, _WINDOW, os.POSIX_FADV_WILLNEED)
+                    if off == 0:
+                        os.posix_fadvise(fd, 0, _WINDOW, os.POSIX_FADV_WILLNEED)
+                    else:  # and evict behind, so a large sample does not crowd the page cache
+                        os.posix_fadvise(fd, 0, off, os.POSIX_FADV_DONTNEED)
                 got = os.preadv(fd, [buf[: min(READ_CHUNK, size - off)]], off)
                 if got <= 0:
                     break

@@ -109,6 +109,12 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("counter", "zostream_update_log_bytes_total", "bytes appended to update logs"),
     _Spec("counter", "zostream_kv_bytes_total", "KV cache bytes moved (rate: bytes/s)", "op", KV_OPS),
     _Spec("counter", "zostream_kv_preemptions_total", "sequences preempted for KV blocks (prefilled again)"),
+    # ---- host tier and disk (a base larger than RAM); read from the process, see observe_disk ----
+    _Spec("counter", "zostream_disk_read_bytes_total",
+          "bytes this process read from storage (rate: disk bytes/s)"),
+    _Spec("counter", "zostream_major_page_faults_total", "page faults that waited for the disk"),
+    _Spec("gauge", "zostream_host_resident_bytes", "bytes of the base's blocks in host RAM (mincore)",
+          preset=False),  # only under a --host-memory budget
 )
 # fmt: on
 
@@ -137,6 +143,7 @@ class Metrics:
         self.port: int | None = None
         self._http: Any = None
         self._m: dict[str, Any] = {}
+        self._disk_seen: dict[str, int] = {}  # process_io() values already counted
         self._specs = {s.name: s for s in _SPECS}
         for s in _SPECS:
             labels = ((s.label,) if s.label else ()) + (("api",) if s.per_api else ())
@@ -281,6 +288,17 @@ class Metrics:
     def set_kv_blocks(self, used: int, free: int) -> None:
         self._get("zostream_kv_blocks", "used").set(used)
         self._get("zostream_kv_blocks", "free").set(free)
+
+    def observe_disk(self, io: dict[str, int], resident: int | None = None) -> None:
+        """Process-wide disk counters (engine.host_tier.process_io: cumulative read_bytes and
+        major_faults) and the host tier's measured residency (None: no tier, series absent)."""
+        for key, name in (("read_bytes", "zostream_disk_read_bytes_total"),
+                          ("major_faults", "zostream_major_page_faults_total")):  # fmt: skip
+            now = int(io.get(key, 0))
+            self._get(name).inc(max(0, now - self._disk_seen.get(key, 0)))
+            self._disk_seen[key] = now
+        if resident is not None:
+            self._get("zostream_host_resident_bytes").set(resident)
 
     def set_engine_up(self, up: bool) -> None:
         self._get("zostream_engine_up").set(1 if up else 0)

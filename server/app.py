@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from zostream.engine.config import EngineConfig
 from zostream.engine.errors import RequestError
+from zostream.engine.host_tier import process_io
 from zostream.engine.jobs import JobStore
 from zostream.v1 import (
     adapters_pb2,
@@ -263,6 +264,8 @@ class App:
                     waiting=len(engine.scheduler.waiting),
                     method=method,
                 )
+                tier = engine.streamer.tier  # host tier: disk counters and measured residency
+                self.metrics.observe_disk(process_io(), tier.ram_bytes() if tier is not None else None)
                 if engine.device.type == "cuda":
                     import torch
 

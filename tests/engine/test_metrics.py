@@ -71,13 +71,13 @@ def full_step() -> Stats:
 EXPECTED = {
     "gauge": "requests_running requests_waiting gpu_memory_bytes jobs finetune_loss_plus finetune_loss_minus "
     "finetune_loss finetune_projected_grad finetune_learning_rate resident_blocks streamed_blocks engine_up "
-    "kv_blocks",
+    "kv_blocks host_resident_bytes",
     "histogram": "time_to_first_token_seconds time_per_output_token_seconds request_latency_seconds "
     "request_queue_seconds pass_seconds finetune_step_seconds",
     "counter": "prompt_tokens_total generation_tokens_total requests_total h2d_bytes_total d2h_bytes_total "
     "transfer_stall_seconds_total layer_transfer_seconds_total layer_compute_seconds_total "
     "finetune_steps_total finetune_skipped_steps_total update_log_bytes_total finetune_tokens_total "
-    "kv_bytes_total kv_preemptions_total",
+    "kv_bytes_total kv_preemptions_total disk_read_bytes_total major_page_faults_total",
 }
 
 
@@ -85,7 +85,7 @@ def test_names_docs_and_units() -> None:
     assert tuple(DOCS) == Metrics.METRIC_NAMES
     for kind, names in EXPECTED.items():
         assert {s.name for s in M._SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
-    assert len(Metrics.METRIC_NAMES) == 33
+    assert len(Metrics.METRIC_NAMES) == 36
     for name, doc in DOCS.items():
         assert name.startswith("zostream_") and doc and "\n" not in doc
 
@@ -103,7 +103,8 @@ def test_every_family_is_exposed_after_one_step() -> None:
     names = {n for n, _ in samples(m, prefix="")}
     for name in Metrics.METRIC_NAMES:
         assert f"# TYPE {name.removesuffix('_total')} " in text or f"# TYPE {name} " in text, name
-        if name != "zostream_gpu_memory_bytes":  # set by the server, absent on a CPU engine
+        # set by the server: absent on a CPU engine / without a host budget
+        if name not in ("zostream_gpu_memory_bytes", "zostream_host_resident_bytes"):
             assert name in names or f"{name}_count" in names, name
     assert "process_resident_memory_bytes" in names  # host RSS matters with an mmap'd base
     assert "_created" not in text
@@ -309,3 +310,12 @@ def test_http_endpoint_on_a_free_port() -> None:
     assert "zostream_update_log_bytes_total 123.0" in body
     for name in Metrics.METRIC_NAMES:
         assert f"# TYPE {name}" in body or f"# TYPE {name.removesuffix('_total')}" in body, name
+
+
+def test_disk_counters_count_deltas_of_the_process_totals() -> None:
+    m = Metrics()
+    m.observe_disk({"read_bytes": 1000, "major_faults": 7})
+    m.observe_disk({"read_bytes": 1500, "major_faults": 7}, resident=4096)
+    assert val(m, "zostream_disk_read_bytes_total") == 1500
+    assert val(m, "zostream_major_page_faults_total") == 7
+    assert val(m, "zostream_host_resident_bytes") == 4096
