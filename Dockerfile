@@ -1,9 +1,11 @@
 # zostream engine image: gRPC on 50051, Prometheus /metrics on 9400.
 #
-# Build:  docker build -t zostream .
-# Run:    docker run --gpus all --ulimit memlock=-1 \
-#           -v /path/to/hf-model:/models:ro -v zostream-data:/data \
-#           -p 50051:50051 -p 9400:9400 zostream [extra serve flags, e.g. --codec nf4]
+# Build:  docker build -t zostream .                                   (CUDA build of torch)
+#         docker build --build-arg TORCH_VARIANT=cpu -t zostream:cpu .  (CPU build of torch)
+#         tools/image.sh build                    (docker where it runs, else buildah; see README)
+# Run:    docker run --gpus 1 --ulimit memlock=-1 \
+#           -v /path/to/hf-model:/models:ro -v zostream-data:/data -v ./api-key:/run/secrets/api-key:ro \
+#           -p 127.0.0.1:50051:50051 -p 127.0.0.1:9400:9400 zostream --api-key-file /run/secrets/api-key
 #
 # --ulimit memlock=-1 is needed: the streamer registers the read-only mmap of the model's
 # safetensors with cudaHostRegister (page-locked, ~54 GB/s host->GPU). With the default
@@ -13,49 +15,81 @@
 # The model folder is mounted READ-ONLY at /models: the base is never written (full-parameter
 # jobs write a working copy into their job directory). All state (jobs, update logs,
 # checkpoints, the codec cache) lives in the /data volume.
+#
+# No CUDA base image: torch's CUDA wheels carry the CUDA runtime libraries (nvidia-* wheels from
+# PyPI) and bitsandbytes finds them there. The host needs an NVIDIA driver recent enough for the
+# wheels' CUDA and the NVIDIA container toolkit. Debian bookworm's python3 is 3.11.
 
-# The CUDA runtime libraries come from the base; torch's CUDA wheel also bundles its own, and
-# bitsandbytes finds cuBLAS / cudart here. The host needs an NVIDIA driver recent enough for
-# CUDA 12.8 and the NVIDIA container toolkit.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
-FROM ${CUDA_IMAGE}
+ARG BASE_IMAGE=debian:bookworm-slim
 
-# torch is installed first, from the CUDA wheel index, so that installing zostream (which
-# only asks for torch>=2.4) never pulls a different build. Override both for another CUDA:
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# ---- build: a venv with torch and zostream, installed under deploy/constraints.txt ----------------
+FROM ${BASE_IMAGE} AS build
+
+# cuda: PyPI's Linux wheel of torch (bundles CUDA); cpu: the +cpu build (~200 MB instead of GBs).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cuda
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Build-time pip settings of the building machine (a certificate bundle for a TLS-inspecting proxy,
+# a local wheel folder). Empty by default; they exist in this stage only, never in the final image.
+ARG BUILD_PIP_CERT=
+ARG BUILD_PIP_FIND_LINKS=
 
 ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/tmp/constraints.txt
 
-# Ubuntu 24.04's python3 is 3.12 (zostream needs >= 3.11); a venv because the system
-# Python is externally managed (PEP 668).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# The big layer, cached independently of the source.
-RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+# Every dependency but torch (and the CUDA wheels torch pins itself) at an exact version.
+COPY deploy/constraints.txt /tmp/constraints.txt
 
-# The project itself (a regular, non-editable install), then the sources are dropped.
-COPY pyproject.toml /tmp/src/
+# The big layer, cached independently of the source. The CPU build comes from the local wheel
+# folder when one is given, else from the PyTorch CPU index.
+RUN set -eu; \
+    case "$TORCH_VARIANT" in \
+      cuda) spec="torch==$TORCH_VERSION"; index="" ;; \
+      cpu) spec="torch==$TORCH_VERSION+cpu"; index="$TORCH_CPU_INDEX"; [ -z "$BUILD_PIP_FIND_LINKS" ] || index="" ;; \
+      *) echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 2 ;; \
+    esac; \
+    env ${BUILD_PIP_CERT:+PIP_CERT="$BUILD_PIP_CERT"} ${BUILD_PIP_FIND_LINKS:+PIP_FIND_LINKS="$BUILD_PIP_FIND_LINKS"} \
+      pip install ${index:+--extra-index-url "$index"} "$spec"; \
+    python -c "import torch; print('torch', torch.__version__)"
+
+# The project itself (a regular, non-editable install); only the venv reaches the final image.
+COPY pyproject.toml README.md /tmp/src/
 COPY engine /tmp/src/engine
 COPY server /tmp/src/server
 COPY clients /tmp/src/clients
 COPY proto /tmp/src/proto
 COPY zostream /tmp/src/zostream
-RUN pip install /tmp/src && rm -rf /tmp/src && zostream --version
+RUN env ${BUILD_PIP_CERT:+PIP_CERT="$BUILD_PIP_CERT"} ${BUILD_PIP_FIND_LINKS:+PIP_FIND_LINKS="$BUILD_PIP_FIND_LINKS"} \
+      pip install /tmp/src \
+    && zostream --version \
+    && pip uninstall -y pip
+
+# ---- runtime: python3 and the venv, non-root ---------------------------------------------------
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+
+COPY --from=build /opt/venv /opt/venv
 
 # Non-root user; /data belongs to it (VOLUME after chown keeps the ownership in a fresh volume).
 RUN useradd --system --uid 10001 --create-home --home-dir /home/zostream --shell /usr/sbin/nologin zostream \
     && mkdir -p /data /models \
-    && chown zostream:zostream /data
+    && chown zostream:zostream /data \
+    && zostream --version
 # Never reach a model hub at run time; the codec cache lives with the rest of the state.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
@@ -69,11 +103,12 @@ WORKDIR /home/zostream
 
 EXPOSE 50051 9400
 
-# grpc.health.v1 against the server's overall status ("" service); health is exempt from the
-# API key. start-period covers loading (and, the first time, encoding) a large model.
+# grpc.health.v1 against the server's overall status ("" service); health is exempt from the API
+# key. The probe speaks TLS when the server does (see server/healthcheck.py; ZOSTREAM_TLS_CA for a
+# certificate signed by a CA). start-period covers loading (and, the first time, encoding) a model.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["python", "-m", "zostream.server.healthcheck", "127.0.0.1:50051"]
 
-# Extra `docker run ... IMAGE <flags>` are appended (e.g. --codec nf4 --gpu-memory 60GiB).
+# Extra `docker run ... IMAGE <flags>` are appended (e.g. --api-key-file F --codec nf4).
 ENTRYPOINT ["zostream", "serve", "--model", "/models", "--data-dir", "/data", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400", "--metrics-addr", "0.0.0.0"]
 CMD []
