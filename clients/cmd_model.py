@@ -133,6 +133,11 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="paged KV cache size (default auto: max-batch full sequences, at most half of --gpu-memory)",
     )
+    p.add_argument(
+        "--kv-offload",
+        action="store_true",
+        help="plan with streamed layers' KV in host memory, travelling with the layer (serve --kv-offload)",
+    )
 
 
 def model_info(
@@ -146,6 +151,7 @@ def model_info(
     kv_memory: int | None = None,
     host_memory: int | None = None,
     disk_gbps: float | None = None,
+    kv_offload: bool = False,
 ) -> dict:
     """The facts `zostream model info` prints, from the safetensors headers alone."""
     import math
@@ -201,7 +207,9 @@ def model_info(
     # The paged KV cache comes out of the budget first; the weights' plan gets the rest (engine._plan_kv).
     max_seq_len = min(max_seq_len, spec.max_positions)
     per_token = kv_bytes_per_token(n, getattr(spec, "kv_heads", spec.heads), spec.head_dim, compute.itemsize)
-    kv = plan_kv(per_token, LimitsConfig().kv_block_size, max_batch, max_seq_len, kv_memory, gpu_memory)
+    share = depth / n if kv_offload else 1.0  # offloaded: depth staging pools on the device
+    bs = LimitsConfig().kv_block_size
+    kv = plan_kv(per_token, bs, max_batch, max_seq_len, kv_memory, gpu_memory, share)
     out |= {
         "kv_bytes_per_token": per_token,
         "kv_block_size": kv.block_size,
@@ -211,9 +219,22 @@ def model_info(
         "kv_full_sequences": kv.tokens // max_seq_len,
         "max_seq_len": max_seq_len,
     }
-    weights_budget = max(0, gpu_memory - kv.nbytes) if gpu_memory else gpu_memory
-    plan = plan_residency(packed, decoded, outer, weights_budget, depth)
+    layer_kv = kv.nbytes // n
+    device_kv = depth * layer_kv if kv_offload else kv.nbytes
+    weights_budget = max(0, gpu_memory - device_kv) if gpu_memory else gpu_memory
+    # offloaded: a resident block keeps its layer's pool on the device (engine: resident_extra_bytes)
+    plan = plan_residency(
+        packed, [d + layer_kv for d in decoded] if kv_offload else decoded, outer, weights_budget, depth
+    )
     streamed = sum(packed[i] for i in plan.streamed)
+    offloaded = len(plan.streamed) if kv_offload and plan.streamed else 0
+    out |= {
+        "kv_offload": bool(offloaded),
+        "kv_device_bytes": kv.nbytes - offloaded * layer_kv + (depth * layer_kv if offloaded else 0),
+        "kv_host_bytes": offloaded * layer_kv,
+        # what a decode pass moves for the offloaded layers with the pool full (up; new rows come back)
+        "kv_streamed_bytes_per_pass_full": offloaded * layer_kv,
+    }
     out |= {
         "resident_blocks": list(plan.resident),
         "streamed_blocks": list(plan.streamed),
@@ -284,6 +305,7 @@ def _info(args: argparse.Namespace) -> int:
         args.kv_memory,
         args.host_memory,
         args.disk_gbps,
+        args.kv_offload,
     )
     for w in info["warnings"]:
         warn("model info", f"WARNING: {w}")
@@ -329,6 +351,14 @@ def _info(args: argparse.Namespace) -> int:
             f"({info['kv_bytes_per_token']:,} bytes/token)",
         )
     )
+    if info["kv_offload"]:
+        lines.append(
+            (
+                "kv offload",
+                f"{info['kv_host_bytes']:,} bytes in host memory, {info['kv_device_bytes']:,} on the device; "
+                f"a full pool moves {info['kv_streamed_bytes_per_pass_full']:,} bytes up per pass",
+            )
+        )
     rate = f"at {info['link_gbps']:g} GB/s"
     if info["host_budget_bytes"] is not None:
         how = "measured" if info["disk_rate_measured"] else "given"

@@ -507,7 +507,10 @@ def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any) -> tuple[KVPl
     kv_heads = getattr(spec, "kv_heads", spec.heads)
     per_token = kv_bytes_per_token(spec.num_layers, kv_heads, spec.head_dim, dtype.itemsize)
     budget = stream.gpu_memory_bytes
-    plan = plan_kv(per_token, lim.kv_block_size, lim.max_batch, lim.max_seq_len, lim.kv_memory_bytes, budget)
+    share = stream.prefetch_depth / spec.num_layers if lim.kv_offload else 1.0
+    plan = plan_kv(
+        per_token, lim.kv_block_size, lim.max_batch, lim.max_seq_len, lim.kv_memory_bytes, budget, share
+    )
     if budget:  # None: "auto" measures free memory after the pool exists; 0: every block streams anyway
         # Offloaded: the device holds a staging pool per streaming slot (resident layers' pools are
         # charged to their blocks by the streamer's plan); otherwise every layer's pool.

@@ -58,6 +58,7 @@ def plan_kv(
     max_seq_len: int,
     kv_bytes: int | None = None,
     budget: int | None = None,
+    device_fraction: float = 1.0,
 ) -> KVPlan:
     """Blocks for the pool.
 
@@ -65,6 +66,8 @@ def plan_kv(
     sequences, but at most half of a nonzero device budget (the rest is for weights and streaming
     slots) and never less than one max_seq_len sequence, so every admissible request can run;
     budget None or 0 (no budget / stream every block): the full max_batch × max_seq_len.
+    device_fraction: the share of the pool the budget pays for (with KV offload, depth staging pools
+    out of L layers: the rest lives in host memory).
     """
     block_bytes = block_size * bytes_per_token
     full = max_batch * blocks_for(max_seq_len, block_size)
@@ -75,7 +78,8 @@ def plan_kv(
                 f"kv_memory: {kv_bytes} bytes hold no KV block ({block_bytes} bytes each); raise it"
             )
     elif budget:
-        n = max(blocks_for(max_seq_len, block_size), min(full, (budget // 2) // block_bytes))
+        fits = int((budget // 2) / (block_bytes * min(1.0, device_fraction)))
+        n = max(blocks_for(max_seq_len, block_size), min(full, fits))
     else:
         n = full
     return KVPlan(block_size, n, bytes_per_token)

@@ -255,6 +255,10 @@ def test_model_info_kv_cache_share(capsys, model):
     full = run_json(capsys, "model", "info", model, "--gpu-memory", "1MB")
     squeezed = run_json(capsys, "model", "info", model, "--gpu-memory", "1MB", "--kv-memory", "999000")
     assert len(squeezed["resident_blocks"]) < len(full["resident_blocks"])
+    # offloaded, every block streamed: the pool lives in host memory, the device holds 2 staging pools
+    off = run_json(capsys, "model", "info", model, "--gpu-memory", "0", "--max-batch", "4", "--kv-offload")
+    assert off["kv_offload"] and off["kv_host_bytes"] == 4 * 128 * per
+    assert off["kv_device_bytes"] == 2 * (4 * 128 * per) // 3
 
 
 def test_model_info_host_budget_predicts_the_disk_bound_pass(capsys, model):
