@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED"
     )
+    p.add_argument(
+        "--max-resident-adapters",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="LoRA adapters kept on the device; the least recently used wait on the host (default: all)",
+    )
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len,
             max_new_tokens=args.max_new_tokens,
             max_waiting=args.max_waiting,
+            max_resident_adapters=args.max_resident_adapters,
             kv_memory_bytes=args.kv_memory,
             kv_offload=args.kv_offload,
         ),

@@ -84,6 +84,8 @@ class LimitsConfig:
     max_new_tokens: int = D.SERVER_MAX_NEW_TOKENS
     max_waiting: int = 256
     max_prefill_tokens: int = 4096
+    # LoRA adapters kept on the device between passes (LRU; the rest wait on the host). None: all.
+    max_resident_adapters: int | None = None
     # Paged KV cache: positions per block, and the pool's bytes (None: max_batch full sequences, at
     # most half a nonzero gpu_memory budget; kv_cache.plan_kv).
     kv_block_size: int = 16

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .adapters import AdapterRegistry
 from .config import EngineConfig
 from .errors import NotFoundError, PreconditionError, RequestError, ResourceExhaustedError
 from .forward import Workload, run_pass
@@ -60,6 +61,9 @@ class StepStats:
     kv_preemptions: int = 0  # sequences whose K/V were dropped for lack of blocks (they prefill again)
     kv_bytes_h2d: int = 0  # offloaded layers' K/V uploaded with their weights
     kv_bytes_d2h: int = 0  # their new rows written back to host memory
+    adapter_loads: int = 0  # adapters copied host -> device for this pass
+    adapter_evictions: int = 0  # device copies dropped for room (max_resident_adapters)
+    adapters_resident: int = 0  # device-resident adapters after the pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +121,7 @@ class Engine:
             self.limits, BlockAllocator(self.kv_plan.num_blocks, self.kv_plan.block_size)
         )
         self.seqs: dict[str, Sequence] = {}
-        self.adapters: dict[str, Any] = {}  # adapter id -> peft.LoraAdapter (on the device)
+        self.adapters = AdapterRegistry(self.device, lim.max_resident_adapters)  # id -> peft.LoraAdapter
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
         self._inbox: list[Callable[[], None]] = []
         self._admitting = 0  # submitted requests still in the inbox: they count against max_waiting
@@ -178,6 +182,7 @@ class Engine:
         plan = self.scheduler.schedule({r: len(s.tokens) for r, s in self.seqs.items()})
         for rid in plan.preempted:  # their K/V are gone: prefill prompt + output again when re-admitted
             self.seqs[rid].num_cached, self.seqs[rid].blocks = 0, []
+        loads, evictions = self.adapters.loads, self.adapters.evictions
         workloads = self._workloads(plan)
         st = self.streamer.stats
         h2d, d2h, xfer, stall = st.h2d_bytes, st.d2h_bytes, st.transfer_seconds, st.stall_seconds
@@ -203,11 +208,15 @@ class Engine:
         stats = self._commit(plan, workloads, error)
         if off is not None:
             stats.kv_bytes_h2d, stats.kv_bytes_d2h = off.h2d_bytes - kv_up, off.d2h_bytes - kv_down
+        self.adapters.shrink()
         stats.queue_times, self._queue_times = self._queue_times, []
         stats.h2d_bytes, stats.d2h_bytes = st.h2d_bytes - h2d, st.d2h_bytes - d2h
         stats.transfer_seconds, stats.stall_seconds = st.transfer_seconds - xfer, st.stall_seconds - stall
         stats.kv_blocks_used, stats.kv_blocks_free = self.scheduler.kv.used, self.scheduler.kv.free
         stats.kv_preemptions = len(plan.preempted)
+        stats.adapter_loads = self.adapters.loads - loads
+        stats.adapter_evictions = self.adapters.evictions - evictions
+        stats.adapters_resident = len(self.adapters.resident)
         stats.seconds = time.monotonic() - t0
         return stats
 
@@ -283,6 +292,10 @@ class Engine:
     # ---- one pass -----------------------------------------------------------------------------
     def _workloads(self, plan: PassPlan) -> list[tuple[str, Workload]]:
         out: list[tuple[str, Workload]] = []
+        # The pass's adapters on the device first (LRU eviction of the others, counted).
+        self.adapters.prepare(
+            self.seqs[r].req.adapter_id for r in (*plan.prefill, *plan.decode) if r in self.seqs
+        )
         for ids, kind in ((plan.prefill, "prefill"), (plan.decode, "decode")):
             seqs = [self.seqs[r] for r in ids if r in self.seqs]
             for s in seqs:
@@ -320,7 +333,7 @@ class Engine:
         lora: LoraSet = {}
         all_rows = len(seqs)
         for aid, rows in by_adapter.items():
-            adapter = self.adapters.get(aid)
+            adapter = self.adapters.acquire(aid, pinned=by_adapter)
             if adapter is None:
                 continue
             idx = None if len(rows) == all_rows else torch.tensor(rows, device=self.device)

@@ -80,6 +80,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("gauge", "zostream_streamed_blocks", "transformer blocks streamed from host memory every pass"),
     _Spec("gauge", "zostream_kv_blocks", "paged KV cache blocks holding live tokens / free", "state",
           KV_BLOCK_STATES),
+    _Spec("gauge", "zostream_adapters_resident", "LoRA adapters on the device (--max-resident-adapters)"),
     # ---- histograms (seconds) ----
     _Spec("histogram", "zostream_time_to_first_token_seconds", "arrival to first generated token"),
     _Spec("histogram", "zostream_time_per_output_token_seconds",
@@ -115,6 +116,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("counter", "zostream_major_page_faults_total", "page faults that waited for the disk"),
     _Spec("gauge", "zostream_host_resident_bytes", "bytes of the base's blocks in host RAM (mincore)",
           preset=False),  # only under a --host-memory budget
+    _Spec("counter", "zostream_adapter_loads_total", "LoRA adapters copied to the device on demand"),
+    _Spec("counter", "zostream_adapter_evictions_total", "LoRA adapters evicted from the device (LRU)"),
 )
 # fmt: on
 
@@ -205,6 +208,10 @@ class Metrics:
         if hasattr(stats, "kv_blocks_used"):
             self.set_kv_blocks(stats.kv_blocks_used, stats.kv_blocks_free)
         self._get("zostream_kv_preemptions_total").inc(getattr(stats, "kv_preemptions", 0))
+        self._get("zostream_adapter_loads_total").inc(getattr(stats, "adapter_loads", 0))
+        self._get("zostream_adapter_evictions_total").inc(getattr(stats, "adapter_evictions", 0))
+        if hasattr(stats, "adapters_resident"):
+            self._get("zostream_adapters_resident").set(stats.adapters_resident)
         for op in KV_OPS:
             self._get("zostream_kv_bytes_total", op).inc(getattr(stats, f"kv_bytes_{op}", 0))
         self._get("zostream_d2h_bytes_total").inc(stats.d2h_bytes)

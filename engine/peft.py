@@ -116,6 +116,16 @@ class LoraAdapter:
                 tensors[name] = torch.zeros(shape, dtype=torch.float32, device=device)
         return cls(spec, family, mspec, tensors)
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device if self.tensors else torch.device("cpu")
+
+    def to(self, device: torch.device) -> LoraAdapter:
+        """A copy with every factor on `device`."""
+        return LoraAdapter(
+            self.spec, self.family, self.mspec, {k: v.to(device, copy=True) for k, v in self.tensors.items()}
+        )
+
     def clone(self) -> LoraAdapter:
         return LoraAdapter(
             self.spec, self.family, self.mspec, {k: v.clone() for k, v in self.tensors.items()}
