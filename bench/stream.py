@@ -2,7 +2,7 @@
 fully streamed vs fully resident, per codec and batch, against the link floor.
 
     python bench/stream.py [--shape llama3-8b,opt-13b] [--layers 8] [--codecs none,int8,nf4]
-                           [--batches 1,8,64] [--device auto] [--new-tokens 16] [--quick]
+                           [--batches 1,8,64] [--device auto] [--new-tokens 16] [--quick] [--kv-offload]
 
 For each shape (random bf16 weights, real config dims, `--layers` blocks):
   1. raw link: pinned host -> device copy rate (and D2H, both ways), measured in this run;
@@ -12,6 +12,10 @@ For each shape (random bf16 weights, real config dims, `--layers` blocks):
   3. decode: B token-id prompts through Engine.step(); only the decode passes are timed (from
      the first sampled token to the last). Floor for the streamed run: every decode pass moves
      every streamed block once, so tokens/s <= B * link / packed streamed bytes.
+  4. with --kv-offload: decode again with every layer's KV in host memory (--kv-offload), its blocks
+     uploaded with each streamed block and the new rows written back; floor = B * link / (streamed
+     weight bytes + KV bytes uploaded per pass, as the engine counted them). On a CPU this runs on
+     the emulated device (copy-engine threads), so it shows that the path works, not a rate.
 The resident run (gpu_memory None) is measured once per shape with codec none: a resident
 block is decoded to the compute dtype once, so its forward costs the same for every codec.
 On a CPU the "link" is a memcpy and the CPU streamer copies nothing (it decodes mmap views):
@@ -72,6 +76,11 @@ STREAMER_HEADERS = (
 DECODE_HEADERS = (
     "shape|codec|batch|streamed tok/s|resident tok/s|floor tok/s|streamed/floor|streamed/resident|host path"
 )
+KV_TITLE = "streamed decode with KV offload (every layer's KV in host memory, riding its block's copies)"
+KV_HEADERS = (
+    "shape|codec|batch|context|device|offload tok/s|weights MB/pass|KV up MB/pass|KV down MB/pass"
+    "|floor tok/s|offload/floor"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; --quick: 1)"
     )
     p.add_argument("--quick", action="store_true", help="tiny, 2 layers, batches 1,4, none+nf4, 4 tokens")
+    p.add_argument(
+        "--kv-offload",
+        action="store_true",
+        help="also decode with --kv-offload (on cuda; on a CPU through the emulated device): floor = "
+        "B * link / (streamed weight bytes + KV bytes uploaded per pass)",
+    )
     a = p.parse_args(argv)
     if a.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
@@ -100,12 +115,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def open_engine(
-    model_dir: Path, device: torch.device, codec: str, gpu_memory: int | None, a: Any, root: Path
+    model_dir: Path,
+    device: torch.device,
+    codec: str,
+    gpu_memory: int | None,
+    a: Any,
+    root: Path,
+    device_name: str | None = None,
+    kv_offload: bool = False,
 ) -> Engine:
     batches = [int(b) for b in split_list(a.batches)]
     cfg = EngineConfig(
         model_dir=str(model_dir),
-        device=str(device),
+        device=device_name or str(device),
         stream=StreamConfig(gpu_memory_bytes=gpu_memory),
         codec=CodecConfig(name=codec, cache_dir=str(root / "codecs")),
         limits=LimitsConfig(
@@ -113,9 +135,37 @@ def open_engine(
             max_seq_len=a.prompt_len + a.new_tokens,
             max_new_tokens=a.new_tokens,
             max_prefill_tokens=max(batches) * a.prompt_len,
+            kv_offload=kv_offload,
         ),
     )
     return Engine(cfg, tokenizer=TokenStandIn())
+
+
+def kv_offload_rows(
+    shape: str, model_dir: Path, codec: str, a: Any, device: torch.device, root: Path, link: LinkRates
+) -> list[list]:
+    """Decode with every block streamed and every layer's KV offloaded; KV bytes per pass as counted."""
+    name = "cuda" if device.type == "cuda" else "emu"
+    eng = open_engine(model_dir, device, codec, 0, a, root, device_name=name, kv_offload=True)
+    packed, _dense = streamed_bytes(eng)
+    rows = []
+    for b in [int(x) for x in split_list(a.batches)]:
+        seen: list[Any] = []
+        step = eng.step
+        eng.step = lambda step=step, seen=seen: seen.append(step()) or seen[-1]
+        rate = decode_rate(eng, b, a, f"kv-{codec}")
+        eng.step = step
+        decode = [s for s in seen[1:] if s.decode_tokens]  # the timed passes (decode_rate's first: prefill)
+        up = sum(s.kv_bytes_h2d for s in decode) / max(len(decode), 1)
+        down = sum(s.kv_bytes_d2h for s in decode) / max(len(decode), 1)
+        floor = decode_floor_tokens_per_s(b, link.h2d, packed + up)
+        context = a.prompt_len + a.new_tokens
+        rows.append(
+            [shape, codec, b, context, name, rate, mb(packed), mb(up), mb(down), floor, ratio(rate, floor)]
+        )
+    del eng
+    release(device)
+    return rows
 
 
 def streamed_bytes(eng: Engine) -> tuple[int, int]:
@@ -195,7 +245,9 @@ def decode_rates(eng: Engine, batches: list[int], a: Any, tag: str) -> dict[int,
     return {b: decode_rate(eng, b, a, tag) for b in batches}
 
 
-def run_shape(shape: str, a: Any, device: torch.device, root: Path, link: LinkRates) -> tuple[list, list]:
+def run_shape(
+    shape: str, a: Any, device: torch.device, root: Path, link: LinkRates
+) -> tuple[list, list, list]:
     codecs, batches = split_list(a.codecs), [int(b) for b in split_list(a.batches)]
     model_dir = make_model(shape, a.layers, torch.bfloat16, root, device=device)
     log(f"{shape}: resident")
@@ -242,7 +294,12 @@ def run_shape(shape: str, a: Any, device: torch.device, root: Path, link: LinkRa
         retain_registered(eng.streamer)
         del eng
         release(device)
-    return srows, drows
+    krows = []
+    if a.kv_offload:
+        for codec in codecs:
+            log(f"{shape}: streamed with KV offload, codec {codec}")
+            krows += kv_offload_rows(shape, model_dir, codec, a, device, root, link)
+    return srows, drows, krows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,13 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     link_bytes = a.link_mb << 20 if device.type == "cuda" else min(a.link_mb, 64) << 20
     link = measure_link(device, link_bytes)
     lrows, srows, drows = [[link.kind, link.h2d / 1e9, link.d2h / 1e9, link.both / 1e9]], [], []
+    krows: list[list] = []
     for shape in shapes:
-        s, d = run_shape(shape, a, device, root, link)
+        s, d, k = run_shape(shape, a, device, root, link)
         srows += s
         drows += d
+        krows += k
     print(table(LINK_TITLE, LINK_HEADERS, lrows))
     print(table(STREAMER_TITLE, STREAMER_HEADERS, srows))
     print(table(DECODE_TITLE, DECODE_HEADERS, drows))
+    if a.kv_offload:
+        print(table(KV_TITLE, KV_HEADERS, krows))
     return 0
 
 
