@@ -1,0 +1,148 @@
+"""Device memory of a streamed LoRA job on the emulated device, against the number of layers.
+
+    python bench/emu_memory.py [--shape opt-175b-width] [--layers 1,2] [--codec int8]
+                               [--batch 1] [--seq 16] [--act-seq 512] [--root DIR] [--keep]
+
+For each layer count: a random bf16 model dir of that shape, an Engine with `--device emu`,
+`--gpu-memory 0` (every block streams) and the codec, a LoRA job on it, one ZO step. The emulated
+device's allocator counts every byte the streamer puts on the device (slots, the decoded block in
+flight, outer tensors) and the LoRA factors; its peak is the weight path's device memory, which
+must not grow with the number of layers.
+
+Compute runs on the CPU, whose tensors the allocator does not see: activations are added from the
+shapes at --act-seq (a 2-core CPU cannot run a 175B-width step at 1 x 512 in reasonable time, so
+the step itself runs at --seq). The estimate (bf16 unless noted): the 2q hidden states kept across
+blocks, one block's transients (q/k/v, attention scores in fp32, two FFN intermediates), and the
+head's fp32 logits and log-softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import default_root, log, machine_line, make_model
+
+from zostream.engine import data as D
+from zostream.engine.codecs import decode_block, get_codec, open_codec_cache
+from zostream.engine.config import CodecConfig, StreamConfig, ZOConfig
+from zostream.engine.emu import EmuDevice
+from zostream.engine.finetune import open_trainer
+from zostream.engine.store import WeightStore
+from zostream.engine.streamer import LayerStreamer
+
+CPU = torch.device("cpu")
+GB = 1e9
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="opt-175b-width")
+    p.add_argument("--layers", default="1,2", help="comma-separated layer counts")
+    p.add_argument("--codec", default="int8", choices=["none", "int8", "nf4"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=16, help="tokens per example of the step that runs")
+    p.add_argument("--act-seq", type=int, default=512, help="tokens per example of the activation estimate")
+    p.add_argument("--q", type=int, default=1)
+    p.add_argument("--root", default=None, help="model and codec cache dir (default: the bench cache)")
+    p.add_argument("--keep", action="store_true", help="keep the model dirs (default: delete after use)")
+    return p.parse_args(argv)
+
+
+def activation_bytes(spec: Any, batch: int, seq: int, q: int) -> int:
+    """Peak activation bytes of a ZO step's pass (see the module docstring)."""
+    h, f, heads, vocab = spec.hidden, spec.ffn, spec.heads, spec.vocab
+    bt = batch * seq
+    hidden_states = 2 * q * bt * h * 2  # the 2q perturbed forwards' h, carried block to block
+    block = 3 * bt * h * 2 + batch * heads * seq * seq * 4 + 2 * bt * f * 2 + bt * h * 2
+    head = 2 * bt * vocab * 4  # fp32 logits and their log-softmax
+    return hidden_states + max(block, head)
+
+
+def run(model: Path, a: argparse.Namespace, root: Path) -> dict[str, Any]:
+    store = WeightStore(model)
+    dev = EmuDevice()
+    sc = StreamConfig(gpu_memory_bytes=0)
+    if a.codec == "none":
+        base = LayerStreamer(store, CPU, store.dtype, sc, emu=dev)
+    else:
+        ccfg = CodecConfig(name=a.codec, cache_dir=str(root / "codecs"))
+        codec, cache = get_codec(ccfg), open_codec_cache(store, ccfg)
+        assert cache is not None
+        base = LayerStreamer(
+            store,
+            CPU,
+            store.dtype,
+            sc,
+            source=cache.block,
+            decoder=lambda packed, d, dt: decode_block(codec, packed, d, dt),
+            emu=dev,
+        )
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, store.spec.vocab, (a.batch * 2, a.seq), generator=g).tolist()
+    ds = D.Dataset("text", [D.Example(tuple(r), (D.IGNORE, *r[1:])) for r in rows], [], "bench-random")
+    cfg = ZOConfig(method="lora", steps=2, batch_size=a.batch, q=a.q, max_len=max(16, a.seq))
+    job = Path(tempfile.mkdtemp(prefix="emu-mem-", dir=root))
+    try:
+        tr = open_trainer(cfg, job, store, ds, 0, CPU, store.dtype, base, sc, a.codec)
+        # The adapter lives on the device with the job (fp32 factors: grows with layers, ~MB each).
+        lora = sum(t.numel() * t.element_size() for t in tr.adapter.tensors.values())
+        t0 = time.perf_counter()
+        tr.run_step()
+        seconds = time.perf_counter() - t0
+        tr.log.close()
+    finally:
+        shutil.rmtree(job, ignore_errors=True)
+    act = activation_bytes(store.spec, a.batch, a.act_seq, a.q)
+    return {
+        "layers": store.num_layers,
+        "slot": base.plan.slot_bytes,
+        "peak": dev.peak,
+        "lora": lora,
+        "act": act,
+        "total": dev.peak + lora + act,
+        "h2d": dev.bytes_by_stream.get("h2d", 0),
+        "seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    root = Path(a.root) if a.root else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for n in [int(x) for x in a.layers.split(",")]:
+        log(f"emu-memory: building {a.shape} with {n} layer(s) under {root}")
+        model = make_model(a.shape, n, torch.bfloat16, root)
+        rows.append(run(model, a, root))
+        if not a.keep:
+            shutil.rmtree(model, ignore_errors=True)
+            shutil.rmtree(root / "codecs", ignore_errors=True)
+    print(machine_line(CPU))
+    print(
+        f"\n{a.shape}, LoRA, codec {a.codec}, --device emu --gpu-memory 0, step at {a.batch} x {a.seq}, "
+        f"activations estimated at {a.batch} x {a.act_seq}\n"
+    )
+    print(
+        "| layers | slot GB | streamer peak GB (emu) | LoRA GB | activations GB (est.) | total GB | step s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['layers']} | {r['slot'] / GB:.2f} | {r['peak'] / GB:.3f} | {r['lora'] / GB:.4f} "
+            f"| {r['act'] / GB:.2f} | {r['total'] / GB:.2f} | {r['seconds']:.1f} |"
+        )
+    flat = len({r["peak"] for r in rows}) == 1
+    print(f"\nstreamer peak flat in layers: {'yes' if flat else 'no'} (bytes {[r['peak'] for r in rows]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
