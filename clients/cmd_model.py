@@ -209,7 +209,8 @@ def model_info(
     per_token = kv_bytes_per_token(n, getattr(spec, "kv_heads", spec.heads), spec.head_dim, compute.itemsize)
     share = depth / n if kv_offload else 1.0  # offloaded: depth staging pools on the device
     bs = LimitsConfig().kv_block_size
-    kv = plan_kv(per_token, bs, max_batch, max_seq_len, kv_memory, gpu_memory, share)
+    fixed = outer + depth * max(packed, default=0) + max(decoded, default=0)  # outer + streaming slots
+    kv = plan_kv(per_token, bs, max_batch, max_seq_len, kv_memory, gpu_memory, share, fixed)
     out |= {
         "kv_bytes_per_token": per_token,
         "kv_block_size": kv.block_size,
@@ -247,6 +248,17 @@ def model_info(
     out |= _disk_plan(store, packed, plan, outer, host_memory, disk_gbps, depth, rate)
     if out["fits"]:
         out["warnings"].append(FITS_WARNING)
+    if gpu_memory:
+        # plan.resident_bytes already holds resident layers' KV pools when offloaded
+        kv_dev = depth * layer_kv if offloaded else (0 if kv_offload else kv.nbytes)
+        slots = depth * plan.slot_bytes + (max(decoded) if plan.streamed else 0)
+        need = outer + plan.resident_bytes + slots + kv_dev
+        if need > gpu_memory:
+            out["warnings"].append(
+                f"the plan needs {need:,} device bytes, more than the {gpu_memory:,} budget "
+                f"(KV on the device {kv_dev:,}); use --kv-offload, a codec, or lower --max-seq-len / "
+                "--kv-memory"
+            )
     return out
 
 

@@ -108,7 +108,9 @@ class Engine:
         self.limits = lim if max_len == lim.max_seq_len else _replace(lim, max_seq_len=max_len)
         # The KV pool comes out of the device budget first (before "auto" measures free memory); the
         # weights' residency plan gets the rest.
-        self.kv_plan, self.stream_cfg = _plan_kv(self.spec, self.dtype, self.limits, cfg.stream)
+        self.kv_plan, self.stream_cfg = _plan_kv(
+            self.spec, self.dtype, self.limits, cfg.stream, self._streaming_floor_bytes(cfg.stream)
+        )
         if not self.limits.kv_offload:
             self.cache = self._allocate_kv()
             self.streamer = self._base_streamer()
@@ -128,6 +130,14 @@ class Engine:
         self._queue_times: list[float] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
+
+    def _streaming_floor_bytes(self, stream: Any) -> int:
+        """Outer weights + streaming slots + one decoded block: what any plan keeps on the device."""
+        st, n, item = self.store, self.store.num_layers, self.dtype.itemsize
+        packed = self.codec_cache.block_nbytes if self.codec_cache is not None else st.block_nbytes
+        decoded = max((sum(t.numel() for t in st.block(i).values()) * item for i in range(n)), default=0)
+        outer = sum(t.numel() for t in st.outer().values()) * item
+        return outer + stream.prefetch_depth * max((packed(i) for i in range(n)), default=0) + decoded
 
     def _allocate_kv(self, alloc: Callable[[int, int], torch.Tensor] | None = None) -> PagedKVCache:
         return PagedKVCache.allocate(
@@ -515,14 +525,22 @@ def _replace(obj, **kw):
     return dataclasses.replace(obj, **kw)
 
 
-def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any) -> tuple[KVPlan, Any]:
-    """The KV pool's plan, and the stream config whose budget is what the pool leaves for weights."""
+def _plan_kv(spec: Any, dtype: torch.dtype, lim: Any, stream: Any, fixed: int = 0) -> tuple[KVPlan, Any]:
+    """The KV pool's plan, and the stream config whose budget is what the pool leaves for weights.
+    fixed: device bytes the weights need whatever the plan (outer weights and streaming slots)."""
     kv_heads = getattr(spec, "kv_heads", spec.heads)
     per_token = kv_bytes_per_token(spec.num_layers, kv_heads, spec.head_dim, dtype.itemsize)
     budget = stream.gpu_memory_bytes
     share = stream.prefetch_depth / spec.num_layers if lim.kv_offload else 1.0
     plan = plan_kv(
-        per_token, lim.kv_block_size, lim.max_batch, lim.max_seq_len, lim.kv_memory_bytes, budget, share
+        per_token,
+        lim.kv_block_size,
+        lim.max_batch,
+        lim.max_seq_len,
+        lim.kv_memory_bytes,
+        budget,
+        share,
+        fixed,
     )
     if budget:  # None: "auto" measures free memory after the pool exists; 0: every block streams anyway
         # Offloaded: the device holds a staging pool per streaming slot (resident layers' pools are

@@ -59,6 +59,7 @@ def plan_kv(
     kv_bytes: int | None = None,
     budget: int | None = None,
     device_fraction: float = 1.0,
+    fixed_bytes: int = 0,
 ) -> KVPlan:
     """Blocks for the pool.
 
@@ -67,7 +68,8 @@ def plan_kv(
     slots) and never less than one max_seq_len sequence, so every admissible request can run;
     budget None or 0 (no budget / stream every block): the full max_batch × max_seq_len.
     device_fraction: the share of the pool the budget pays for (with KV offload, depth staging pools
-    out of L layers: the rest lives in host memory).
+    out of L layers: the rest lives in host memory). fixed_bytes: what the budget must hold besides
+    (outer weights, streaming slots): the pool never takes it.
     """
     block_bytes = block_size * bytes_per_token
     full = max_batch * blocks_for(max_seq_len, block_size)
@@ -78,7 +80,7 @@ def plan_kv(
                 f"kv_memory: {kv_bytes} bytes hold no KV block ({block_bytes} bytes each); raise it"
             )
     elif budget:
-        fits = int((budget // 2) / (block_bytes * min(1.0, device_fraction)))
+        fits = int(min(budget // 2, budget - fixed_bytes) / (block_bytes * min(1.0, device_fraction)))
         n = max(blocks_for(max_seq_len, block_size), min(full, fits))
     else:
         n = full

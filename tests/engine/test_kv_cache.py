@@ -70,6 +70,8 @@ def test_plan_kv_sizes():
     assert plan_kv(per, 16, 4, 40, budget=10 * 16 * per).num_blocks == 5  # half the budget
     assert plan_kv(per, 16, 4, 40, budget=1).num_blocks == 3  # never less than one full sequence
     assert plan_kv(per, 16, 4, 40, kv_bytes=7 * 16 * per + 5).num_blocks == 7
+    # the weights' fixed share (outer + streaming slots) comes first: 20 - 14 blocks' bytes are left
+    assert plan_kv(per, 16, 4, 40, budget=20 * 16 * per, fixed_bytes=14 * 16 * per).num_blocks == 6
     # offloaded: the budget pays for a quarter of the pool (2 staging pools of 8 layers): 4x the blocks
     assert plan_kv(per, 16, 4, 40, budget=4 * 16 * per, device_fraction=2 / 8).num_blocks == 8
     assert plan_kv(per, 16, 4, 40, budget=100 * 16 * per, device_fraction=2 / 8).num_blocks == 12  # full
