@@ -7,7 +7,8 @@ file measured in the same run, cold (its pages evicted with posix_fadvise DONTNE
 
     ratio = floor seconds / measured seconds per pass   (1.0 = the disk never idles)
 
-for generation (prefill + decode passes) and for one LoRA ZO step, per readahead mode ("read":
+for a pass whose consumer only touches every page (the tier alone), for generation (prefill +
+decode passes) and for one LoRA ZO step, per readahead mode ("read":
 the readahead thread preads the next blocks; "willneed": it only asks the kernel with
 posix_fadvise WILLNEED). The file is deleted at the end unless --keep.
 
@@ -136,6 +137,13 @@ def run_case(model: Path, host_memory: int, mode: str, new_tokens: int, job_root
     assert tier is not None
     disk_bytes = sum(sum(s.nbytes for s in tier.spans[i]) for i in tier.plan.streamed)
     rows = []
+    # The tier alone: one pass whose consumer touches one element per 4 KiB page (no model compute).
+    io0, passes0, t0 = host_tier.process_io(), eng.streamer.stats.passes, time.perf_counter()
+    stall0 = tier.stats.stall_seconds
+    for _i, w in eng.streamer.blocks():
+        for t in w.values():
+            t.reshape(-1)[:: 4096 // t.element_size()].float().sum()
+    rows.append(_row("stream only", mode, eng, tier, disk_bytes, io0, passes0, t0, stall0))
     io0, passes0, t0 = host_tier.process_io(), eng.streamer.stats.passes, time.perf_counter()
     stall0 = tier.stats.stall_seconds
     req = GenerateRequest(
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for mode in C.split_list(args.modes):
             rows += run_case(model, int(args.host_memory * 2**30), mode, args.new_tokens, root)
-            C.log(f"{mode}: {rows[-2]['seconds']:.1f} s generate, {rows[-1]['seconds']:.1f} s ZO step")
+            C.log(f"{mode}: " + ", ".join(f"{r['what']} {r['seconds']:.1f} s" for r in rows[-3:]))
         load1 = os.getloadavg()
         rate1 = sequential_rate(files, sample)  # again after the runs: the disk is shared
         rate = (rate0 + rate1) / 2

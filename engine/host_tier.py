@@ -35,7 +35,7 @@ import torch
 PAGE = mmap.PAGESIZE
 READ_CHUNK = 16 * 2**20  # pread size: large enough for sequential disk rates, small scratch buffer
 _WINDOW = 16 * READ_CHUNK  # measure_read_rate keeps one window queued ahead of its preads
-MODES = ("read", "willneed")
+MODES = ("willneed", "read")  # bench/disk.py measured willneed faster on every pass (bench/RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def plan_host(block_bytes: list[int], outer_bytes: int, budget: int | None, dept
 
 @dataclass
 class HostStats:
-    bytes_read: int = 0  # by the readahead thread
+    bytes_read: int = 0  # by the readahead thread (mode willneed: submitted to the disk)
     read_seconds: float = 0.0  # the readahead thread's busy time
     stall_seconds: float = 0.0  # compute waiting for a block to arrive
     dropped_bytes: int = 0
@@ -133,7 +133,7 @@ class HostTier:
         outer_bytes: int,
         budget: int | None,
         depth: int = 2,
-        mode: str = "read",
+        mode: str = "willneed",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"host readahead mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -214,6 +214,7 @@ class HostTier:
             # WILLNEED submits the whole span to the disk at once (deep queue); "read" then waits for it.
             os.posix_fadvise(fd, s.offset, s.nbytes, os.POSIX_FADV_WILLNEED)
             if self.mode == "willneed":
+                n += s.nbytes
                 continue
             off, end = s.offset, s.offset + s.nbytes
             while off < end:
