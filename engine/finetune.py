@@ -125,8 +125,8 @@ def open_trainer(
             compute_dtype,
             adapter=adapter,
             rounding=rounding,
+            applied=[at] * (store.spec.num_layers + 1),
         )
-        tr.applied = [at] * tr.trainable.num_groups
         return tr
     wc = WorkingCopy(job / "working", store, master)
 
@@ -164,9 +164,9 @@ def open_trainer(
         compute_dtype,
         trainable=trainable,
         rounding=rounding,
+        applied=[int(a) for a in wc.applied],
+        working_copy=wc,
     )
-    tr.applied = [int(a) for a in wc.applied]
-    tr.working_copy = wc  # type: ignore[attr-defined]
     return tr
 
 
@@ -211,7 +211,7 @@ def export(tr: ZOTrainer, job_dir: str | os.PathLike, base_model: str = "") -> P
         shutil.rmtree(job / "adapter", ignore_errors=True)
         os.replace(tmp, job / "adapter")
         return job / "adapter"
-    wc: WorkingCopy = tr.working_copy  # type: ignore[attr-defined]
+    wc: WorkingCopy = tr.working_copy
     return wc.export(job / "model")
 
 

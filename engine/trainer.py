@@ -161,14 +161,24 @@ class ZOTrainer:
         trainable: Trainable | None = None,
         adapter: LoraAdapter | None = None,
         rounding: str = "nearest",
+        applied: list[int] | None = None,
+        working_copy: Any = None,
     ) -> None:
+        """applied: per group, the steps already in its master (resume); None: a fresh job.
+        working_copy: a full-parameter job's working_copy.WorkingCopy (what export copies)."""
         self.cfg, self.fam, self.spec = cfg, fam, spec
         self.streamer, self.log, self.train, self.pad_id = streamer, log, train, pad_id
         self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
         self.device = streamer.device
         self.trainable = trainable or self._lora_trainable()
         self.steps: list[Step] = log.steps()
-        self.applied = [0] * self.trainable.num_groups  # overwritten by the owner on resume
+        # Per group: the steps in its master as the device holds it (the durable counters are the owner's).
+        self.applied = list(applied) if applied is not None else [0] * self.trainable.num_groups
+        if len(self.applied) != self.trainable.num_groups:
+            raise ValueError(
+                f"applied has {len(self.applied)} groups, the job has {self.trainable.num_groups}"
+            )
+        self.working_copy = working_copy
         # Data parallel (engine/distributed.py): this process is rank shard[0] of shard[1], and `reducer`
         # maps its partials [m, 2q+1] to every rank's, in rank order. Single process: (0, 1), None.
         self.shard: tuple[int, int] = (0, 1)
