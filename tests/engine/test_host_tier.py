@@ -130,8 +130,11 @@ def test_stream_passes_drop_streamed_blocks_and_keep_resident_ones(tmp_path, mod
 
 
 @LINUX_PROC
-@pytest.mark.parametrize("mode", ["read", "willneed"])
-def test_generation_under_a_host_budget_matches_transformers(tmp_path, mode, monkeypatch):
+@pytest.mark.parametrize(
+    ("mode", "device"),
+    [("read", "cpu"), ("willneed", "cpu"), ("willneed", "emu")],  # emu: the copy path (staging ring)
+)
+def test_generation_under_a_host_budget_matches_transformers(tmp_path, mode, device, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from tests.engine.test_generation import greedy, make_engine
@@ -144,7 +147,7 @@ def test_generation_under_a_host_budget_matches_transformers(tmp_path, mode, mon
     want = ref.generate(
         torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0
     )[0, len(prompt) :].tolist()
-    eng = make_engine(d, gpu_memory_bytes=0, host_memory_bytes=0)
+    eng = make_engine(d, device, gpu_memory_bytes=0, host_memory_bytes=0)
     assert eng.streamer.tier is not None and eng.streamer.tier.mode == mode
     out = eng.generate([greedy("a", prompt, 6)])
     assert list(out["a"].token_ids) == want
@@ -154,3 +157,37 @@ def test_generation_under_a_host_budget_matches_transformers(tmp_path, mode, mon
 def test_bad_host_budget_names_the_field():
     with pytest.raises(ValueError, match="host_memory"):
         StreamConfig(host_memory_bytes=-1)
+
+
+@LINUX_PROC
+def test_codec_cache_is_mapped_read_only_and_streams_through_the_tier(tmp_path):
+    from zostream.engine.codecs import decode_block, get_codec, open_codec_cache
+    from zostream.engine.config import CodecConfig
+
+    d = _big_llama(tmp_path)
+    store = WeightStore(d)
+    cfg = CodecConfig("int8", cache_dir=str(tmp_path / "cache"))
+    cache = open_codec_cache(store, cfg, progress=False)
+    packed = cache.block(2)
+    target = str(cache.block_path(2).resolve())
+    perms = {ln.split()[1] for ln in Path("/proc/self/maps").read_text().splitlines() if ln.endswith(target)}
+    assert perms == {"r--s"}, perms
+    codec = get_codec(cfg)
+    st = LayerStreamer(
+        store,
+        CPU,
+        torch.float32,
+        StreamConfig(gpu_memory_bytes=0, host_memory_bytes=0),
+        source=cache.block,
+        decoder=lambda p, dev, dt: decode_block(codec, p, dev, dt),
+    )
+    tier = st.tier
+    assert tier is not None and tier.plan.streamed == tuple(range(6))
+    # The tier's spans are the cache files' bytes (packed), not the base's.
+    assert {s.path for s in tier.spans[2]} == {target}
+    assert sum(s.nbytes for s in tier.spans[2]) == sum(t.numel() * t.element_size() for t in packed.values())
+    want = {k: v.clone() for k, v in decode_block(codec, packed, CPU, torch.float32).items()}
+    for i, w in st.blocks():
+        if i == 2:
+            assert all(torch.equal(w[k], want[k]) for k in want)
+    tier.close()
