@@ -72,7 +72,17 @@ print(json.dumps({"tokens": tokens, "loss": step.get("loss"), "projected_grad": 
 
 
 def run_child(model: Path, job: Path, as_nobody: bool = False) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(job.parent / "hf")}
+    # A home of its own, as a service user has: the inherited one may not be writable by that user, and
+    # caches (numba's compiled kernels, Hugging Face) live under it.
+    home = job.parent / "hf"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home),
+        "HOME": str(home),
+    }
+    env.pop("XDG_CACHE_HOME", None)
     # Root ignores permission bits: the child then runs as an unprivileged user.
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
     proc = subprocess.run(
