@@ -22,15 +22,17 @@
 
 ARG BASE_IMAGE=debian:bookworm-slim
 
-# ---- build: a venv with torch and zostream, installed under deploy/constraints.txt ----------------
-FROM ${BASE_IMAGE} AS build
+# ---- deps: a venv with torch and every pinned dependency -----------------------------------------
+# Its layers change only with deploy/constraints.txt or the torch build arguments, so a rebuild after a
+# source change reuses them (and the runtime stage's copy of this venv).
+FROM ${BASE_IMAGE} AS deps
 
 # cuda: PyPI's Linux wheel of torch (bundles CUDA); cpu: the +cpu build (~200 MB instead of GBs).
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # Build-time pip settings of the building machine (a certificate bundle for a TLS-inspecting proxy,
-# a local wheel folder). Empty by default; they exist in this stage only, never in the final image.
+# a local wheel folder). Empty by default; they exist in the build stages only, never in the image.
 ARG BUILD_PIP_CERT=
 ARG BUILD_PIP_FIND_LINKS=
 
@@ -48,8 +50,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # Every dependency but torch (and the CUDA wheels torch pins itself) at an exact version.
 COPY deploy/constraints.txt /tmp/constraints.txt
 
-# The big layer, cached independently of the source. The CPU build comes from the local wheel
-# folder when one is given, else from the PyTorch CPU index.
+# The big layer. The CPU build comes from the local wheel folder when one is given, else from the
+# PyTorch CPU index.
 RUN set -eu; \
     case "$TORCH_VARIANT" in \
       cuda) spec="torch==$TORCH_VERSION"; index="" ;; \
@@ -60,19 +62,21 @@ RUN set -eu; \
       pip install ${index:+--extra-index-url "$index"} "$spec"; \
     python -c "import torch; print('torch', torch.__version__)"
 
-# The project itself (a regular, non-editable install); only the venv reaches the final image.
+# The pinned dependencies themselves (the constraints file read as requirements).
+RUN env ${BUILD_PIP_CERT:+PIP_CERT="$BUILD_PIP_CERT"} ${BUILD_PIP_FIND_LINKS:+PIP_FIND_LINKS="$BUILD_PIP_FIND_LINKS"} \
+      pip install -r /tmp/constraints.txt
+
+# ---- wheel: the project as a wheel (built offline with the pinned setuptools) -------------------
+FROM deps AS wheel
 COPY pyproject.toml README.md /tmp/src/
 COPY engine /tmp/src/engine
 COPY server /tmp/src/server
 COPY clients /tmp/src/clients
 COPY proto /tmp/src/proto
 COPY zostream /tmp/src/zostream
-RUN env ${BUILD_PIP_CERT:+PIP_CERT="$BUILD_PIP_CERT"} ${BUILD_PIP_FIND_LINKS:+PIP_FIND_LINKS="$BUILD_PIP_FIND_LINKS"} \
-      pip install /tmp/src \
-    && zostream --version \
-    && pip uninstall -y pip
+RUN pip wheel --no-deps --no-build-isolation --no-index -w /tmp/wheel /tmp/src
 
-# ---- runtime: python3 and the venv, non-root ---------------------------------------------------
+# ---- runtime: python3, the deps venv, the project; non-root --------------------------------------
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -83,7 +87,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /tmp/wheel /tmp/wheel
+# pip check: every dependency of the project is in the venv (constraints.txt left nothing out).
+RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 pip install --no-deps --no-index /tmp/wheel/*.whl \
+    && pip check \
+    && rm -rf /tmp/wheel \
+    && pip uninstall -y -q pip
 
 # Non-root user; /data belongs to it (VOLUME after chown keeps the ownership in a fresh volume).
 RUN useradd --system --uid 10001 --create-home --home-dir /home/zostream --shell /usr/sbin/nologin zostream \

@@ -52,21 +52,32 @@ need_tools() {
     die "could not install ${missing[*]} with apt-get"
 }
 
+# Remove a debootstrap target safely: an interrupted debootstrap leaves /proc (or /sys) mounted in it.
+remove_root() {
+    local dir=$1 m
+    [ -d "$dir" ] || return 0
+    for m in $(awk -v d="$dir/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    rm -rf --one-file-system "$dir"
+}
+
 # Debian's base, as the official slim image: minbase, no docs/man/locales, no apt lists.
 make_base_tar() {
     local tar=$1 suite=${BASE#*:} dir
     suite=${suite%-slim}
     dir=$(mktemp -d)
+    trap 'remove_root "$dir"; exit 130' INT TERM
     log "debootstrap --variant=minbase $suite (once; cached in $tar)"
     local i ok=0
     for i in 1 2 3; do
-        rm -rf "${dir:?}/root"
+        remove_root "${dir:?}/root"
         if debootstrap --variant=minbase "$suite" "$dir/root" >"$dir/log" 2>&1; then ok=1 && break; fi
         tail -5 "$dir/log" >&2
         log "debootstrap failed (try $i of 3)"
         sleep $((i * 10))
     done
-    [ $ok = 1 ] || die "debootstrap $suite failed"
+    [ $ok = 1 ] || { remove_root "$dir"; die "debootstrap $suite failed"; }
     # the official image's sources: security and point-release updates too
     printf 'deb http://deb.debian.org/debian %s main\ndeb http://deb.debian.org/debian %s-updates main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
         "$suite" "$suite" "$suite" >"$dir/root/etc/apt/sources.list"
@@ -78,8 +89,9 @@ make_base_tar() {
     rm -rf "$dir"/root/usr/share/{man,info,locale}/* "$dir"/root/var/lib/apt/lists/* \
         "$dir"/root/var/cache/apt/archives/*.deb "$dir"/root/var/log/*.log
     mkdir -p "$(dirname "$tar")"
-    tar -C "$dir/root" --numeric-owner -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
-    rm -rf "$dir"
+    tar -C "$dir/root" --one-file-system --numeric-owner -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
+    remove_root "$dir"
+    trap - INT TERM
 }
 
 # debian:bookworm-slim -> docker.io/library/debian:bookworm-slim, the name a FROM line resolves to
@@ -140,7 +152,10 @@ build() {
     done
     [ ${#dirs[@]} -eq 0 ] || args+=(--build-arg "BUILD_PIP_FIND_LINKS=${dirs[*]}")
     log "buildah bud $IMAGE (cert: ${cert:-none}; wheel folders: ${links:-none})"
-    buildah bud --isolation chroot --network host --pull=never --layers --format docker "${vols[@]}" "${args[@]}" .
+    # twice at most: a network hiccup (apt or PyPI) should not fail CI; the second try reuses the layers
+    buildah bud --isolation chroot --network host --pull=never --layers --format docker "${vols[@]}" "${args[@]}" . \
+        || { log "buildah bud failed; retrying once"; sleep 10; \
+            buildah bud --isolation chroot --network host --pull=never --layers --format docker "${vols[@]}" "${args[@]}" .; }
 }
 
 # ---- smoke ---------------------------------------------------------------------------------------

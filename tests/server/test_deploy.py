@@ -274,12 +274,13 @@ def test_dockerfile() -> None:
     assert "grpc.health.v1" in text and "127.0.0.1:50051" in text
     # multi-stage on a Debian base, torch from wheels (no CUDA base image), pinned dependencies
     froms = [ln.split()[1:] for ln in instr if ln.startswith("FROM ")]
-    assert len(froms) == 2 and froms[0] == ["${BASE_IMAGE}", "AS", "build"] and froms[1] == ["${BASE_IMAGE}"]
+    assert froms == [["${BASE_IMAGE}", "AS", "deps"], ["deps", "AS", "wheel"], ["${BASE_IMAGE}"]]
     assert "ARG BASE_IMAGE=debian:bookworm-slim" in instr and "nvidia/cuda" not in text
     assert "ARG TORCH_VARIANT=cuda" in instr and 'cpu) spec="torch==$TORCH_VERSION+cpu"' in text
     assert "PIP_CONSTRAINT=/tmp/constraints.txt" in text
     assert "COPY deploy/constraints.txt /tmp/constraints.txt" in instr
-    assert any(ln.startswith("COPY --from=build /opt/venv") for ln in instr)
+    assert "COPY --from=deps /opt/venv /opt/venv" in instr and "pip install -r /tmp/constraints.txt" in text
+    assert "pip check" in text  # the pinned set covers every dependency of the project
     expose = {p for ln in instr if ln.startswith("EXPOSE ") for p in ln.split()[1:]}
     assert {"50051", "9400"} <= expose
     assert "VOLUME /data" in instr
