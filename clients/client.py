@@ -633,3 +633,77 @@ class ZostreamClient:
         """grpc.health.v1 status of `service` ("" = the whole server): "SERVING", "NOT_SERVING", ..."""
         r = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    # ---- weights as directories ------------------------------------------------------------------
+    def download_weights(
+        self,
+        out_dir: str | os.PathLike[str],
+        adapter_id: str | None = None,
+        job_id: str | None = None,
+        checkpoint: str = "",
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Download an adapter's PEFT files, a job's checkpoint or a job's result into `out_dir`
+        (created; files written whole or not at all); returns the relative paths written."""
+        if (adapter_id is None) == (job_id is None):
+            raise ValueError("give exactly one of adapter_id or job_id")
+        req = adapters_pb2.DownloadWeightsRequest(checkpoint=checkpoint)
+        if adapter_id is not None:
+            req.adapter_id = adapter_id
+        else:
+            req.job_id = job_id or ""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[str] = []
+        f, current, size, total, got = None, None, 0, 0, 0
+
+        def close() -> None:
+            if f is not None:
+                f.close()
+                if size != sizes[current]:
+                    raise ZostreamError(
+                        "DATA_LOSS", f"received {size} of {sizes[current]} bytes of {current}"
+                    )
+                os.replace(tmp, out / current)
+                written.append(current)
+
+        sizes: dict[str, int] = {}
+        tmp = out / ".download.part"
+        for r in self._stream(self._ad.DownloadWeights, req, timeout, bounded=False):
+            if r.path != current:
+                close()
+                rel = Path(r.path)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise ZostreamError("DATA_LOSS", f"refusing a file outside the directory: {r.path!r}")
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                current, size, sizes[r.path] = r.path, 0, r.file_bytes
+                f = open(tmp, "wb")  # noqa: SIM115 - closed by close()
+            f.write(r.chunk)
+            size += len(r.chunk)
+            got += len(r.chunk)
+            total = r.total_bytes
+        close()
+        if got != total:
+            raise ZostreamError("DATA_LOSS", f"received {got} of {total} bytes")
+        return written
+
+    def import_peft(
+        self,
+        adapter_dir: str | os.PathLike[str],
+        adapter_id: str = "",
+        display_name: str = "",
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Upload a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors) as an adapter."""
+        d = Path(adapter_dir)
+        meta = adapters_pb2.ImportPeftAdapterMetadata(adapter_id=adapter_id, display_name=display_name)
+
+        def requests() -> Iterator[adapters_pb2.ImportPeftAdapterRequest]:
+            yield adapters_pb2.ImportPeftAdapterRequest(metadata=meta)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                for c in _chunks(d / name):
+                    yield adapters_pb2.ImportPeftAdapterRequest(
+                        file=adapters_pb2.FileChunk(path=name, chunk=c)
+                    )
+
+        return to_dict(self._unary(self._ad.ImportPeftAdapter, requests, timeout))

@@ -107,6 +107,17 @@ class JobRunner:
         e.adapters[adapter_id] = adapter
         return n
 
+    def import_peft(self, adapter_id: str, adapter_dir: Path) -> None:
+        """Serve a PEFT LoRA directory as `adapter_id`, validated against this base (targets, shapes)."""
+        try:
+            adapter = self._load(adapter_dir)
+        except RequestError as exc:  # its messages name the directory: the client sent files, not a path
+            msg = str(exc.args[0]).replace(f"{adapter_dir}: ", "").replace(str(adapter_dir), "<upload>")
+            raise RequestError(msg, "file", code=exc.code) from None
+        if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):
+            raise RequestError("the adapter holds non-finite weights (inf or NaN)", "file")
+        self.engine.adapters[adapter_id] = adapter
+
     def delete_adapter(self, adapter_id: str) -> None:
         self.engine.adapters.pop(adapter_id, None)
         d = self.store.root / "adapters" / adapter_id

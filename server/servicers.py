@@ -29,6 +29,7 @@ from zostream.v1 import (
 
 from . import convert as C
 from . import status as S
+from . import weights as W
 
 CHUNK = 1 << 20
 MAX_LOG_BYTES = 64 * 2**20
@@ -448,20 +449,19 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             )
             out.append(self._pb(rec.id, rec.id, rec.steps_done, rec.created_at, status, log))
         for d in sorted((jobs.root / "adapters").iterdir()):
-            if d.name in e.adapters and (d / "update.log").exists():
-                log = d / "update.log"
-                out.append(
-                    self._pb(
-                        d.name, "", _steps(log), log.stat().st_mtime, adapters_pb2.ADAPTER_STATUS_READY, log
-                    )
-                )
+            log, peft = d / "update.log", d / "adapter" / "adapter_config.json"
+            if d.name in e.adapters and (log.exists() or peft.exists()):  # imported: a log, or PEFT files
+                created = (log if log.exists() else peft).stat().st_mtime
+                steps = _steps(log) if log.exists() else 0
+                out.append(self._pb(d.name, "", steps, created, adapters_pb2.ADAPTER_STATUS_READY, log))
         return out
 
     def _pb(self, aid, job_id, steps, created, status, log: Path) -> adapters_pb2.Adapter:
         ad = self.app.ready_engine().adapters[aid]
         size = sum(t.numel() * 4 for t in ad.tensors.values())
         lora = {"r": ad.spec.r, "alpha": ad.spec.alpha, "targets": list(ad.spec.targets)}
-        fp = read_header(log).base_fingerprint if log.exists() else ""
+        # An imported PEFT adapter has no log: it was validated against this base on import.
+        fp = read_header(log).base_fingerprint if log.exists() else self.app.ready_engine().store.fingerprint
         return C.adapter_pb(
             aid,
             "lora",
@@ -508,6 +508,38 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         if aid in self.app.jobs.jobs:
             shutil.rmtree(self.app.jobs.job_dir(aid) / "adapter", ignore_errors=True)
         return adapters_pb2.DeleteAdapterResponse()
+
+    @rpc
+    async def DownloadWeights(self, request, context):
+        self.app.ready_engine()
+        root = W.weights_dir(self.app, request)
+        for chunk in W.stream_dir(root):
+            yield chunk
+
+    @rpc
+    async def ImportPeftAdapter(self, request_iterator, context):
+        engine = self.app.ready_engine()
+        meta, data = await W.read_peft_upload(request_iterator)
+        aid = meta.adapter_id or f"peft-{int(time.time())}"
+        taken = aid in engine.adapters or aid in self.app.jobs.jobs or aid in self._importing
+        if taken or (self.app.jobs.root / "adapters" / aid).exists():
+            raise RequestError(
+                f"adapter {aid!r} exists; delete it first or pick another id",
+                "metadata.adapter_id",
+                code="ALREADY_EXISTS",
+            )
+        self._importing.add(aid)
+        try:
+            staged = W.stage_peft(self.app.jobs.root, aid, data)
+            try:
+                await self.app.on_engine(lambda: self.app.runner.import_peft(aid, staged))
+            except BaseException:
+                shutil.rmtree(staged.parent, ignore_errors=True)
+                raise
+            staged.parent.rename(self.app.jobs.root / "adapters" / aid)
+        finally:
+            self._importing.discard(aid)
+        return await self.GetAdapter(adapters_pb2.GetAdapterRequest(adapter_id=aid), context)
 
     @rpc
     async def ExportUpdateLog(self, request, context):

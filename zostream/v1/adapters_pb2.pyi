@@ -104,6 +104,44 @@ class ImportUpdateLogMetadata(_message.Message):
     display_name: str
     def __init__(self, adapter_id: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
+class DownloadWeightsRequest(_message.Message):
+    __slots__ = ("adapter_id", "job_id", "checkpoint")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    job_id: str
+    checkpoint: str
+    def __init__(self, adapter_id: _Optional[str] = ..., job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("path", "chunk", "file_bytes", "total_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    chunk: bytes
+    file_bytes: int
+    total_bytes: int
+    def __init__(self, path: _Optional[str] = ..., chunk: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class ImportPeftAdapterMetadata(_message.Message):
+    __slots__ = ("adapter_id", "display_name")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    display_name: str
+    def __init__(self, adapter_id: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
+
+class ImportPeftAdapterRequest(_message.Message):
+    __slots__ = ("metadata", "file")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    metadata: ImportPeftAdapterMetadata
+    file: FileChunk
+    def __init__(self, metadata: _Optional[_Union[ImportPeftAdapterMetadata, _Mapping]] = ..., file: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
 class ImportUpdateLogRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
     METADATA_FIELD_NUMBER: _ClassVar[int]

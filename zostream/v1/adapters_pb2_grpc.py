@@ -60,6 +60,16 @@ class AdaptersStub:
                 request_serializer=zostream_dot_v1_dot_adapters__pb2.ImportUpdateLogRequest.SerializeToString,
                 response_deserializer=zostream_dot_v1_dot_adapters__pb2.Adapter.FromString,
                 _registered_method=True)
+        self.DownloadWeights = channel.unary_stream(
+                '/zostream.v1.Adapters/DownloadWeights',
+                request_serializer=zostream_dot_v1_dot_adapters__pb2.DownloadWeightsRequest.SerializeToString,
+                response_deserializer=zostream_dot_v1_dot_adapters__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.ImportPeftAdapter = channel.stream_unary(
+                '/zostream.v1.Adapters/ImportPeftAdapter',
+                request_serializer=zostream_dot_v1_dot_adapters__pb2.ImportPeftAdapterRequest.SerializeToString,
+                response_deserializer=zostream_dot_v1_dot_adapters__pb2.Adapter.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -104,6 +114,27 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadWeights(self, request, context):
+        """Downloads weights as the files of a directory, streamed file by file in chunks: an adapter
+        (PEFT LoRA files: adapter_config.json, adapter_model.safetensors; PeftModel.from_pretrained
+        loads them), a LoRA job's checkpoint, or a FULL job's result (a Hugging Face model directory).
+        FAILED_PRECONDITION when the weights do not exist yet (e.g. a job still running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPeftAdapter(self, request_iterator, context):
+        """Imports a PEFT LoRA adapter directory made elsewhere (e.g. by peft's save_pretrained): the first
+        message carries the metadata, the following ones its files (adapter_config.json and
+        adapter_model.safetensors). It is validated against the served base (target modules and
+        tensor shapes; INVALID_ARGUMENT naming what does not fit) and served by id at once. It has no
+        update log (Adapter.update_log_bytes is 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +161,16 @@ def add_AdaptersServicer_to_server(servicer, server):
             'ImportUpdateLog': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportUpdateLog,
                     request_deserializer=zostream_dot_v1_dot_adapters__pb2.ImportUpdateLogRequest.FromString,
+                    response_serializer=zostream_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
+            ),
+            'DownloadWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadWeights,
+                    request_deserializer=zostream_dot_v1_dot_adapters__pb2.DownloadWeightsRequest.FromString,
+                    response_serializer=zostream_dot_v1_dot_adapters__pb2.FileChunk.SerializeToString,
+            ),
+            'ImportPeftAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportPeftAdapter,
+                    request_deserializer=zostream_dot_v1_dot_adapters__pb2.ImportPeftAdapterRequest.FromString,
                     response_serializer=zostream_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
             ),
     }
@@ -268,6 +309,60 @@ class Adapters:
             target,
             '/zostream.v1.Adapters/ImportUpdateLog',
             zostream_dot_v1_dot_adapters__pb2.ImportUpdateLogRequest.SerializeToString,
+            zostream_dot_v1_dot_adapters__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/zostream.v1.Adapters/DownloadWeights',
+            zostream_dot_v1_dot_adapters__pb2.DownloadWeightsRequest.SerializeToString,
+            zostream_dot_v1_dot_adapters__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPeftAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/zostream.v1.Adapters/ImportPeftAdapter',
+            zostream_dot_v1_dot_adapters__pb2.ImportPeftAdapterRequest.SerializeToString,
             zostream_dot_v1_dot_adapters__pb2.Adapter.FromString,
             options,
             channel_credentials,

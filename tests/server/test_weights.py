@@ -1,0 +1,145 @@
+"""Weights in and out through the API, checked with peft itself.
+
+- An adapter made by peft in the test imports (ImportPeftAdapter) and serves: Generate's logprobs
+  equal the PeftModel's log_softmax.
+- A job's adapter downloaded through DownloadWeights loads with PeftModel.from_pretrained and gives
+  the logits Generate uses (fp32, 1e-4); checkpoints and a FULL job's result download too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.server.conftest import ThreadServer
+from zostream.clients.client import ZostreamClient
+from zostream.clients.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+
+peft = pytest.importorskip("peft")
+TOL = 1e-4
+PROMPT = "4 8 15 16 23"
+
+
+def base(model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_peft_adapter(model_dir: Path, out: Path, r: int = 4) -> Path:
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base(model_dir), cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def check_generate_matches(c: ZostreamClient, model, adapter_id: str) -> None:
+    """Generate's prompt and token logprobs (with adapter_id) equal `model`'s log_softmax."""
+    r = c.generate(
+        PROMPT,
+        adapter_id=adapter_id,
+        max_new_tokens=4,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=5,
+        prompt_logprobs=True,
+    )
+    prompt = c.tokenize(PROMPT)
+    seq = prompt + list(r.token_ids)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
+    for j, x in enumerate(r.prompt_logprobs):
+        assert abs(x.logprob - want[j, prompt[j + 1]].item()) < TOL
+    for k, x in enumerate(r.logprobs):
+        row = want[len(prompt) - 1 + k]
+        assert x.token_id == int(row.argmax())  # greedy
+        assert torch.allclose(torch.tensor([v for _, v in x.top]), row.topk(5).values, atol=TOL)
+
+
+def wait_job(c: ZostreamClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = c.get_job(job_id)
+        if job["status"] in ("JOB_STATUS_SUCCEEDED", "JOB_STATUS_FAILED", "JOB_STATUS_CANCELLED"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+@pytest.fixture(scope="module")
+def client(server: ThreadServer):
+    with ZostreamClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(client: ZostreamClient) -> str:
+    data = b"".join(b'{"prompt": "%d %d", "completion": " %d"}\n' % (i, i + 1, i + 2) for i in range(1, 30))
+    client.upload_dataset("w", data)
+    return "w"
+
+
+def test_peft_made_adapter_imports_and_serves(
+    client: ZostreamClient, model_dir: Path, tmp_path: Path
+) -> None:
+    d = make_peft_adapter(model_dir, tmp_path / "peft")
+    ad = client.import_peft(d, adapter_id="from-peft")
+    assert ad["id"] == "from-peft" and ad["lora"]["r"] == 4 and ad["status"] == "ADAPTER_STATUS_READY"
+    assert any(a["id"] == "from-peft" for a in client.list_adapters())
+    ref = peft.PeftModel.from_pretrained(base(model_dir), d).eval()
+    check_generate_matches(client, ref, "from-peft")
+    # and it downloads back as files PeftModel loads, giving the same logits
+    out = tmp_path / "back"
+    assert sorted(client.download_weights(out, adapter_id="from-peft")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    check_generate_matches(client, peft.PeftModel.from_pretrained(base(model_dir), out).eval(), "from-peft")
+
+
+def test_import_refuses_an_adapter_that_does_not_fit(
+    client: ZostreamClient, model_dir: Path, tmp_path: Path
+) -> None:
+    d = make_peft_adapter(model_dir, tmp_path / "bad")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["r"] = 8  # the tensors are rank 4
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidArgumentError) as exc:
+        client.import_peft(d, adapter_id="bad-fit")
+    assert exc.value.field == "file" and str(tmp_path) not in exc.value.message
+    assert "bad-fit" not in [a["id"] for a in client.list_adapters()]
+
+
+def test_job_adapter_and_checkpoint_download(
+    client: ZostreamClient, dataset: str, model_dir: Path, tmp_path: Path
+) -> None:
+    job = client.create_job(
+        "lora", dataset, steps=3, checkpoint_every=1, batch_size=2, learning_rate=0.05, eps=0.05, seed=1
+    )
+    with pytest.raises((FailedPreconditionError, NotFoundError)):
+        client.download_weights(tmp_path / "early", job_id=job["id"], checkpoint="step-999999")
+    done = wait_job(client, job["id"])
+    assert done["status"] == "JOB_STATUS_SUCCEEDED"
+    out = tmp_path / "job"
+    client.download_weights(out, job_id=job["id"])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert "/" not in cfg.get("base_model_name_or_path", "")  # never a server path
+    check_generate_matches(client, peft.PeftModel.from_pretrained(base(model_dir), out).eval(), job["id"])
+    cp = tmp_path / "cp"
+    client.download_weights(cp, job_id=job["id"], checkpoint="step-000002")
+    assert (cp / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_full_job_result_downloads_as_a_model_directory(
+    client: ZostreamClient, dataset: str, tmp_path: Path
+) -> None:
+    job = client.create_job("full", dataset, steps=1, batch_size=2, seed=2)
+    assert wait_job(client, job["id"])["status"] == "JOB_STATUS_SUCCEEDED"
+    out = tmp_path / "full"
+    names = client.download_weights(out, job_id=job["id"])
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a loadable HF directory
