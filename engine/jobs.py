@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 
 from zostream import defaults
 
-from .errors import NotFoundError, RequestError
+from .errors import NotFoundError, PreconditionError, RequestError
 
 STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -100,6 +101,9 @@ class JobStore:
         self.jobs: dict[str, JobRecord] = {}
         self._event_ids: dict[str, int] = {}
         for d in sorted(self.jobs_dir.iterdir()):
+            if d.name.startswith(".") and d.name.endswith(".deleting"):  # DeleteJob stopped mid-way
+                shutil.rmtree(d, ignore_errors=True)
+                continue
             if (d / "spec.json").exists() and (d / "status.json").exists():
                 rec = JobRecord(**json.loads((d / "status.json").read_text()))
                 self.jobs[rec.id] = rec
@@ -136,6 +140,41 @@ class JobStore:
             }
             _atomic_write(self.datasets_dir / f"{name}.json", json.dumps(info).encode())
         return info
+
+    def get_dataset(self, name: str, field_name: str = "name") -> dict:
+        check_name(name, field_name)
+        p = self.datasets_dir / f"{name}.json"
+        if not p.exists():
+            raise NotFoundError(f"no dataset {name!r}; list them with ListDatasets", field_name)
+        return json.loads(p.read_text())
+
+    def delete_dataset(self, name: str) -> None:
+        """Refused while a job that has not finished names it (it is read when the job starts)."""
+        self.get_dataset(name)
+        with self._lock:
+            users = [
+                r.id
+                for r in self.jobs.values()
+                if not r.terminal
+                and name in (r.spec.get("training_dataset"), r.spec.get("validation_dataset"))
+            ]
+            if users:
+                raise PreconditionError(f"job {users[0]} uses it; cancel the job first", "name")
+            (self.datasets_dir / f"{name}.jsonl").unlink(missing_ok=True)
+            (self.datasets_dir / f"{name}.json").unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a finished job and remove its directory (events, log, checkpoints, result)."""
+        with self._lock:
+            rec = self.get(job_id)
+            if not rec.terminal:
+                raise PreconditionError(f"job {rec.id} is {rec.status}; cancel it first", "job_id")
+            tomb = self.job_dir(rec.id).with_name(f".{rec.id}.deleting")
+            os.replace(self.job_dir(rec.id), tomb)  # gone from a restart's scan even if rmtree stops
+            del self.jobs[rec.id]
+            self._event_ids.pop(rec.id, None)
+            self._cond.notify_all()
+        shutil.rmtree(tomb, ignore_errors=True)
 
     def list_datasets(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.datasets_dir.glob("*.json"))]

@@ -289,6 +289,32 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         )
 
     @rpc
+    async def GetDataset(self, request, context):
+        return _dataset_pb(self.jobs.get_dataset(request.name))
+
+    @rpc
+    async def DeleteDataset(self, request, context):
+        self.jobs.delete_dataset(request.name)
+        return finetuning_pb2.DeleteDatasetResponse()
+
+    @rpc
+    async def DeleteJob(self, request, context):
+        rec = self.jobs.get(request.job_id)
+        if not rec.terminal:
+            raise PreconditionError(f"job {rec.id} is {rec.status}; cancel it first", "job_id")
+
+        def delete() -> None:  # on the engine thread, which owns the sequences and the adapter registry
+            if any(seq.req.adapter_id == rec.id for seq in self.app.engine.seqs.values()):
+                raise PreconditionError(
+                    "a request is generating with this job's adapter; retry when it is done", "job_id"
+                )
+            self.app.engine.adapters.pop(rec.id, None)
+            self.jobs.delete_job(rec.id)
+
+        await self.app.on_engine(delete)
+        return finetuning_pb2.DeleteJobResponse()
+
+    @rpc
     async def CreateJob(self, request, context):
         engine = self.app.ready_engine()
         spec = C.job_spec(

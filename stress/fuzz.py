@@ -76,6 +76,11 @@ ALLOWED: dict[str, set[str]] = {
     "DeleteAdapter": {OK, INV, NF, FP},
     "ExportUpdateLog": {OK, INV, NF},
     "ImportUpdateLog": {OK, INV, AE, FP, RE},
+    "DownloadWeights": {OK, INV, NF, FP},
+    "ImportPeftAdapter": {OK, INV, AE, FP, RE},
+    "GetDataset": {OK, INV, NF},
+    "DeleteDataset": {OK, INV, NF, FP},
+    "DeleteJob": {OK, INV, NF, FP},
     "Check": {OK, INV, NF},
 }
 SERVICES = [
@@ -399,6 +404,9 @@ def upload_parts(method: Any, known: Known) -> st.SearchStrategy[list[bytes]]:
         return serialize(cls(metadata=m))
 
     def chunk(b: bytes) -> bytes:
+        if "file" in method.input_type.fields_by_name:  # ImportPeftAdapter: FileChunk parts
+            name = "adapter_config.json" if len(b) % 2 else "adapter_model.safetensors"
+            return serialize(cls(file=adapters_pb2.FileChunk(path=name, chunk=b)))
         return serialize(cls(chunk=b))
 
     first = st.one_of(

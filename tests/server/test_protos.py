@@ -137,6 +137,9 @@ SERVICES: dict[tuple[ModuleType, str], dict[str, tuple[str, str, bool, bool]]] =
         "ListJobEvents": ("ListJobEventsRequest", "ListJobEventsResponse", False, False),
         "StreamJobEvents": ("StreamJobEventsRequest", "JobEvent", False, True),
         "ListCheckpoints": ("ListCheckpointsRequest", "ListCheckpointsResponse", False, False),
+        "GetDataset": ("GetDatasetRequest", "Dataset", False, False),
+        "DeleteDataset": ("DeleteDatasetRequest", "DeleteDatasetResponse", False, False),
+        "DeleteJob": ("DeleteJobRequest", "DeleteJobResponse", False, False),
     },
     (adapters_pb2, "Adapters"): {
         "ListAdapters": ("ListAdaptersRequest", "ListAdaptersResponse", False, False),
@@ -144,6 +147,8 @@ SERVICES: dict[tuple[ModuleType, str], dict[str, tuple[str, str, bool, bool]]] =
         "DeleteAdapter": ("DeleteAdapterRequest", "DeleteAdapterResponse", False, False),
         "ExportUpdateLog": ("ExportUpdateLogRequest", "ExportUpdateLogResponse", False, True),
         "ImportUpdateLog": ("ImportUpdateLogRequest", "Adapter", True, False),
+        "DownloadWeights": ("DownloadWeightsRequest", "FileChunk", False, True),
+        "ImportPeftAdapter": ("ImportPeftAdapterRequest", "Adapter", True, False),
     },
 }
 

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -67,7 +68,7 @@ def wait_job(c: ZostreamClient, job_id: str) -> dict:
         if job["status"] in ("JOB_STATUS_SUCCEEDED", "JOB_STATUS_FAILED", "JOB_STATUS_CANCELLED"):
             return job
         time.sleep(0.05)
-    raise AssertionError("job did not finish")
+    raise AssertionError(f"job did not finish: {c.get_job(job_id)['status']}")
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,44 @@ def test_full_job_result_downloads_as_a_model_directory(
     names = client.download_weights(out, job_id=job["id"])
     assert "config.json" in names and any(n.endswith(".safetensors") for n in names)
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a loadable HF directory
+
+
+def test_get_and_delete_datasets_and_jobs(client: ZostreamClient, stubs, tmp_path: Path) -> None:
+    from zostream.v1 import finetuning_pb2 as F
+
+    client.upload_dataset("gone", b'{"prompt": "1 2", "completion": " 3"}\n' * 4)
+    ds = stubs.ft.GetDataset(F.GetDatasetRequest(name="gone"), timeout=10)
+    assert (ds.name, ds.num_records) == ("gone", 4)
+    job = client.create_job("lora", "gone", steps=2, batch_size=2, seed=4)
+    assert wait_job(client, job["id"])["status"] == "JOB_STATUS_SUCCEEDED"
+    assert any(a["id"] == job["id"] for a in client.list_adapters())
+    stubs.ft.DeleteDataset(F.DeleteDatasetRequest(name="gone"), timeout=10)  # finished jobs keep records
+    with pytest.raises(grpc.RpcError) as nf:
+        stubs.ft.GetDataset(F.GetDatasetRequest(name="gone"), timeout=10)
+    assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+    stubs.ft.DeleteJob(F.DeleteJobRequest(job_id=job["id"]), timeout=10)
+    with pytest.raises(NotFoundError):
+        client.get_job(job["id"])
+    assert all(a["id"] != job["id"] for a in client.list_adapters())
+    with pytest.raises(grpc.RpcError) as again:
+        stubs.ft.DeleteJob(F.DeleteJobRequest(job_id=job["id"]), timeout=10)
+    assert again.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_dataset_in_use_is_refused(client: ZostreamClient, stubs, dataset: str) -> None:
+    from zostream.v1 import finetuning_pb2 as F
+
+    job = client.create_job("lora", dataset, steps=100_000, batch_size=2, seed=5)
+    deadline = time.monotonic() + 60  # running (a cancel racing the job's start is another matter)
+    while client.get_job(job["id"])["progress"].get("steps_done", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            stubs.ft.DeleteDataset(F.DeleteDatasetRequest(name=dataset), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as exc:
+            stubs.ft.DeleteJob(F.DeleteJobRequest(job_id=job["id"]), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        stubs.ft.CancelJob(F.CancelJobRequest(job_id=job["id"]), timeout=10)
+        wait_job(client, job["id"])

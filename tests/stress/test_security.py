@@ -77,7 +77,7 @@ def test_every_rpc_needs_the_key_but_health(
         reflection = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].methods_by_name[
             "ServerReflectionInfo"
         ]
-        assert len(ZOSTREAM) == 18
+        assert len(ZOSTREAM) == 23
         for m in [*ZOSTREAM, reflection]:
             for md in (None, [("authorization", "Bearer " + KEY[:-1] + "x")], [("authorization", KEY)]):
                 n = len(seen)

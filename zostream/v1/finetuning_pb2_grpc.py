@@ -50,6 +50,21 @@ class FineTuningStub:
                 request_serializer=zostream_dot_v1_dot_finetuning__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=zostream_dot_v1_dot_finetuning__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/zostream.v1.FineTuning/GetDataset',
+                request_serializer=zostream_dot_v1_dot_finetuning__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=zostream_dot_v1_dot_finetuning__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/zostream.v1.FineTuning/DeleteDataset',
+                request_serializer=zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/zostream.v1.FineTuning/DeleteJob',
+                request_serializer=zostream_dot_v1_dot_finetuning__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=zostream_dot_v1_dot_finetuning__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/zostream.v1.FineTuning/GetJob',
                 request_serializer=zostream_dot_v1_dot_finetuning__pb2.GetJobRequest.SerializeToString,
@@ -106,6 +121,30 @@ class FineTuningServicer:
 
     def ListDatasets(self, request, context):
         """Lists uploaded datasets, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Gets one uploaded dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes an uploaded dataset. FAILED_PRECONDITION while a queued or running job uses it (as its
+        training or validation dataset); finished jobs keep their records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Deletes a finished job (SUCCEEDED, FAILED or CANCELLED): its record, events, update log,
+        checkpoints and result; its adapter is no longer served. FAILED_PRECONDITION while it is queued,
+        running or cancelling (cancel it first), or while a request generates with its adapter.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +213,21 @@ def add_FineTuningServicer_to_server(servicer, server):
                     servicer.ListDatasets,
                     request_deserializer=zostream_dot_v1_dot_finetuning__pb2.ListDatasetsRequest.FromString,
                     response_serializer=zostream_dot_v1_dot_finetuning__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=zostream_dot_v1_dot_finetuning__pb2.GetDatasetRequest.FromString,
+                    response_serializer=zostream_dot_v1_dot_finetuning__pb2.Dataset.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=zostream_dot_v1_dot_finetuning__pb2.DeleteJobRequest.FromString,
+                    response_serializer=zostream_dot_v1_dot_finetuning__pb2.DeleteJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -288,6 +342,87 @@ class FineTuning:
             '/zostream.v1.FineTuning/ListDatasets',
             zostream_dot_v1_dot_finetuning__pb2.ListDatasetsRequest.SerializeToString,
             zostream_dot_v1_dot_finetuning__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zostream.v1.FineTuning/GetDataset',
+            zostream_dot_v1_dot_finetuning__pb2.GetDatasetRequest.SerializeToString,
+            zostream_dot_v1_dot_finetuning__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zostream.v1.FineTuning/DeleteDataset',
+            zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetRequest.SerializeToString,
+            zostream_dot_v1_dot_finetuning__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zostream.v1.FineTuning/DeleteJob',
+            zostream_dot_v1_dot_finetuning__pb2.DeleteJobRequest.SerializeToString,
+            zostream_dot_v1_dot_finetuning__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
