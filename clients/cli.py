@@ -10,7 +10,16 @@ import importlib
 import sys
 
 # Subcommand modules; each defines `register(subparsers) -> None` and sets `func` on its parsers.
-_COMMANDS = ("cmd_model", "cmd_generate", "cmd_train", "cmd_log", "cmd_serve", "cmd_jobs", "cmd_adapters")
+_COMMANDS = (
+    "cmd_model",
+    "cmd_generate",
+    "cmd_train",
+    "cmd_log",
+    "cmd_serve",
+    "cmd_jobs",
+    "cmd_adapters",
+    "cmd_datasets",
+)
 
 
 class UsageError(Exception):

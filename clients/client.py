@@ -480,6 +480,16 @@ class ZostreamClient:
     def list_datasets(self) -> list[dict[str, Any]]:
         return list(self._pages(self._ft.ListDatasets, finetuning_pb2.ListDatasetsRequest(), "datasets"))
 
+    def get_dataset(self, name: str) -> dict[str, Any]:
+        return to_dict(self._unary(self._ft.GetDataset, finetuning_pb2.GetDatasetRequest(name=name)))
+
+    def delete_dataset(self, name: str) -> None:
+        self._unary(self._ft.DeleteDataset, finetuning_pb2.DeleteDatasetRequest(name=name))
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job: record, events, update log, checkpoints, result and its adapter."""
+        self._unary(self._ft.DeleteJob, finetuning_pb2.DeleteJobRequest(job_id=job_id))
+
     def create_job(
         self,
         method: str,

@@ -1,4 +1,5 @@
-"""`zostream adapters ...`: the adapters a zostream server holds (list, get, delete, export, import).
+"""`zostream adapters ...`: the adapters a zostream server holds (list, get, delete, export, import,
+download, import-peft).
 
 An adapter's update log (a few bytes per step) is its portable form: `export` downloads it,
 `import` registers one made on another server with the same base model.
@@ -42,6 +43,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--name", default="", metavar="NAME", help="display name")
     _common(p, _import)
+
+    p = ad_sub.add_parser(
+        "download",
+        help="download weights as files: an adapter (PEFT), a job's checkpoint or a job's result",
+        description="Download an adapter's PEFT files (PeftModel.from_pretrained loads the directory), "
+        "a LoRA job's checkpoint (--job ID --checkpoint NAME) or a job's result (--job ID: its adapter, "
+        "or a FULL job's Hugging Face model directory).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("adapter_id", nargs="?", metavar="ID", help="adapter id")
+    src.add_argument("--job", metavar="JOB_ID", help="a job's result or checkpoint instead")
+    p.add_argument("--checkpoint", default="", metavar="NAME", help="with --job: e.g. step-000500")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write the files to")
+    _common(p, _download, json_what='one JSON object {"dir", "files"}')
+
+    p = ad_sub.add_parser(
+        "import-peft", help="serve a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="PEFT adapter directory (e.g. from save_pretrained)")
+    p.add_argument(
+        "--id", default="", metavar="ID", help="id for the adapter (default: the server assigns one)"
+    )
+    p.add_argument("--name", default="", metavar="NAME", help="display name")
+    _common(p, _import_peft)
 
 
 def _common(p: argparse.ArgumentParser, func: object, json_what: str | None = "one JSON object") -> None:
@@ -137,6 +162,38 @@ def _export(args: argparse.Namespace) -> int:
 
     # a large log over a slow link: no deadline unless --timeout says so
     return run("adapters export", args, body, default_timeout=None)
+
+
+def _download(args: argparse.Namespace) -> int:
+    if args.checkpoint and not args.job:
+        raise UsageError("--checkpoint goes with --job")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out: {args.out} is a file; give a directory")
+
+    def body(client: ZostreamClient) -> int:
+        source = {"job_id": args.job} if args.job else {"adapter_id": args.adapter_id}
+        names = client.download_weights(args.out, checkpoint=args.checkpoint, timeout=args.timeout, **source)
+        if args.json:
+            print_json({"dir": str(args.out), "files": names})
+        else:
+            print("\n".join(str(args.out / n) for n in names), flush=True)
+        return 0
+
+    return run("adapters download", args, body, default_timeout=None)
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    missing = [
+        f for f in ("adapter_config.json", "adapter_model.safetensors") if not (args.dir / f).is_file()
+    ]
+    if missing:
+        raise UsageError(f"DIR: {args.dir} has no {' or '.join(missing)}; give a PEFT LoRA adapter directory")
+
+    def body(client: ZostreamClient) -> int:
+        _print_adapter(client.import_peft(args.dir, adapter_id=args.id, display_name=args.name), args.json)
+        return 0
+
+    return run("adapters import-peft", args, body, default_timeout=None)
 
 
 def _import(args: argparse.Namespace) -> int:

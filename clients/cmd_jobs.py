@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job_id", metavar="ID")
     _common(p, _cancel)
 
+    p = jobs_sub.add_parser("delete", help="delete a finished job (record, files, result, adapter)")
+    p.add_argument("job_id", metavar="ID")
+    _common(p, _delete_job)
+
     p = jobs_sub.add_parser("events", help="show a job's events; --follow until it ends")
     p.add_argument("job_id", metavar="ID")
     p.add_argument(
@@ -267,6 +271,15 @@ def _cancel(args: argparse.Namespace) -> int:
         return 0
 
     return run("jobs cancel", args, body)
+
+
+def _delete_job(args: argparse.Namespace) -> int:
+    def body(client: ZostreamClient) -> int:
+        client.delete_job(args.job_id)
+        print(f"deleted {args.job_id}", flush=True)
+        return 0
+
+    return run("jobs delete", args, body)
 
 
 # ---- events ---------------------------------------------------------------------------------

@@ -185,3 +185,40 @@ def test_delete_dataset_in_use_is_refused(client: ZostreamClient, stubs, dataset
     finally:
         stubs.ft.CancelJob(F.CancelJobRequest(job_id=job["id"]), timeout=10)
         wait_job(client, job["id"])
+
+
+def test_cli_datasets_adapters_download_import_peft_jobs_delete(
+    server: ThreadServer, client: ZostreamClient, dataset: str, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from zostream.clients import cli
+
+    addr = ["--server", f"127.0.0.1:{server.port}"]
+    data = tmp_path / "cli-ds.jsonl"
+    data.write_text('{"prompt": "1 2", "completion": " 3"}\n' * 3)
+    assert cli.main(["datasets", "upload", str(data), *addr, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_records"] == 3
+    assert cli.main(["datasets", "get", "cli-ds", *addr, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "cli-ds"
+    assert cli.main(["datasets", "list", *addr, "--json"]) == 0
+    assert "cli-ds" in [d["name"] for d in json.loads(capsys.readouterr().out)]
+    assert cli.main(["datasets", "delete", "cli-ds", *addr]) == 0
+    assert cli.main(["datasets", "get", "cli-ds", *addr]) == 1  # NOT_FOUND, reported
+    capsys.readouterr()
+
+    peft_dir = make_peft_adapter(model_dir, tmp_path / "cli-peft")
+    assert cli.main(["adapters", "import-peft", str(peft_dir), "--id", "cli-peft", *addr, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == "cli-peft"
+    out = tmp_path / "cli-out"
+    assert cli.main(["adapters", "download", "cli-peft", "--out", str(out), *addr, "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["files"]) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    ours = peft.PeftModel.from_pretrained(base(model_dir), out).eval()
+    check_generate_matches(client, ours, "cli-peft")
+
+    job = client.create_job("lora", dataset, steps=1, batch_size=2, seed=8)
+    wait_job(client, job["id"])
+    assert cli.main(["jobs", "delete", job["id"], *addr]) == 0
+    with pytest.raises(NotFoundError):
+        client.get_job(job["id"])
