@@ -108,7 +108,7 @@ class Guard:
 
 def build(app: Any) -> Any:
     """The ASGI application over the shared App."""
-    from . import openai_api, openai_tuning
+    from . import openai_api, openai_files, openai_jobs
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})  # liveness: the process answers
@@ -130,7 +130,8 @@ def build(app: Any) -> Any:
         Route("/v1/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         *openai_api.routes(app),
-        *openai_tuning.routes(app),
+        *openai_files.routes(app),
+        *openai_jobs.routes(app),
     ]
 
     async def refused(request: Request, exc: Exception) -> Response:

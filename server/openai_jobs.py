@@ -1,8 +1,4 @@
-"""OpenAI fine-tuning endpoints: /v1/files (JSONL training data) and /v1/fine_tuning/jobs.
-
-Files are the job store's datasets (a dataset uploaded over gRPC is a file here, by its name).
-OpenAI's chat fine-tuning records ({"messages": [...]} with optional `weight`, `name`, content
-parts) are normalised to zostream's chat records before the usual validation.
+"""OpenAI /v1/fine_tuning/jobs: create, list, retrieve, cancel, events.
 
 Jobs are LoRA ZO jobs built as a zostream.v1.CreateJobRequest and checked by the same conversion as
 gRPC. OpenAI's hyperparameters map onto ZO ones: n_epochs -> steps = ceil(n_epochs * examples /
@@ -13,24 +9,20 @@ n_epochs. The finished job's id is its `fine_tuned_model`: usable as `model` in 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
-import uuid
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from zostream.engine import data as D
 from zostream.engine.config import ZOConfig
-from zostream.engine.errors import NotFoundError, RequestError
-from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
+from zostream.engine.errors import RequestError
 from zostream.v1 import common_pb2, finetuning_pb2
 
 from . import convert as C
 from .http_app import read_json
+from .openai_files import Files, page
 from .openai_params import base_model_id
 
 STATUS = {
@@ -77,62 +69,14 @@ _FIELDS = {
 
 
 def routes(app: Any) -> list[Route]:
-    t = _Tuning(app)
+    j = Jobs(app)
     return [
-        Route("/v1/files", t.upload, methods=["POST"]),
-        Route("/v1/files", t.list_files, methods=["GET"]),
-        Route("/v1/files/{file_id}", t.get_file, methods=["GET"]),
-        Route("/v1/files/{file_id}", t.delete_file, methods=["DELETE"]),
-        Route("/v1/files/{file_id}/content", t.file_content, methods=["GET"]),
-        Route("/v1/fine_tuning/jobs", t.create, methods=["POST"]),
-        Route("/v1/fine_tuning/jobs", t.list_jobs, methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}", t.get_job, methods=["GET"]),
-        Route("/v1/fine_tuning/jobs/{job_id}/cancel", t.cancel, methods=["POST"]),
-        Route("/v1/fine_tuning/jobs/{job_id}/events", t.events, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs", j.create, methods=["POST"]),
+        Route("/v1/fine_tuning/jobs", j.list_jobs, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}", j.get_job, methods=["GET"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/cancel", j.cancel, methods=["POST"]),
+        Route("/v1/fine_tuning/jobs/{job_id}/events", j.events, methods=["GET"]),
     ]
-
-
-def normalise_line(line: str, lineno: int) -> str:
-    """One JSONL record in OpenAI's chat fine-tuning format -> a zostream chat record (others as is)."""
-    if not line.strip():
-        return line
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return line  # the dataset loader names the line and what is wrong
-    if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-        return line
-    msgs = []
-    for i, m in enumerate(rec["messages"]):
-        if not isinstance(m, dict):
-            return line
-        if m.get("weight", 1) != 1:
-            raise RequestError(
-                f"line {lineno}: messages[{i}].weight 0 (a turn not to learn from) is not supported; "
-                "drop the weight or the turn",
-                "file",
-            )
-        if m.get("tool_calls") or m.get("function_call"):
-            raise RequestError(f"line {lineno}: messages[{i}]: tool calls are not supported", "file")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        content = m.get("content")
-        if isinstance(content, list):  # text parts
-            content = "".join(p.get("text", "") if isinstance(p, dict) else "" for p in content)
-        msgs.append({"role": role, "content": "" if content is None else content})
-    return json.dumps({"messages": msgs})
-
-
-def _file(info: dict) -> dict:
-    return {
-        "id": info["name"],
-        "object": "file",
-        "bytes": info["size_bytes"],
-        "created_at": int(info["created_at"]),
-        "filename": info.get("filename") or info["name"] + ".jsonl",
-        "purpose": info.get("purpose", "fine-tune"),
-        "status": "processed",
-        "status_details": None,
-    }
 
 
 def _job(rec: Any, base: str) -> dict:
@@ -175,102 +119,11 @@ def _job(rec: Any, base: str) -> dict:
     }
 
 
-def _page(request: Request, items: list[dict], key: str = "id") -> dict:
-    try:
-        limit = int(request.query_params.get("limit", 20))
-    except ValueError:
-        raise RequestError("must be an integer", "limit") from None
-    if not 1 <= limit <= 100:
-        raise RequestError("must be in 1..100", "limit")
-    after = request.query_params.get("after")
-    if after:
-        ids = [i[key] for i in items]
-        if after not in ids:
-            raise RequestError(f"{after[:64]!r} is not an id from a previous page", "after")
-        items = items[ids.index(after) + 1 :]
-    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
-
-
-class _Tuning:
+class Jobs:
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.files = Files(app)
 
-    # ---- files ------------------------------------------------------------------------------------
-    async def upload(self, request: Request) -> Response:
-        engine = self.app.ready_engine()
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except Exception as exc:  # noqa: BLE001 - multipart parse errors: the client's body
-            raise RequestError(
-                f"expected multipart/form-data with 'file' and 'purpose' ({exc})", "file"
-            ) from None
-        purpose, up = form.get("purpose"), form.get("file")
-        if purpose != "fine-tune":
-            raise RequestError(f"only 'fine-tune' files are accepted, got {str(purpose)[:40]!r}", "purpose")
-        if up is None or isinstance(up, str):
-            raise RequestError("is required: a JSONL file", "file")
-        data = await up.read(MAX_DATASET_BYTES + 1)
-        if len(data) > MAX_DATASET_BYTES:
-            raise RequestError(
-                f"files are limited to {MAX_DATASET_BYTES} bytes", "file", code="RESOURCE_EXHAUSTED"
-            )
-        try:
-            lines = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"is not valid UTF-8 (byte {exc.start})", "file") from None
-        lines = [normalise_line(line, i) for i, line in enumerate(lines, start=1)]
-        name = "file-" + uuid.uuid4().hex[:24]
-        fname = (up.filename or "")[:200] or name + ".jsonl"
-        try:
-            ds = await asyncio.to_thread(D.load_records, lines, fname, engine.tokenizer, 1 << 16)
-        except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
-            if isinstance(exc, RequestError):
-                raise RequestError(str(exc), "file") from None
-            raise RequestError(
-                f"a record cannot be read ({type(exc).__name__}: {str(exc)[:160]})", "file"
-            ) from None
-        n = len(ds.choices) if ds.kind == "choice" else len(ds.examples)
-        body = ("\n".join(lines) + "\n").encode()
-        meta = {"kind": ds.kind, "num_records": n, "filename": fname, "purpose": purpose}
-        info = self.app.jobs.save_dataset(name, body, meta)
-        return JSONResponse(_file(info))
-
-    def _info(self, file_id: str, param: str = "file_id") -> dict:
-        check_name(file_id, param)
-        for info in self.app.jobs.list_datasets():
-            if info["name"] == file_id:
-                return info
-        raise NotFoundError(f"no file {file_id[:64]!r}; upload it with POST /v1/files", param)
-
-    async def list_files(self, request: Request) -> Response:
-        files = sorted((_file(i) for i in self.app.jobs.list_datasets()), key=lambda f: -f["created_at"])
-        return JSONResponse(_page(request, files))
-
-    async def get_file(self, request: Request) -> Response:
-        return JSONResponse(_file(self._info(request.path_params["file_id"])))
-
-    async def file_content(self, request: Request) -> Response:
-        info = self._info(request.path_params["file_id"])
-        return Response(self.app.jobs.dataset_path(info["name"]).read_bytes(), media_type="application/jsonl")
-
-    async def delete_file(self, request: Request) -> Response:
-        info = self._info(request.path_params["file_id"])
-        used = [
-            r.id
-            for r in self.app.jobs.list()
-            if not r.terminal
-            and info["name"] in (r.spec["training_dataset"], r.spec.get("validation_dataset"))
-        ]
-        if used:
-            raise RequestError(
-                f"job {used[0]} is using it; cancel the job first", "file_id", code="FAILED_PRECONDITION"
-            )
-        root = self.app.jobs.datasets_dir
-        for suffix in (".jsonl", ".json"):
-            (root / f"{info['name']}{suffix}").unlink(missing_ok=True)
-        return JSONResponse({"id": info["name"], "object": "file", "deleted": True})
-
-    # ---- jobs -------------------------------------------------------------------------------------
     async def create(self, request: Request) -> Response:
         engine = self.app.ready_engine()
         body = await read_json(request)
@@ -287,9 +140,9 @@ class _Tuning:
             if k not in OPENAI_HP and k not in EXTRAS:
                 known = ", ".join((*OPENAI_HP, *EXTRAS))
                 raise RequestError(f"unknown hyperparameter; use {known}", f"hyperparameters.{k}")
-        train = self._info(_str(body.get("training_file"), "training_file"), "training_file")
+        train = self.files.info(_str(body.get("training_file"), "training_file"), "training_file")
         if body.get("validation_file") is not None:
-            self._info(_str(body["validation_file"], "validation_file"), "validation_file")
+            self.files.info(_str(body["validation_file"], "validation_file"), "validation_file")
         pb = finetuning_pb2.CreateJobRequest(
             method=common_pb2.TUNING_METHOD_LORA,
             training_dataset=train["name"],
@@ -319,7 +172,7 @@ class _Tuning:
     async def list_jobs(self, request: Request) -> Response:
         base = base_model_id(self.app.ready_engine())
         jobs = [_job(r, base) for r in self.app.jobs.list()[::-1]]  # newest first
-        return JSONResponse(_page(request, jobs))
+        return JSONResponse(page(request, jobs))
 
     async def get_job(self, request: Request) -> Response:
         rec = self.app.jobs.get(request.path_params["job_id"])
@@ -348,7 +201,7 @@ class _Tuning:
                     "data": {"step": ev["step"], "zostream_type": ev["type"], **ev["metrics"]},
                 }
             )
-        return JSONResponse(_page(request, out))
+        return JSONResponse(page(request, out))
 
 
 def _str(v: Any, name: str) -> str:
