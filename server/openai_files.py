@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from zostream.engine import data as D
 from zostream.engine.errors import NotFoundError, RequestError
-from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
+from zostream.engine.jobs import MAX_DATASET_BYTES
 
 
 def routes(app: Any) -> list[Route]:
@@ -135,11 +135,10 @@ class Files:
         return JSONResponse(_file(info))
 
     def info(self, file_id: str, param: str = "file_id") -> dict:
-        check_name(file_id, param)
-        for info in self.app.jobs.list_datasets():
-            if info["name"] == file_id:
-                return info
-        raise NotFoundError(f"no file {file_id[:64]!r}; upload it with POST /v1/files", param)
+        try:
+            return self.app.jobs.get_dataset(file_id, param)
+        except NotFoundError:
+            raise NotFoundError(f"no file {file_id[:64]!r}; upload it with POST /v1/files", param) from None
 
     async def list_files(self, request: Request) -> Response:
         files = sorted((_file(i) for i in self.app.jobs.list_datasets()), key=lambda f: -f["created_at"])
@@ -154,17 +153,8 @@ class Files:
 
     async def delete_file(self, request: Request) -> Response:
         info = self.info(request.path_params["file_id"])
-        used = [
-            r.id
-            for r in self.app.jobs.list()
-            if not r.terminal
-            and info["name"] in (r.spec["training_dataset"], r.spec.get("validation_dataset"))
-        ]
-        if used:
-            raise RequestError(
-                f"job {used[0]} is using it; cancel the job first", "file_id", code="FAILED_PRECONDITION"
-            )
-        root = self.app.jobs.datasets_dir
-        for suffix in (".jsonl", ".json"):
-            (root / f"{info['name']}{suffix}").unlink(missing_ok=True)
+        try:
+            self.app.jobs.delete_dataset(info["name"])  # refused while an unfinished job names it
+        except RequestError as exc:
+            raise RequestError(str(exc.args[0]), "file_id", code=exc.code, reason=exc.reason) from None
         return JSONResponse({"id": info["name"], "object": "file", "deleted": True})
