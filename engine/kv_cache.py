@@ -142,6 +142,8 @@ class PagedView:
     write_t: torch.Tensor  # [n] int64
     write_pos: torch.Tensor  # [n] int64 block * block_size + offset
     read_pos: torch.Tensor  # [B, Lk] int64
+    host_write: torch.Tensor | None = None  # write_pos / read_pos on the host (KVOffload.arm reads them)
+    host_read: torch.Tensor | None = None
     # Staging-local positions for layers whose K/V travel with their block (set by KVOffload.arm).
     local_write: torch.Tensor | None = None
     local_read: torch.Tensor | None = None
@@ -174,7 +176,7 @@ class PagedView:
         wb, wt = (t[None, :] < lens[:, None]).nonzero(as_tuple=True)
         p = past[wb] + wt
         wpos = table[wb, p // bs] * bs + p % bs
-        return cls(cache, wb.to(device), wt.to(device), wpos.to(device), read.to(device))
+        return cls(cache, wb.to(device), wt.to(device), wpos.to(device), read.to(device), wpos, read)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new k/v [B,Hkv,T,D] of valid tokens, return the rows' K/V [B,Hkv,Lk,D]."""

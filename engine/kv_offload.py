@@ -66,18 +66,20 @@ class KVOffload:
 
     # ---- the pass (engine) -------------------------------------------------------------------------
     def arm(self, views: list[PagedView]) -> None:
+        """Host-side index work only (the views keep host copies): no device synchronisation."""
         bs = self.cache.block_size
-        used = sorted({int(b) for v in views for b in torch.cat([v.read_pos.flatten(), v.write_pos]) // bs})
+        reads = torch.cat([v.host_read.flatten() for v in views])
+        writes = torch.cat([v.host_write for v in views]).unique()  # sorted
+        used = torch.cat([reads // bs, writes // bs]).unique()  # sorted block ids U
         local = torch.full((self.cache.num_blocks,), -1, dtype=torch.int64)
-        local[torch.tensor(used, dtype=torch.int64)] = torch.arange(len(used))
+        local[used] = torch.arange(len(used))
         for v in views:
-            to_local = local.to(v.read_pos.device)
-            v.local_read = to_local[v.read_pos // bs] * bs + v.read_pos % bs
-            v.local_write = to_local[v.write_pos // bs] * bs + v.write_pos % bs
-        self.up_runs = [(a * bs, b * bs, n * bs) for a, b, n in _runs(used, list(range(len(used))))]
-        writes = sorted({int(p) for v in views for p in v.write_pos.tolist()})
-        wl = (local[torch.tensor(writes, dtype=torch.int64) // bs] * bs + torch.tensor(writes) % bs).tolist()
-        self.down_runs = _runs(wl, writes)
+            dev = v.read_pos.device
+            v.local_read = (local[v.host_read // bs] * bs + v.host_read % bs).to(dev)
+            v.local_write = (local[v.host_write // bs] * bs + v.host_write % bs).to(dev)
+        ids = used.tolist()
+        self.up_runs = [(a * bs, b * bs, n * bs) for a, b, n in _runs(ids, list(range(len(ids))))]
+        self.down_runs = _runs((local[writes // bs] * bs + writes % bs).tolist(), writes.tolist())
         self.armed = True
 
     def disarm(self) -> None:
