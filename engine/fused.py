@@ -8,19 +8,22 @@ Triton, float16 and float64 masters) returns None and zo.py takes its chunked to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from . import rng
 
 try:  # numba is a pinned dependency; a platform without its wheels still trains, slower
-    import numba
-
     from . import noise_cpu
 except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = noise_cpu = None
+    noise_cpu = None
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+_SPLIT_MIN = 1 << 18  # elements below which one thread does the whole tensor (a wake-up costs more)
+_pool: ThreadPoolExecutor | None = None
 
 
 def _cpu_ready(*tensors: torch.Tensor) -> bool:
@@ -37,9 +40,21 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _threads() -> None:
-    # Follow torch's thread setting (benchmarks pin it; tests run one thread).
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _split(n: int, kernel: Callable[[int, int], None]) -> None:
+    """kernel(lo, hi) over [0, n) in torch.get_num_threads() pieces (element ranges cut at multiples
+    of 4, the counter size); the kernels release the GIL. Values do not depend on the split."""
+    global _pool
+    parts = min(torch.get_num_threads(), n // _SPLIT_MIN)
+    if parts <= 1:
+        kernel(0, n)
+        return
+    if _pool is None or _pool._max_workers < parts:  # noqa: SLF001 - grow the pool when threads grow
+        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="zostream-noise")
+    step = ((n + parts - 1) // parts + 3) // 4 * 4  # a multiple of 4
+    futures = [_pool.submit(kernel, lo, min(n, lo + step)) for lo in range(step, n, step)]
+    kernel(0, min(n, step))
+    for f in futures:
+        f.result()
 
 
 def perturb_pair(
@@ -52,10 +67,14 @@ def perturb_pair(
     plus = torch.empty(n, dtype=out_dtype)
     minus = torch.empty(n if pair else 0, dtype=out_dtype)
     k0, k1 = rng.tensor_key(seed, name, 0)
-    _threads()
-    noise_cpu.perturb_pair(
-        _array(theta), noise_cpu.KIND_CODES[kind], k0, k1, np.float32(scale), _array(plus), _array(minus)
+    th, op, om, code, sc = (
+        _array(theta),
+        _array(plus),
+        _array(minus),
+        noise_cpu.KIND_CODES[kind],
+        np.float32(scale),
     )
+    _split(n, lambda lo, hi: noise_cpu.perturb_pair(th, code, k0, k1, sc, op, om, lo, hi))
     return plus, (minus if pair else None)
 
 
@@ -75,17 +94,10 @@ def update(
     keys = np.array([rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=np.uint64)
     gs = np.array([g for _, g in coefs], dtype=np.float32)
     sr = rng.tensor_key(sr_seed, name, 1) if stochastic and sr_seed is not None else (0, 0)
-    _threads()
-    noise_cpu.update(
-        _array(theta),
-        noise_cpu.KIND_CODES[kind],
-        keys,
-        gs,
-        np.float32(lr),
-        np.float32(wd),
-        stochastic,
-        sr[0],
-        sr[1],
+    th, code, lr32, wd32 = _array(theta), noise_cpu.KIND_CODES[kind], np.float32(lr), np.float32(wd)
+    _split(
+        theta.numel(),
+        lambda lo, hi: noise_cpu.update(th, code, keys, gs, lr32, wd32, stochastic, sr[0], sr[1], lo, hi),
     )
     return True
 
@@ -96,6 +108,5 @@ def noise(kind: str, seed: int, name: str, start: int, count: int) -> torch.Tens
         return None
     out = torch.empty(count, dtype=torch.float32)
     k0, k1 = rng.tensor_key(seed, name, 0)
-    _threads()
     noise_cpu.fill_noise(noise_cpu.KIND_CODES[kind], k0, k1, start, out.numpy())
     return out

@@ -10,14 +10,20 @@ once, so z is never materialised:
                  directions and the stochastic-rounding uniforms drawn in the same counter loop
 
 Why this keeps the bits: numba compiles without fastmath, so LLVM never contracts a*b+c into an
-FMA nor reassociates; every constant is a float32 global, so float32 arithmetic stays float32 (a
-Python float constant would promote the expression to float64); sqrt is the IEEE sqrt instruction,
-correctly rounded. tests/engine/test_noise_cpu.py checks all of it against the independent numpy
+FMA nor reassociates; error_model="numpy" makes x/0 IEEE (inf/nan, as torch) instead of a raised
+ZeroDivisionError, whose check would also stop LLVM from vectorising the loops; every constant is
+a float32 global, so float32 arithmetic stays float32 (a Python float constant would promote the
+expression to float64); sqrt is the IEEE sqrt instruction, correctly rounded. The code is
+compiled for the CPU it runs on (AVX-512, AVX2, ...): IEEE operations round the same at every
+vector width. tests/engine/test_fused.py checks all of it against the independent numpy
 reference and the torch generator. bfloat16 tensors travel as their uint16 bit patterns (numba has
 no bfloat16): widening is a shift, narrowing is round-to-nearest-even on the bits (as torch does).
 
-The counter loop is split into `_THREAD_BLOCK` pieces run by numba's parallel range: every element
-is computed independently, so the thread count never changes a value.
+Each kernel fills an L1-sized buffer with the noise of `_BLOCK` elements (a flat loop over
+counters that LLVM vectorises), then runs its element loop over it. Kernels release the GIL and
+take an element range, so engine/fused.py splits big tensors over a few Python threads (numba's
+own parallel layers share OpenMP with torch and change its thread count). Every element is
+computed independently, so neither the blocking nor the split changes a value.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ _A11, _A9, _A7, _A5, _A3 = (_F(2.0 / k) for k in (11, 9, 7, 5, 3))
 _S9, _S7, _S5, _S3 = (_F(c) for c in (1 / 362880, -1 / 5040, 1 / 120, -1 / 6))
 _C10, _C8, _C6, _C4, _C2 = (_F(c) for c in (-1 / 3628800, 1 / 40320, -1 / 720, 1 / 24, -0.5))
 _PHI_STEP = _F(3.141592653589793 / 2**23)
-_THREAD_BLOCK = 1 << 14  # counters per parallel piece (64 Ki elements)
+_BLOCK = 1024  # elements per noise buffer: z of one block stays in L1
 
 GAUSSIAN, RADEMACHER = 0, 1
 KIND_CODES = {"gaussian": GAUSSIAN, "rademacher": RADEMACHER}
@@ -76,26 +82,25 @@ def _bits_f32(typingctx, x):  # noqa: ARG001
     return types.float32(types.uint64), codegen
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _bf16_to_f32(h):
     return _bits_f32(_U(h) << _SH16)
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _f32_to_bf16(x):
     """Round to nearest even on the bits (c10::BFloat16). Every NaN becomes the quiet 0x7FC0: NaN
     payloads are not part of the contract (torch itself writes 0x7FC0 or 0xFFFF)."""
-    if x != x:
-        return np.uint16(0x7FC0)
     b = _f32_bits(x)
-    return np.uint16((b + _U(0x7FFF) + ((b >> _SH16) & _U(1))) >> _SH16)
+    r = np.uint16((b + _U(0x7FFF) + ((b >> _SH16) & _U(1))) >> _SH16)
+    return np.uint16(0x7FC0) if x != x else r
 
 
 def _load(a, i):  # numba overload below: element i of a tensor as float32
     raise NotImplementedError
 
 
-@overload(_load)
+@overload(_load, jit_options={"error_model": "numpy"})
 def _load_impl(a, i):
     if a.dtype == types.uint16:
         return lambda a, i: _bf16_to_f32(a[i])
@@ -108,7 +113,7 @@ def _store(a, i, x):  # numba overload below: float32 x into element i, rounded 
     raise NotImplementedError
 
 
-@overload(_store)
+@overload(_store, jit_options={"error_model": "numpy"})
 def _store_impl(a, i, x):
     if a.dtype == types.uint16:
 
@@ -128,7 +133,7 @@ def _store_impl(a, i, x):
 # ---- the generator ---------------------------------------------------------------------------------
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _philox(c, k0, k1):
     """Philox4x32-10 of counter (c low word, c high word, 0, 0) under key (k0, k1)."""
     c0, c1, c2, c3 = c & _MASK, c >> _SH32, _U(0), _U(0)
@@ -139,7 +144,7 @@ def _philox(c, k0, k1):
     return c0, c1, c2, c3
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _radius(bits):
     """sqrt(-2 ln u1), u1 = ((bits >> 8) + 1) 2**-24: rng._neg2_log_u1 then a correctly rounded sqrt."""
     n = _F((bits >> _SH8) + _U(1))
@@ -163,7 +168,7 @@ def _radius(bits):
     return np.sqrt(v)
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _sincos(bits):
     """(sin, cos) of 2 pi (bits >> 8) 2**-24 as rng._sincos_2pi computes them."""
     j = np.int64(bits >> _SH8)
@@ -192,7 +197,7 @@ def _sincos(bits):
     return sin_t, cos_t
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _four(kind, c, k0, k1):
     """The four noise values of counter c (elements 4c .. 4c+3), float32."""
     b0, b1, b2, b3 = _philox(_U(c), k0, k1)
@@ -209,64 +214,70 @@ def _four(kind, c, k0, k1):
     return ra * ca, ra * sa, rb * cb, rb * sb
 
 
-@nb.njit(inline="always")
-def _pick(v0, v1, v2, v3, lane):
-    if lane == 0:
-        return v0
-    if lane == 1:
-        return v1
-    return v2 if lane == 2 else v3
+@nb.njit(inline="always", error_model="numpy")
+def _gen(kind, c0, ncount, k0, k1, buf):
+    """buf[4j + lane] = noise of element 4 (c0 + j) + lane, j < ncount (a flat loop LLVM vectorises)."""
+    for j in range(ncount):
+        v0, v1, v2, v3 = _four(kind, c0 + j, k0, k1)
+        buf[4 * j] = v0
+        buf[4 * j + 1] = v1
+        buf[4 * j + 2] = v2
+        buf[4 * j + 3] = v3
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(inline="always", error_model="numpy")
+def _gen_uniform(c0, ncount, k0, k1, buf):
+    """buf[4j + lane] = (bits >> 8) 2**-24 of element 4 (c0 + j) + lane (rng.uniform)."""
+    for j in range(ncount):
+        b0, b1, b2, b3 = _philox(_U(c0 + j), k0, k1)
+        buf[4 * j] = _F(b0 >> _SH8) * _TWO_M24
+        buf[4 * j + 1] = _F(b1 >> _SH8) * _TWO_M24
+        buf[4 * j + 2] = _F(b2 >> _SH8) * _TWO_M24
+        buf[4 * j + 3] = _F(b3 >> _SH8) * _TWO_M24
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
 def fill_noise(kind, k0, k1, start, out):
     """out[i] = noise of element start + i (kind GAUSSIAN / RADEMACHER, key (k0, k1), stream's key)."""
-    n = out.shape[0]
-    if n == 0:
-        return
-    first, last = start // 4, (start + n - 1) // 4
-    k0, k1 = _U(k0) & _MASK, _U(k1) & _MASK
-    pieces = (last - first) // _THREAD_BLOCK + 1
-    for p in nb.prange(pieces):
-        lo = first + p * _THREAD_BLOCK
-        hi = min(last + 1, lo + _THREAD_BLOCK)
-        for c in range(lo, hi):
-            v0, v1, v2, v3 = _four(kind, c, k0, k1)
-            for lane in range(4):
-                i = 4 * c + lane - start
-                if 0 <= i < n:
-                    out[i] = _pick(v0, v1, v2, v3, lane)
+    _fill(kind, False, k0, k1, start, out)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(nogil=True, cache=True, error_model="numpy")
 def fill_uniform(k0, k1, start, out):
-    """out[i] = (bits >> 8) * 2**-24 of element start + i (rng.uniform)."""
+    """out[i] = (bits >> 8) * 2**-24 of element start + i (rng.uniform; key of stream 1)."""
+    _fill(GAUSSIAN, True, k0, k1, start, out)
+
+
+@nb.njit(inline="always", error_model="numpy")
+def _fill(kind, uniform, k0, k1, start, out):
     n = out.shape[0]
     if n == 0:
         return
-    first, last = start // 4, (start + n - 1) // 4
     k0, k1 = _U(k0) & _MASK, _U(k1) & _MASK
-    pieces = (last - first) // _THREAD_BLOCK + 1
-    for p in nb.prange(pieces):
-        lo = first + p * _THREAD_BLOCK
-        hi = min(last + 1, lo + _THREAD_BLOCK)
-        for c in range(lo, hi):
-            b0, b1, b2, b3 = _philox(_U(c), k0, k1)
-            for lane in range(4):
-                i = 4 * c + lane - start
-                if 0 <= i < n:
-                    out[i] = _F(_pick(b0, b1, b2, b3, lane) >> _SH8) * _TWO_M24
+    first = start // 4
+    span = start + n - 4 * first  # elements from counter `first` on
+    buf = np.empty(_BLOCK, np.float32)
+    for b in range(0, span, _BLOCK):
+        m = min(_BLOCK, span - b)
+        if uniform:
+            _gen_uniform(first + b // 4, (m + 3) // 4, k0, k1, buf)
+        else:
+            _gen(kind, first + b // 4, (m + 3) // 4, k0, k1, buf)
+        off = 4 * first + b - start  # out index of buf[0]
+        for j in range(max(0, -off), m):
+            out[off + j] = buf[j]
 
 
 # ---- fused ZO kernels ------------------------------------------------------------------------------
 
 
-@nb.njit(parallel=True, cache=True)
-def perturb_pair(theta, kind, k0, k1, scale, out_plus, out_minus):
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def perturb_pair(theta, kind, k0, k1, scale, out_plus, out_minus, lo, hi):
     """out± = (θ ± scale·z) rounded to the outputs' dtype; θ [n] (bf16 bits or float32), read once.
 
     scale is ε as a float32; θ - scale·z equals zo.perturbed's θ + (-scale)·z (negation is exact).
-    An empty out_minus asks for out+ alone."""
+    An empty out_minus asks for out+ alone. Only elements [lo, hi) are written (lo a multiple of 4):
+    threads split a tensor this way (engine/fused.py). z lives only in an L1-sized buffer."""
     n = theta.shape[0]
     if n == 0:
         return
@@ -275,48 +286,48 @@ def perturb_pair(theta, kind, k0, k1, scale, out_plus, out_minus):
     pair = out_minus.shape[0] == n
     k0, k1 = _U(k0) & _MASK, _U(k1) & _MASK
     sc = _F(scale)
-    last = (n - 1) // 4
-    pieces = last // _THREAD_BLOCK + 1
-    for p in nb.prange(pieces):
-        lo = p * _THREAD_BLOCK
-        hi = min(last + 1, lo + _THREAD_BLOCK)
-        for c in range(lo, hi):
-            v0, v1, v2, v3 = _four(kind, c, k0, k1)
-            for lane in range(4):
-                i = 4 * c + lane
-                if i < n:
-                    x = _load(theta, i)
-                    dz = _pick(v0, v1, v2, v3, lane) * sc
-                    _store(out_plus, i, x + dz)
-                    if pair:
-                        _store(out_minus, i, x - dz)
+    hi = min(hi, n)
+    z = np.empty(_BLOCK, np.float32)
+    for b in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - b)
+        _gen(kind, b // 4, (m + 3) // 4, k0, k1, z)
+        if pair:
+            for j in range(m):
+                x = _load(theta, b + j)
+                dz = z[j] * sc
+                _store(out_plus, b + j, x + dz)
+                _store(out_minus, b + j, x - dz)
+        else:
+            for j in range(m):
+                _store(out_plus, b + j, _load(theta, b + j) + z[j] * sc)
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", error_model="numpy")
 def _stochastic_bf16(x, u):
     """zo.stochastic_round of one float32 to bf16 bits: the upper neighbour with probability
-    (x - lo) / (hi - lo), exact values (and ±inf) kept, saturation at the largest finite value."""
-    near = _f32_to_bf16(x)
-    if x != x:
-        return near
-    near32 = _bf16_to_f32(near)
-    if near32 == x:
-        return near
+    (x - lo) / (hi - lo), exact values (and ±inf) kept, saturation at the largest finite value.
+    Branch-free (selects), so the loop around it vectorises."""
+    b = _f32_bits(x)
+    near = (b + _U(0x7FFF) + ((b >> _SH16) & _U(1))) >> _SH16  # bf16 bits, held in uint64 lanes
+    near32 = _bits_f32(near << _SH16)
     up = near32 < x
     # nextafter in bf16 toward ±inf: one step up in magnitude when moving away from zero.
-    negative = (near & np.uint16(0x8000)) != 0
-    other = np.uint16(near - 1) if up == negative else np.uint16(near + 1)
-    lo, hi = (near, other) if up else (other, near)
-    lo32 = _bf16_to_f32(lo)
-    p_hi = (x - lo32) / (_bf16_to_f32(hi) - lo32)
-    return hi if u < p_hi else lo
+    negative = (near >> _U(15)) & _U(1)
+    other = near - _U(1) if up == (negative == _U(1)) else near + _U(1)
+    lo = near if up else other
+    hi = other if up else near
+    lo32 = _bits_f32(lo << _SH16)
+    p_hi = (x - lo32) / (_bits_f32(hi << _SH16) - lo32)
+    out = hi if u < p_hi else lo
+    out = near if near32 == x else out
+    return np.uint16(0x7FC0) if x != x else np.uint16(out & _U(0xFFFF))
 
 
 def _store_stochastic(a, i, x, u):  # numba overload below: stochastic rounding into bf16 bits
     raise NotImplementedError
 
 
-@overload(_store_stochastic)
+@overload(_store_stochastic, jit_options={"error_model": "numpy"})
 def _store_stochastic_impl(a, i, x, u):
     if a.dtype == types.uint16:
 
@@ -333,47 +344,46 @@ def _store_stochastic_impl(a, i, x, u):
     return None
 
 
-@nb.njit(parallel=True, cache=True)
-def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1):
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1, lo, hi):
     """θ ← θ - lr (mean_d g_d z_d + wd θ) in place, then round (nearest, or stochastic for bf16 bits).
 
     keys: uint64 [q, 2] Philox keys of the directions' z; gs: float32 [q]; wd = 0 means no decay.
     Per element, in zo.apply_update's order: u = g_0 z_0, u = u + g_d z_d, u = u / q (q > 1),
-    u = u + θ wd (wd != 0), new = θ - u lr."""
+    u = u + θ wd (wd != 0), new = θ - u lr. Only elements [lo, hi) (lo a multiple of 4)."""
     n = theta.shape[0]
     q = keys.shape[0]
     if n == 0:
         return
     lr32, wd32, qf = _F(lr), _F(wd), _F(q)
     sk0, sk1 = _U(sr_k0) & _MASK, _U(sr_k1) & _MASK
-    last = (n - 1) // 4
-    pieces = last // _THREAD_BLOCK + 1
-    for p in nb.prange(pieces):
-        lo = p * _THREAD_BLOCK
-        hi = min(last + 1, lo + _THREAD_BLOCK)
-        for c in range(lo, hi):
-            u0, u1, u2, u3 = _four(kind, c, keys[0, 0] & _MASK, keys[0, 1] & _MASK)
-            g = gs[0]
-            u0, u1, u2, u3 = u0 * g, u1 * g, u2 * g, u3 * g
-            for d in range(1, q):
-                z0, z1, z2, z3 = _four(kind, c, keys[d, 0] & _MASK, keys[d, 1] & _MASK)
-                g = gs[d]
-                u0, u1, u2, u3 = u0 + z0 * g, u1 + z1 * g, u2 + z2 * g, u3 + z3 * g
-            if q > 1:
-                u0, u1, u2, u3 = u0 / qf, u1 / qf, u2 / qf, u3 / qf
-            if stochastic:
-                r0, r1, r2, r3 = _philox(_U(c), sk0, sk1)
-            else:
-                r0 = r1 = r2 = r3 = _U(0)
-            for lane in range(4):
-                i = 4 * c + lane
-                if i < n:
-                    x = _load(theta, i)
-                    step = _pick(u0, u1, u2, u3, lane)
-                    if wd32 != _ZERO:
-                        step = step + x * wd32
-                    new = x - step * lr32
-                    if stochastic:
-                        _store_stochastic(theta, i, new, _F(_pick(r0, r1, r2, r3, lane) >> _SH8) * _TWO_M24)
-                    else:
-                        _store(theta, i, new)
+    hi = min(hi, n)
+    upd = np.empty(_BLOCK, np.float32)
+    z = np.empty(_BLOCK, np.float32)
+    uni = np.empty(_BLOCK, np.float32)
+    for b in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - b)
+        c0, nc = b // 4, (m + 3) // 4
+        _gen(kind, c0, nc, keys[0, 0] & _MASK, keys[0, 1] & _MASK, upd)
+        g = gs[0]
+        for j in range(m):
+            upd[j] = upd[j] * g
+        for d in range(1, q):
+            _gen(kind, c0, nc, keys[d, 0] & _MASK, keys[d, 1] & _MASK, z)
+            g = gs[d]
+            for j in range(m):
+                upd[j] = upd[j] + z[j] * g
+        if q > 1:
+            for j in range(m):
+                upd[j] = upd[j] / qf
+        if stochastic:
+            _gen_uniform(c0, nc, sk0, sk1, uni)
+            for j in range(m):
+                x = _load(theta, b + j)
+                step = upd[j] + x * wd32 if wd32 != _ZERO else upd[j]
+                _store_stochastic(theta, b + j, x - step * lr32, uni[j])
+        else:
+            for j in range(m):
+                x = _load(theta, b + j)
+                step = upd[j] + x * wd32 if wd32 != _ZERO else upd[j]
+                _store(theta, b + j, x - step * lr32)
