@@ -59,8 +59,11 @@ from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
 from zostream.engine.trainer import LossWorkload, ZOTrainer
+from zostream.engine.zo import NOISE
 
 TITLE = "ZO step seconds (streamed vs resident vs floor)"
+NOISE_TITLE = "ZO step noise (resident run): z and rounding uniforms drawn, seconds in perturb + update"
+NOISE_HEADERS = ["shape", "method", "trainable params", "noise elements/param/step", "noise s/step", "step s"]
 REFUSED = "n/a (refused: lossless master)"
 QUICK = dict(shape="tiny", layers=2, codecs="none,nf4", batch=2, seq=32, steps=1, link_mb=16, threads=1)
 LINK_HEADERS = ["link", "H2D GB/s", "D2H GB/s", "both ways GB/s"]
@@ -195,13 +198,22 @@ def run_case(
         tr.run_step()  # warm-up (and the step whose update the timed steps apply lazily)
         st = tr.streamer.stats
         h0, d0 = st.h2d_bytes, st.d2h_bytes
+        n0, s0 = NOISE.elements, NOISE.seconds
         times = []
         for _ in range(a.steps):
             with Timer(device) as t:
                 tr.run_step()
             times.append(t.seconds)
+        params = (
+            sum(t.numel() for t in tr.adapter.tensors.values())
+            if tr.adapter is not None
+            else sum(store.tensor(n).numel() for n in store.family.expected_tensors(store.spec))
+        )
         out: dict[str, Any] = {
             "step": mean(times),
+            "params": params,
+            "noise_per_param": (NOISE.elements - n0) / a.steps / params,
+            "noise_s": (NOISE.seconds - s0) / a.steps,
             "h2d": (st.h2d_bytes - h0) / a.steps,
             "d2h": (st.d2h_bytes - d0) / a.steps,
             "streamed": len(tr.streamer.plan.streamed),
@@ -225,13 +237,17 @@ def per_block(total: float, n_streamed: int, layers: int) -> list[float]:
     return [0.0] * (layers - n_streamed) + [each] * n_streamed
 
 
-def run_shape(shape: str, a: Any, device: torch.device, root: Path, link: LinkRates) -> list[list[object]]:
+def run_shape(
+    shape: str, a: Any, device: torch.device, root: Path, link: LinkRates, noise_rows: list[list[object]]
+) -> list[list[object]]:
     model_dir = make_model(shape, a.layers, torch.bfloat16, root, device=device)
     rows: list[list[object]] = []
     for method in split_list(a.methods):
         log(f"{shape}: {method}, resident")
         resident = run_case(model_dir, method, "none", None, a, device, root)
         assert resident is not None
+        r = resident
+        noise_rows.append([shape, method, r["params"], r["noise_per_param"], r["noise_s"], r["step"]])
         for codec in split_list(a.codecs):
             log(f"{shape}: {method}, streamed, codec {codec}")
             s = run_case(model_dir, method, codec, 0, a, device, root)
@@ -275,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     link = measure_link(device, a.link_mb << 20 if device.type == "cuda" else min(a.link_mb, 64) << 20)
     print(table("raw link", LINK_HEADERS, [[link.kind, link.h2d / 1e9, link.d2h / 1e9, link.both / 1e9]]))
     rows: list[list[object]] = []
+    noise_rows: list[list[object]] = []
     for shape in split_list(a.shape):
-        rows += run_shape(shape, a, device, root, link)
+        rows += run_shape(shape, a, device, root, link, noise_rows)
     print(table(TITLE, HEADERS, rows))
+    print(table(NOISE_TITLE, NOISE_HEADERS, noise_rows))
     return 0
 
 

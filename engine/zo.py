@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import struct
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,19 @@ ROUNDING_MODES = ("nearest", "stochastic")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 _NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "layer_norm")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class NoiseStats:
+    """Noise elements drawn by perturbed/perturbed_pair/apply_update in this process (z per direction,
+    stochastic-rounding uniforms), and host seconds spent in those calls (on CUDA: launch time only).
+    The one mutable thing here: bench/zo.py reads it to report noise per parameter and step."""
+
+    elements: int = 0
+    seconds: float = 0.0
+
+
+NOISE = NoiseStats()
 
 
 def f32(x: float) -> float:
@@ -74,11 +88,17 @@ def perturbed(
     _check_kind(kind)
     _check_chunk(chunk)
     scale = f32(sign * f32(eps))  # exact: sign is ±1
+    t0 = time.perf_counter()
     flat = theta.reshape(-1)  # [numel]; a view when contiguous, never written
     fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=False)
-    if fast is not None:
-        return fast[0].view(theta.shape)
-    return _perturbed_torch(flat, kind, seed, name, (scale,), out_dtype, chunk)[0].view(theta.shape)
+    out = (
+        fast[0]
+        if fast is not None
+        else _perturbed_torch(flat, kind, seed, name, (scale,), out_dtype, chunk)[0]
+    )
+    NOISE.elements += flat.numel()
+    NOISE.seconds += time.perf_counter() - t0
+    return out.view(theta.shape)
 
 
 def perturbed_pair(
@@ -95,12 +115,15 @@ def perturbed_pair(
     _check_kind(kind)
     _check_chunk(chunk)
     scale = f32(eps)
+    t0 = time.perf_counter()
     flat = theta.reshape(-1)
     fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=True)
     if fast is not None:
         plus, minus = fast
     else:
         plus, minus = _perturbed_torch(flat, kind, seed, name, (scale, -scale), out_dtype, chunk)
+    NOISE.elements += flat.numel()
+    NOISE.seconds += time.perf_counter() - t0
     return plus.view(theta.shape), minus.view(theta.shape)  # type: ignore[union-attr]
 
 
@@ -193,8 +216,26 @@ def apply_update(
     _check_chunk(chunk)
     lr32, wd32 = f32(lr), f32(weight_decay)
     coefs = [(seed, f32(g)) for seed, g in directions]
-    if fused.update(theta, name, coefs, lr32, wd32 if decay else 0.0, kind, stochastic, sr_seed):
-        return
+    t0 = time.perf_counter()
+    NOISE.elements += theta.numel() * (len(coefs) + int(stochastic))
+    if not fused.update(theta, name, coefs, lr32, wd32 if decay else 0.0, kind, stochastic, sr_seed):
+        _update_torch(theta, name, coefs, lr32, wd32, kind, decay, stochastic, sr_seed, chunk)
+    NOISE.seconds += time.perf_counter() - t0
+
+
+def _update_torch(
+    theta: torch.Tensor,
+    name: str,
+    coefs: list[tuple[int, float]],
+    lr32: float,
+    wd32: float,
+    kind: str,
+    decay: bool,
+    stochastic: bool,
+    sr_seed: int | None,
+    chunk: int,
+) -> None:
+    """apply_update's chunked torch path (the specification of the fused kernel)."""
     work = torch.float64 if theta.dtype == torch.float64 else torch.float32
     # The direction count as a device tensor: a host scalar divisor becomes a reciprocal multiply on
     # CUDA, which would break CPU/GPU equality for q not a power of two.
