@@ -126,11 +126,26 @@ def test_not_ready_while_draining(server: ThreadServer, url: str, model: str) ->
     try:
         r = httpx.get(url + "/ready")
         assert r.status_code == 503 and r.json()["reason"] == "draining"
-        assert_error(post(url, "/v1/completions", {"model": model, "prompt": PROMPT}), 503, None,
-                     "service_unavailable_error")  # fmt: skip
+        refused = post(url, "/v1/completions", {"model": model, "prompt": PROMPT})
+        assert_error(refused, 503, None, "service_unavailable_error")
+        assert refused.json()["error"]["code"] == "server_draining" and refused.headers["retry-after"] == "1"
     finally:
         server.app.draining = False
     assert httpx.get(url + "/ready").status_code == 200
+
+
+def test_full_server_is_429_with_retry_after(server: ThreadServer, url: str, model: str) -> None:
+    limit = server.app.max_inflight
+    server.app.max_inflight = 0
+    try:
+        r = post(url, "/v1/completions", {"model": model, "prompt": PROMPT})
+        assert_error(r, 429, None, "rate_limit_error")
+        assert r.json()["error"]["code"] == "too_many_in_flight" and int(r.headers["retry-after"]) >= 1
+    finally:
+        server.app.max_inflight = limit
+    m = httpx.get(f"{url}/v1/models/{model}", headers={"Authorization": f"Bearer {KEY}"})
+    assert m.status_code == 200 and m.json()["id"] == model and m.json()["object"] == "model"
+    assert_error(httpx.get(f"{url}/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"}), 404, "model")
 
 
 def test_completions_prompts_n_echo_and_stop(client: openai.OpenAI, model: str) -> None:
