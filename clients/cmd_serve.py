@@ -94,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
     from zostream.engine.config import CodecConfig, EngineConfig, LimitsConfig, StreamConfig
     from zostream.server.app import ServerConfig, run_forever
 
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise UsageError(f"--http-port {args.http_port}: use a port in 0..65535 (0 picks a free one)")
+    if args.http_port and args.http_port == args.port:
+        raise UsageError(
+            f"--http-port {args.http_port}: the gRPC server listens there (--port); pick another"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     key = None

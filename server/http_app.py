@@ -154,7 +154,12 @@ class HttpServer:
         cfg = app.cfg
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            why = f"--http-port {port}: cannot listen on {host}:{port} ({exc.strerror}); pick a free port"
+            raise OSError(exc.errno, why) from None
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
             build(app),

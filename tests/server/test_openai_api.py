@@ -334,3 +334,13 @@ def test_echo_with_logprobs_reports_the_prompt(client: openai.OpenAI, model: str
     streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)]
     tokens = [t for x in streamed if x for t in x.tokens]
     assert tokens == lp.tokens
+
+
+def test_serve_refuses_a_bad_http_port(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from zostream.clients import cli
+
+    base = ["serve", "--model", str(model_dir), "--data-dir", str(tmp_path), "--metrics-port", "-1"]
+    assert cli.main([*base, "--port", "50999", "--http-port", "50999"]) == 2
+    assert "--http-port 50999: the gRPC server listens there" in capsys.readouterr().err
+    assert cli.main([*base, "--http-port", "70000"]) == 2
+    assert "--http-port 70000: use a port in 0..65535" in capsys.readouterr().err
