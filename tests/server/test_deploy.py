@@ -468,3 +468,13 @@ def test_compose_defaults_refuse_an_unauthenticated_call(model_dir: Path, tmp_pa
         assert s.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
     finally:
         stop_process(ps)
+
+
+def test_image_script_parses_and_refuses_bad_arguments() -> None:
+    """tools/image.sh (CI's image step): valid bash; a wrong command or variant is refused before any work."""
+    script = ROOT / "tools" / "image.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    cases = ((["bogus"], "usage: tools/image.sh build|smoke"), (["build", "gpu"], "cpu or cuda"))
+    for args, message in cases:
+        res = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and message in res.stderr, (args, res.stderr)
