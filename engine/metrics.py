@@ -37,6 +37,23 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 
+# Long generations (minutes) and training steps of a big streamed model (minutes each) need room past
+# 120 s: end-to-end latency, pass and step histograms use these.
+LONG_BUCKETS = (*LATENCY_BUCKETS, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+LONG_FAMILIES = (
+    "zostream_request_latency_seconds",
+    "zostream_pass_seconds",
+    "zostream_finetune_step_seconds",
+    "zostream_request_queue_seconds",
+)
+
+# ErrorInfo.reason values a refused call can carry (server/status.py); anything else counts as OTHER.
+REJECT_REASONS = (
+    "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE", "UNAUTHENTICATED", "QUEUE_FULL", "TOO_MANY_IN_FLIGHT", "SERVER_DRAINING", "ENGINE_LOADING",
+    "ENGINE_FAILED", "UPLOAD_TOO_LARGE", "MALFORMED_REQUEST", "API_KEY_INVALID", "OTHER",
+)  # fmt: skip
+
 # Mirrors engine.generation.FinishReason values (a test checks they agree).
 FINISH_REASONS = ("max_tokens", "eos_token", "stop_sequence", "cancelled", "time_limit", "error")
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
@@ -81,8 +98,14 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("gauge", "zostream_kv_blocks", "paged KV cache blocks holding live tokens / free", "state",
           KV_BLOCK_STATES),
     _Spec("gauge", "zostream_adapters_resident", "LoRA adapters on the device (--max-resident-adapters)"),
+    _Spec("gauge", "zostream_job_progress_ratio", "steps done / steps of the training job, 0..1"),
+    _Spec("gauge", "zostream_finetune_eval_loss", "held-out loss at the latest evaluation", preset=False),
+    _Spec("gauge", "zostream_finetune_eval_accuracy", "held-out accuracy at the latest evaluation ('choice')",
+          preset=False),
     # ---- histograms (seconds) ----
     _Spec("histogram", "zostream_time_to_first_token_seconds", "arrival to first generated token"),
+    _Spec("histogram", "zostream_inter_token_latency_seconds",
+          "time between a request's consecutive tokens, one sample per token after the first", per_api=True),
     _Spec("histogram", "zostream_time_per_output_token_seconds",
           "per request: (latency - TTFT) / (tokens - 1), or latency / tokens when TTFT is unknown",
           per_api=True),
@@ -117,6 +140,9 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("gauge", "zostream_host_resident_bytes", "bytes of the base's blocks in host RAM (mincore)",
           preset=False),  # only under a --host-memory budget
     _Spec("counter", "zostream_adapter_loads_total", "LoRA adapters copied to the device on demand"),
+    _Spec("counter", "zostream_requests_rejected_total",
+          "calls refused before any work, by reason (ErrorInfo.reason: QUEUE_FULL, INVALID_ARGUMENT, ...)",
+          "reason", REJECT_REASONS),
     _Spec("counter", "zostream_adapter_evictions_total", "LoRA adapters evicted from the device (LRU)"),
 )
 # fmt: on
@@ -155,10 +181,38 @@ class Metrics:
             elif s.kind == "counter":
                 m = Counter(s.name, s.doc, labels, registry=registry)
             else:
-                m = Histogram(s.name, s.doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
+                buckets = LONG_BUCKETS if s.name in LONG_FAMILIES else LATENCY_BUCKETS
+                m = Histogram(s.name, s.doc, labels, buckets=buckets, registry=registry)
             for key in _preset_series(s):
                 m.labels(*key)  # rate() and sum by () see every series from the first scrape
             self._m[s.name] = m
+        # Which build serves which model: one series of value 1 (labels set by set_build_info).
+        self._build = Gauge(
+            "zostream_build_info",
+            "1; labels: zostream version, model, family, codec, device",
+            ("version", "model", "family", "codec", "device"),
+            registry=registry,
+        )
+
+    def set_build_info(self, version: str, model: str, family: str, codec: str, device: str) -> None:
+        self._build.clear()
+        self._build.labels(version, model, family, codec, device).set(1)
+
+    def observe_inter_token(self, seconds: float, api: str = "grpc") -> None:
+        self._get("zostream_inter_token_latency_seconds", api=api).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        """A call refused before it did work (bad request, overload, draining, ...)."""
+        self._get("zostream_requests_rejected_total", reason if reason in REJECT_REASONS else "OTHER").inc()
+
+    def set_job_progress(
+        self, ratio: float, eval_loss: float | None = None, eval_acc: float | None = None
+    ) -> None:
+        self._get("zostream_job_progress_ratio").set(ratio)
+        if eval_loss is not None:
+            self._get("zostream_finetune_eval_loss").set(eval_loss)
+        if eval_acc is not None:
+            self._get("zostream_finetune_eval_accuracy").set(eval_acc)
 
     def _get(self, name: str, label: str | None = None, api: str | None = None) -> Any:
         spec, m = self._specs[name], self._m[name]

@@ -233,6 +233,15 @@ class App:
             plan = engine.streamer.plan
             self.metrics.set_residency(len(plan.resident), len(plan.streamed))
             self.metrics.set_kv_blocks(engine.scheduler.kv.used, engine.scheduler.kv.free)
+            from zostream import __version__
+
+            self.metrics.set_build_info(
+                __version__,
+                Path(self.cfg.engine.model_dir).name,
+                engine.spec.model_type,
+                self.cfg.engine.codec.name,
+                str(engine.device),
+            )
             self.engine = engine
         except Exception as exc:  # noqa: BLE001
             self.engine_error = f"{type(exc).__name__}: {exc}"
@@ -264,6 +273,12 @@ class App:
                     waiting=len(engine.scheduler.waiting),
                     method=method,
                 )
+                aj = self.runner.active.get(stats.train_job) if stats.train_job else None
+                if aj is not None:  # still training: its progress and latest held-out figures
+                    m = aj.rec.metrics
+                    self.metrics.set_job_progress(
+                        aj.trainer.step / max(aj.cfg.steps, 1), m.get("eval_loss"), m.get("eval_accuracy")
+                    )
                 tier = engine.streamer.tier  # host tier: disk counters and measured residency
                 self.metrics.observe_disk(process_io(), tier.ram_bytes() if tier is not None else None)
                 if engine.device.type == "cuda":

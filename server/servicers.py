@@ -79,6 +79,8 @@ def rpc(fn):
             except Exception as exc:  # noqa: BLE001
                 if not isinstance(exc, RequestError):
                     self.app.log_exception(exc)
+                else:
+                    self.app.metrics.reject(exc.reason)
                 await fail(exc, context)
 
         return stream
@@ -92,6 +94,8 @@ def rpc(fn):
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, RequestError):
                 self.app.log_exception(exc)
+            else:
+                self.app.metrics.reject(exc.reason)
             await fail(exc, context)
 
     return unary
@@ -160,6 +164,7 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         self.app.groups[req.request_id] = submitted
         # Per completion: first-token latency, and (not streaming) what it produced so far.
         first: list[float | None] = [None] * len(subs)
+        last: list[float | None] = [None] * len(subs)  # when each completion's previous token came
         acc = [_Acc() for _ in subs]
         done = [False] * len(subs)
         try:
@@ -167,8 +172,13 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                 i, ev = await queue.get()
                 sub, a = subs[i], acc[i]
                 a.n_tokens += len(ev.token_ids)
-                if first[i] is None and ev.token_ids:
-                    first[i] = time.monotonic() - sub.arrival
+                if ev.token_ids:
+                    now = time.monotonic()
+                    if first[i] is None:
+                        first[i] = now - sub.arrival
+                    if last[i] is not None:
+                        self.app.metrics.observe_inter_token(now - last[i])
+                    last[i] = now
                 if ev.finish_reason is not None:
                     done[i] = True
                     self.app.request_done(sub, ev, first[i])

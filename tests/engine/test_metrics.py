@@ -71,14 +71,15 @@ def full_step() -> Stats:
 EXPECTED = {
     "gauge": "requests_running requests_waiting gpu_memory_bytes jobs finetune_loss_plus finetune_loss_minus "
     "finetune_loss finetune_projected_grad finetune_learning_rate resident_blocks streamed_blocks engine_up "
-    "kv_blocks host_resident_bytes adapters_resident",
+    "kv_blocks host_resident_bytes adapters_resident job_progress_ratio finetune_eval_loss "
+    "finetune_eval_accuracy",
     "histogram": "time_to_first_token_seconds time_per_output_token_seconds request_latency_seconds "
-    "request_queue_seconds pass_seconds finetune_step_seconds",
+    "request_queue_seconds pass_seconds finetune_step_seconds inter_token_latency_seconds",
     "counter": "prompt_tokens_total generation_tokens_total requests_total h2d_bytes_total d2h_bytes_total "
     "transfer_stall_seconds_total layer_transfer_seconds_total layer_compute_seconds_total "
     "finetune_steps_total finetune_skipped_steps_total update_log_bytes_total finetune_tokens_total "
     "kv_bytes_total kv_preemptions_total disk_read_bytes_total major_page_faults_total "
-    "adapter_loads_total adapter_evictions_total",
+    "adapter_loads_total adapter_evictions_total requests_rejected_total",
 }
 
 
@@ -86,7 +87,7 @@ def test_names_docs_and_units() -> None:
     assert tuple(DOCS) == Metrics.METRIC_NAMES
     for kind, names in EXPECTED.items():
         assert {s.name for s in M._SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
-    assert len(Metrics.METRIC_NAMES) == 39
+    assert len(Metrics.METRIC_NAMES) == 44
     for name, doc in DOCS.items():
         assert name.startswith("zostream_") and doc and "\n" not in doc
 

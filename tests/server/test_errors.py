@@ -99,3 +99,26 @@ def test_client_raises_typed_exceptions(server: ThreadServer) -> None:
         finally:
             server.app.draining = False
         assert un.value.retry_after_s and un.value.reason == "SERVER_DRAINING"
+
+
+def test_metrics_count_rejections_inter_token_latency_and_build(server: ThreadServer, stubs: Stubs) -> None:
+    reg = server.app.metrics.registry
+    before = reg.get_sample_value("zostream_requests_rejected_total", {"reason": "INVALID_ARGUMENT"}) or 0
+    _fail(lambda: list(stubs.gen.Generate(G.GenerateRequest(text="5", sampling=G.SamplingParams(top_p=3)))))
+    assert (
+        reg.get_sample_value("zostream_requests_rejected_total", {"reason": "INVALID_ARGUMENT"}) == before + 1
+    )
+    n0 = reg.get_sample_value("zostream_inter_token_latency_seconds_count", {"api": "grpc"}) or 0
+    req = G.GenerateRequest(
+        text="5", stream=True, stopping=G.StoppingCriteria(max_new_tokens=5, ignore_eos=True)
+    )
+    list(stubs.gen.Generate(req, timeout=30))
+    assert reg.get_sample_value("zostream_inter_token_latency_seconds_count", {"api": "grpc"}) == n0 + 4
+    labels = {
+        "version": __import__("zostream").__version__,
+        "model": __import__("pathlib").Path(server.cfg.engine.model_dir).name,
+        "family": "llama",
+        "codec": "none",
+        "device": "cpu",
+    }
+    assert reg.get_sample_value("zostream_build_info", labels) == 1
