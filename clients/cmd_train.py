@@ -35,9 +35,16 @@ from zostream.clients.common import (
     usage_error,
     warn,
 )
-from zostream.engine.config import LR_SCHEDULES, MASTER_DTYPES, METHODS, NOISE, ZOConfig
+from zostream.engine.config import ESTIMATORS, LOSSES, LR_SCHEDULES, MASTER_DTYPES, METHODS, NOISE, ZOConfig
 
-_ZO_FLAGS = {"lr": "--lr", "eps": "--eps", "q": "--q"}
+_ZO_FLAGS = {
+    "lr": "--lr",
+    "eps": "--eps",
+    "q": "--q",
+    "loss": "--loss",
+    "estimator": "--estimator",
+    "choice_score": "--choice-score",
+}
 _LIMITS = dict(max_batch=1, max_seq_len=1, max_new_tokens=1, max_waiting=1, max_prefill_tokens=1)  # no KV use
 _FINAL_LOSS_STEPS = 10
 
@@ -68,8 +75,35 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="JOBDIR", help="job directory (created; resumed if present)"
     )
     p.add_argument("--steps", type=int, default=d["steps"], metavar="N", help=f"default: {d['steps']}")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-4 lora, 1e-6 full)")
-    p.add_argument("--eps", type=float, default=None, help="perturbation scale epsilon (default: 1e-3)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: fzoo 1e-3 lora, 1e-5 full; mezo 1e-4 lora, 1e-6 full)",
+    )
+    p.add_argument(
+        "--eps", type=float, default=None, help="perturbation scale (default: fzoo 1e-2 lora, else 1e-3)"
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=d["loss"],
+        help="candidates: cross-entropy over a choice record's candidates; tokens: NLL of the target "
+        "tokens (default: auto, candidates for choice data)",
+    )
+    p.add_argument(
+        "--choice-score",
+        choices=("mean", "sum"),
+        default=d["choice_score"],
+        help="candidates loss: a candidate's length-normalised (mean) or summed log-likelihood",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default=d["estimator"],
+        help="fzoo: q one-sided directions sharing one unperturbed pass, steps normalised by the spread "
+        "of their losses; mezo: q +/- pairs (default: auto, fzoo unless --q 1)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -78,7 +112,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         help=f"examples per step (default: {d['batch_size']})",
     )
     p.add_argument(
-        "--q", type=int, default=d["q"], metavar="Q", help="perturbation directions per step (default: 1)"
+        "--q", type=int, default=None, metavar="Q", help="directions per step (default: 4 fzoo, 1 mezo)"
     )
     p.add_argument("--seed", type=int, default=d["seed"], help="job seed: noise, batch order, LoRA init")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"], help="default: constant")
@@ -211,6 +245,9 @@ def zo_config(args: argparse.Namespace) -> Any:
             checkpoint_every=args.checkpoint_every,
             divergence_guard=not args.no_divergence_guard,
             micro_batch=args.micro_batch,
+            loss=args.loss,
+            choice_score=args.choice_score,
+            estimator=args.estimator,
         )
     except (ValueError, TypeError) as exc:
         raise usage_error(exc, _ZO_FLAGS) from None
@@ -261,6 +298,9 @@ _EXTRA_FLAGS = {
     "batch_size": "--batch-size",
     "micro_batch": "--micro-batch",
     "steps": "--steps",
+    "loss": "--loss",
+    "choice_score": "--choice-score",
+    "estimator": "--estimator",
 }
 
 
@@ -416,8 +456,9 @@ def _micro_batch(args: argparse.Namespace, cfg: Any, world: int, log_path: Path)
 def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
     from zostream.engine.config import StreamConfig
     from zostream.engine.distributed import attach, rank_dir
-    from zostream.engine.finetune import open_trainer, validate_dataset
-    from zostream.engine.update_log import LogCorruptError
+    from zostream.engine.errors import RequestError
+    from zostream.engine.finetune import open_trainer, resolve_objective, validate_dataset
+    from zostream.engine.update_log import LogCorruptError, read_header
 
     if cfg.method == "full" and args.codec != "none":
         raise UsageError(
@@ -445,8 +486,12 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
             raise UsageError(f"--out: {exc}") from None
     cfg = _micro_batch(args, cfg, 1 if dist is None else dist.world_size, log_path)
     resuming = log_path.exists()
-    open_cfg = resume_config(cfg, store, log_path) if resuming else cfg
     ds = load_data(args.data, tok, cfg.max_len, "--data")
+    try:
+        cfg = resolve_objective(cfg, ds, read_header(log_path) if resuming else None)
+    except (LogCorruptError, RequestError) as exc:
+        raise usage_error(exc, _ZO_FLAGS, "--out") from None
+    open_cfg = resume_config(cfg, store, log_path) if resuming else cfg
     eval_ds = load_data(args.eval, tok, cfg.max_len, "--eval") if args.eval else None
     try:
         validate_dataset(ds, cfg)

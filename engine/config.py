@@ -127,6 +127,12 @@ METHODS = ("full", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 NOISE = ("gaussian", "rademacher")
 MASTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSSES = ("auto", "tokens", "candidates")
+ESTIMATORS = ("auto", "mezo", "fzoo")
+# Defaults of the fzoo estimator (bench/finetune.py measures them on two tasks): LoRA factors are O(1e-2)
+# and move ~lr per step; full-parameter steps stay below the bf16 spacing of typical weights.
+FZOO_LR = {"lora": 1e-3, "full": 1e-5}
+FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -136,9 +142,9 @@ class ZOConfig:
     method: str = "lora"
     steps: int = 100
     lr: float | None = None  # None: 1e-6 full, 1e-4 lora
-    eps: float | None = None  # None: defaults.EPS
+    eps: float | None = None  # None: defaults.EPS (mezo), FZOO_EPS (fzoo)
     batch_size: int = D.BATCH_SIZE
-    q: int = D.Q
+    q: int | None = None  # directions per step; None: defaults.Q for mezo, 4 for fzoo
     seed: int = 0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -158,6 +164,11 @@ class ZOConfig:
     # bytes of the log depend on it (padding changes the matmul shapes); a data-parallel run over W ranks
     # equals a single process with the same micro_batch (docs/SCALE_OUT.md).
     micro_batch: int | None = None
+    # What a step minimises and how it estimates the gradient (engine/losses.py, engine/estimators.py).
+    # loss auto: candidates for choice data, else tokens. estimator auto: fzoo, or mezo when q = 1.
+    loss: str = "auto"
+    choice_score: str = "mean"  # candidates loss: length-normalised (mean) or summed log-likelihood
+    estimator: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field_name: str, what: str) -> None:
@@ -173,8 +184,20 @@ class ZOConfig:
                 bad(name, f"must be a positive number, got {v!r}")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
             bad("batch_size", f"must be an integer in 1..4096, got {self.batch_size!r}")
+        if self.estimator not in ESTIMATORS:
+            bad("estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator == "auto":
+            object.__setattr__(self, "estimator", "mezo" if self.q == 1 else "fzoo")
+        if self.q is None:
+            object.__setattr__(self, "q", 4 if self.estimator == "fzoo" else D.Q)
         if not isinstance(self.q, int) or not 1 <= self.q <= 64:
             bad("q", f"must be an integer in 1..64, got {self.q!r}")
+        if self.estimator == "fzoo" and self.q < 2:
+            bad("q", f"fzoo normalises by the spread of q one-sided losses and needs q >= 2, got {self.q}")
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.choice_score not in ("mean", "sum"):
+            bad("choice_score", f"must be mean or sum, got {self.choice_score!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             bad("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -199,7 +222,11 @@ class ZOConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else D.LR[self.method]
+        if self.lr is not None:
+            return self.lr
+        if self.estimator == "fzoo":  # unit-scale coefficients: the lr is the step per coordinate
+            return FZOO_LR[self.method]
+        return D.LR[self.method]
 
     @property
     def micro_batch_size(self) -> int:
@@ -207,4 +234,6 @@ class ZOConfig:
 
     @property
     def epsilon(self) -> float:
-        return self.eps if self.eps is not None else D.EPS
+        if self.eps is not None:
+            return self.eps
+        return FZOO_EPS[self.method] if self.estimator == "fzoo" else D.EPS

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import rng
+from . import losses, rng
 from .config import StreamConfig, ZOConfig
 from .data import Dataset
 from .errors import PreconditionError, RequestError
@@ -37,6 +37,13 @@ def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding:
     extra: dict[str, Any] = {}
     if cfg.micro_batch_size != cfg.batch_size:  # only when set: logs of one-slice jobs keep their header
         extra["micro_batch"] = cfg.micro_batch_size
+    # Also only when not what every log before them used (tokens, mezo): those logs keep their header.
+    # Replay never reads them (the records hold the applied coefficients); they say what was trained.
+    if cfg.loss not in ("auto", "tokens"):
+        extra["loss"] = cfg.loss
+        extra["choice_score"] = cfg.choice_score
+    if cfg.estimator != "mezo":
+        extra["estimator"] = cfg.estimator
     if cfg.method == "lora":
         scope = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed).to_scope()
     return LogHeader(
@@ -94,12 +101,13 @@ def open_trainer(
                 "lora_targets",
             )
     job = Path(job_dir)
+    log_path = job / "update.log"
+    logged = read_header(log_path) if log_path.exists() else None
+    cfg = resolve_objective(cfg, train, logged)
     job.mkdir(parents=True, exist_ok=True)
     master, rounding = master_dtype_for(cfg, store.dtype)
     header = log_header(cfg, store, master, rounding)
-    log_path = job / "update.log"
-    if log_path.exists():
-        logged = read_header(log_path)
+    if logged is not None:
         try:
             rng.check_replayable(logged.generator_version, logged.noise)
         except ValueError as err:
@@ -168,6 +176,24 @@ def open_trainer(
         working_copy=wc,
     )
     return tr
+
+
+def resolve_objective(cfg: ZOConfig, train: Dataset, logged: LogHeader | None) -> ZOConfig:
+    """cfg with loss 'auto' made concrete, and a resumed job on its log's estimator.
+
+    A job with a log continues as it started: logs without 'estimator' / 'loss' entries (all logs written
+    before there was a choice) ran mezo on tokens, with the log's q. A new job: candidates for choice data,
+    tokens otherwise."""
+    if logged is not None:
+        estimator = str(logged.extra.get("estimator", "mezo"))
+        if estimator != cfg.estimator:
+            cfg = dataclasses.replace(cfg, estimator=estimator, q=logged.q)
+        if cfg.loss == "auto":
+            return dataclasses.replace(cfg, loss=str(logged.extra.get("loss", "tokens")))
+    try:
+        return dataclasses.replace(cfg, loss=losses.resolve_loss(cfg.loss, train.kind))
+    except ValueError as exc:
+        raise RequestError(str(exc).removeprefix("loss: "), "loss") from None
 
 
 def _latest_lora(job: Path, store: WeightStore, device: torch.device, n_steps: int):

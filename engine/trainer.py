@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from . import data as D
+from . import estimators as E
+from . import losses as LS
 from . import rng, zo
 from .config import ZOConfig
 from .forward import run_pass
@@ -41,7 +43,9 @@ class Trainable:
 
 
 class LossWorkload:
-    """Forward of one token batch with given weight transforms; per-example NLL at the end."""
+    """Forward of one batch with given weight transforms. At the end, per example: (NLL sum, target
+    count) for a token batch (ids, labels, lens); (candidate CE, 1) for a candidate batch, whose 4th
+    element is its losses.CandidateIndex."""
 
     def __init__(
         self,
@@ -53,11 +57,13 @@ class LossWorkload:
         lora_fn: Callable[[int], LoraSet | None] | None = None,
     ) -> None:
         self.fam, self.spec = fam, spec
-        self.ids, self.labels, lens = batch
+        self.ids, self.labels, lens = batch[:3]
+        self.index: LS.CandidateIndex | None = batch[3] if len(batch) > 3 else None
+        self.choice_score = "mean"
         self.attn = AttentionBatch.build(lens, self.ids.shape[1])
         self.outer_fn, self.block_fn, self.lora_fn = outer_fn, block_fn, lora_fn
         self.h: torch.Tensor | None = None
-        self.sums = self.counts = None
+        self.sums = self.counts = self.loglik = None
 
     def begin(self, outer: dict[str, torch.Tensor]) -> None:
         o = self.outer_fn(outer) if self.outer_fn else outer
@@ -72,7 +78,12 @@ class LossWorkload:
         o = self.outer_fn(outer) if self.outer_fn else outer
         logits = self.fam.head(self.h, o, self.spec)
         self.h = None
-        self.sums, self.counts = D.nll_per_example(logits, self.labels)
+        if self.index is None:
+            self.sums, self.counts = D.nll_per_example(logits, self.labels)
+            return
+        self.loglik = LS.candidate_loglik(logits, self.index)  # [candidates] float32
+        ce = LS.candidate_ce(self.loglik, self.index, self.choice_score)
+        self.sums, self.counts = ce, torch.ones_like(ce, dtype=torch.int64)
 
     def mean_loss(self) -> float:
         # Sum of per-example sums, then one division: the reduction order data-parallel runs reproduce.
@@ -80,19 +91,22 @@ class LossWorkload:
 
 
 class ZOStepWorkload:
-    """The 2q perturbed forwards of each of this process's micro-batches, all in one pass."""
+    """The estimator's forwards (estimators.forwards) of each of this process's micro-batches, in one pass."""
 
     def __init__(self, tr: ZOTrainer, step: int, batches) -> None:
         self.tr, self.step = tr, step
         cfg, fam, spec = tr.cfg, tr.fam, tr.spec
         micro = batches if isinstance(batches, list) else [batches]  # one (ids, labels, lens) or a list
-        # One z per direction for the ± pair, shared by every micro-batch (engine/perturb.py).
+        self.plan = E.forwards(cfg.estimator, cfg.q)
+        # One z per direction, shared by every micro-batch and both signs (engine/perturb.py).
         self.perturbation = tr.perturbers([rng.step_seed(cfg.seed, step, d) for d in range(cfg.q)])
-        self.subs: list[LossWorkload] = []  # micro-batch-major: [m0 +d0, m0 -d0, m0 +d1, ..., m1 +d0, ...]
+        # micro-batch-major, each in plan order: mezo [m0 +d0, m0 -d0, m0 +d1, ..., m1 +d0, ...]
+        self.subs: list[LossWorkload] = []
         for batch in micro:
-            for d in range(cfg.q):
-                for sign in (1, -1):
-                    self.subs.append(LossWorkload(fam, spec, batch, *self.perturbation.functions(d, sign)))
+            for d, sign in self.plan:
+                fns = tr.unperturbed() if sign == E.UNPERTURBED else self.perturbation.functions(d, sign)
+                self.subs.append(LossWorkload(fam, spec, batch, *fns))
+                self.subs[-1].choice_score = cfg.choice_score
         self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
 
     def begin(self, outer: dict[str, torch.Tensor]) -> None:
@@ -110,9 +124,9 @@ class ZOStepWorkload:
             s.end(outer)
 
     def partials(self) -> torch.Tensor:
-        """[micro-batches, 2q+1] float64: per micro-batch, the NLL sum of each forward (+d0, -d0, +d1, ...)
-        and its target-token count (exact in float64 below 2^53)."""
-        k = 2 * self.tr.cfg.q
+        """[micro-batches, k+1] float64 (k forwards per micro-batch): per micro-batch, the loss sum of each
+        forward in plan order and its target count (tokens, or records for candidates; exact below 2^53)."""
+        k = len(self.plan)
         rows = [
             [float(s.sums.double().sum()) for s in self.subs[i : i + k]] + [int(self.subs[i].counts.sum())]
             for i in range(0, len(self.subs), k)
@@ -120,29 +134,36 @@ class ZOStepWorkload:
         return torch.tensor(rows, dtype=torch.float64)
 
     def losses(self) -> list[tuple[float, float]]:
-        """(L+, L-) per direction over the global batch; data-parallel ranks gather the partials first."""
+        """(L+, L_ref) per direction over the global batch (estimators.pairs: mezo (L+, L-), fzoo (L_d,
+        L_0)); data-parallel ranks gather the partials first."""
         rows = self.partials()
         if self.tr.reducer is not None:
             rows = self.tr.reducer(rows, self.step)
-        losses, self.tokens = reduce_partials(rows, self.tr.cfg.q)
-        return losses
+        losses, self.tokens = reduce_forwards(rows, len(self.plan))
+        return E.pairs(self.tr.cfg.estimator, losses)
 
 
 def reduce_partials(rows: torch.Tensor, q: int) -> tuple[list[tuple[float, float]], int]:
-    """Rows [M, 2q+1] of every micro-batch of the step, in global order -> ([(L+, L-)] per direction, tokens).
+    """Rows [M, 2q+1] of a mezo step -> ([(L+, L-)] per direction, tokens); see reduce_forwards."""
+    losses, count = reduce_forwards(rows, 2 * q)
+    return [(losses[2 * d], losses[2 * d + 1]) for d in range(q)], count
+
+
+def reduce_forwards(rows: torch.Tensor, k: int) -> tuple[list[float], int]:
+    """Rows [M, k+1] of every micro-batch of the step, in global order -> ([L] per forward, count).
 
     L = (((0 + s_0) + s_1) + ... + s_{M-1}) / (c_0 + ... + c_{M-1}), float64 sums left to right, one division.
     The order is fixed by the rows, not by who computed them: W ranks that gather their rows in rank order
     get bitwise the single-process value (with one row this is the plain sum-then-divide of one batch).
     """
-    sums = [0.0] * (2 * q)
+    sums = [0.0] * k
     count = 0
     for row in rows.tolist():
-        for j in range(2 * q):
+        for j in range(k):
             sums[j] += row[j]
-        count += int(row[2 * q])
+        count += int(row[k])
     c = max(count, 1)
-    return [(sums[2 * d] / c, sums[2 * d + 1] / c) for d in range(q)], count
+    return [x / c for x in sums], count
 
 
 class ZOTrainer:
@@ -170,6 +191,7 @@ class ZOTrainer:
         self.streamer, self.log, self.train, self.pad_id = streamer, log, train, pad_id
         self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
         self.device = streamer.device
+        self.loss = LS.resolve_loss(cfg.loss, train.kind)  # "tokens" | "candidates"
         self.trainable = trainable or self._lora_trainable()
         self.steps: list[Step] = log.steps()
         # Per group: the steps in its master as the device holds it (the durable counters are the owner's).
@@ -214,6 +236,18 @@ class ZOTrainer:
             seeds, self.cfg.noise, self.cfg.epsilon, self.dtype, self.fam.layer_prefix, self.adapter
         )
 
+    def unperturbed(self):
+        """(outer_fn, block_fn, lora_fn) of a forward through θ itself (the masters, in compute dtype)."""
+        if self.adapter is not None:
+            ad = self.adapter
+            return None, None, lambda i: {m: [lw] for m, lw in ad.layer(i).items()}
+        dt = self.dtype
+        return (
+            lambda outer: {n: t.to(dt) for n, t in outer.items()},
+            lambda i, w: {k: t.to(dt) for k, t in w.items()},
+            None,
+        )
+
     def catch_up(self, g: int, w: dict[str, torch.Tensor] | None, upto: int) -> None:
         """Apply logged steps applied[g]..upto-1 to group g's master tensors, in place."""
         if self.applied[g] >= upto:
@@ -250,6 +284,12 @@ class ZOTrainer:
         idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
         out = []
         for i in range(0, per, mb):
+            if self.loss == "candidates":
+                rows, index = LS.candidate_rows([self.train.choices[j] for j in idx[i : i + mb]])
+                ids, labels, lens = D.collate(rows, self.pad_id)
+                d = self.device
+                out.append((ids.to(d), labels.to(d), lens.to(d), index.to(d)))
+                continue
             ids, labels, lens = D.collate([self.train.examples[j] for j in idx[i : i + mb]], self.pad_id)
             out.append((ids.to(self.device), labels.to(self.device), lens.to(self.device)))
         return out
@@ -259,10 +299,11 @@ class ZOTrainer:
 
     def commit(self, wl: ZOStepWorkload) -> dict[str, Any]:
         """Turn the pass's losses into the logged step (fsync'd before it counts)."""
+        cfg = self.cfg
         losses = wl.losses()
-        gs = [zo.projected_grad(lp, lm, self.cfg.epsilon) for lp, lm in losses]
+        gs = E.coefficients(cfg.estimator, losses, cfg.epsilon)
         reason = None
-        if self.cfg.divergence_guard:
+        if cfg.divergence_guard:
             for (lp, lm), g in zip(losses, gs, strict=True):
                 reason = reason or zo.divergence_check(g, lp, lm, self.g_history)
         lr = self.schedule.lr_at(wl.step)
@@ -272,12 +313,10 @@ class ZOTrainer:
         if reason is None:
             self.g_history.extend(abs(g) for g in gs)
             del self.g_history[:-256]
-        loss = sum(lp + lm for lp, lm in losses) / (2 * len(losses))
         return {
             "step": wl.step,
-            "loss": loss,
-            "loss_plus": losses[0][0],
-            "loss_minus": losses[0][1],
+            **E.summary(cfg.estimator, losses),
+            "loss_kind": self.loss,
             "projected_grad": gs[0],
             "lr": lr,
             "skipped": reason,
@@ -346,7 +385,9 @@ def evaluate(
     lora_fn: Callable[[int], LoraSet | None] | None = None,
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """Mean token loss over ds.examples; for choice datasets, length-normalised accuracy."""
+    """Mean token loss over ds.examples. For choice datasets: `loss` is the answers' token NLL, `accuracy`
+    ranks candidates by length-normalised log-likelihood and `candidate_loss` is the mean cross-entropy
+    over the candidates (the candidates training loss, length-normalised scores)."""
 
     def score(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = [], []
@@ -363,19 +404,30 @@ def evaluate(
     if not ds.choices:
         sums, counts = score(ds.examples)
         return {"loss": float(sums.sum() / max(int(counts.sum()), 1))}
-    # Multiple choice: one pass scores every candidate; the loss is that of the correct ones.
-    flat = [ex for ch in ds.choices for ex in D.choice_batches(ch)]
-    s, c = score(flat)
-    per = (-(s / c.clamp(min=1))).tolist()
-    scores, k, loss_sum, loss_count = [], 0, 0.0, 0
+    # Multiple choice: every candidate's log-likelihood, read off the fewest rows (losses.candidate_rows).
+    lls, lengths = [], []
+    for i in range(0, len(ds.choices), batch_size):
+        rows, index = LS.candidate_rows(ds.choices[i : i + batch_size])
+        ids, labels, lens = D.collate(rows, pad_id)
+        batch = (ids.to(device), labels.to(device), lens.to(device), index.to(device))
+        wl = LossWorkload(fam, spec, batch, lora_fn=lora_fn)
+        run_pass(streamer, [wl])
+        lls.append(wl.loglik.double().cpu())
+        lengths.append(index.lengths)
+    ll, n = torch.cat(lls), torch.cat(lengths)
+    per = (ll / n).tolist()
+    scores, k, loss_sum, loss_count, ce = [], 0, 0.0, 0, 0.0
     for ch in ds.choices:
-        scores.append(per[k : k + len(ch.candidates)])
-        loss_sum += float(s[k + ch.answer])
-        loss_count += int(c[k + ch.answer])
+        row = per[k : k + len(ch.candidates)]
+        scores.append(row)
+        loss_sum -= float(ll[k + ch.answer])
+        loss_count += int(n[k + ch.answer])
+        ce += float(torch.logsumexp(torch.tensor(row, dtype=torch.float64), 0)) - row[ch.answer]
         k += len(ch.candidates)
     return {
         "loss": loss_sum / max(loss_count, 1),
         "accuracy": D.choice_accuracy(scores, [ch.answer for ch in ds.choices]),
+        "candidate_loss": ce / len(ds.choices),
     }
 
 

@@ -323,6 +323,8 @@ def base_cfg(method: str, **kw: object) -> ZOConfig:
         eps=1e-3,
         weight_decay=0.05,
         lr=2e-3 if method == "full" else 2e-2,
+        estimator="mezo",
+        loss="tokens",
     )
     args.update(kw)
     return ZOConfig(**args)  # type: ignore[arg-type]

@@ -1,0 +1,281 @@
+"""Held-out accuracy against forward passes: zostream's ZO estimators × losses, and the peer.
+
+For each task (bench/sentiment_task.py, bench/topic_task.py), run and seed, a job trains for
+--forwards batch forwards with DEFAULT hyperparameters (no lr / eps flags: what a new user gets) and is
+evaluated on the held-out set every --evals-th of the budget. Runs:
+
+  fzoo-candidates  the default: FZOO (q=4 one-sided directions + one shared unperturbed pass, steps
+                   normalised by the spread of their losses), cross-entropy over the candidates
+  mezo-candidates  MeZO SPSA (q=1 ± pair) on the candidate loss, its default lr/eps
+  fzoo-tokens      FZOO on the answer's token NLL over the whole vocabulary
+  mezo-tokens      MeZO on token NLL: what every job ran before there was a choice
+  peer             plain MeZO-LoRA on transformers + peft (fp32, torch.manual_seed noise, candidates CE),
+                   lr 1e-3, eps 1e-2: the loop of the MeZO paper, in this script
+
+A forward is one pass of the batch (B records); a MeZO step costs 2, an FZOO step q+1. Output: a table
+per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
+
+  python bench/finetune.py --model DIR --out DIR [--method lora] [--seeds 0,1,2] [--forwards 1200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNS = ("fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
+TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
+PEER_LR, PEER_EPS = 1e-3, 1e-2
+
+
+def forwards_per_step(run: str) -> int:
+    return 5 if run.startswith("fzoo") else 2  # fzoo: q=4 directions + θ; mezo / peer: one ± pair
+
+
+def make_task(task: str, out: Path, n_train: int, n_eval: int) -> Path:
+    d = out / "tasks" / task
+    if not (d / "eval.jsonl").exists():
+        here = Path(__file__).resolve().parent
+        script = here / Path(TASKS[task]).name
+        subprocess.run(
+            [sys.executable, str(script), str(d), "--train", str(n_train), "--eval", str(n_eval)], check=True
+        )
+    return d
+
+
+def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: Path) -> list[dict]:
+    """(forwards, accuracy, candidate loss) at every evaluation of a `zostream train` job."""
+    estimator, loss = run.split("-")
+    per = forwards_per_step(run)
+    steps = a.forwards // per
+    every = max(1, steps // a.evals)
+    cmd = [sys.executable, "-m", "zostream", "train", "--model", a.model, "--method", a.method]
+    cmd += ["--data", str(task_dir / "train.jsonl"), "--eval", str(task_dir / "eval.jsonl")]
+    cmd += ["--out", str(job), "--steps", str(steps), "--batch-size", str(a.batch), "--seed", str(seed)]
+    cmd += ["--eval-every", str(every), "--estimator", estimator, "--loss", loss, "--device", "cpu"]
+    cmd += ["--eval-batch-size", "32", "--json"]
+    if estimator == "mezo":
+        cmd += ["--q", "1"]
+    if not (job / "adapter").exists() and not (job / "model").exists():
+        t0 = time.monotonic()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        log(f"{run} seed {seed}: {time.monotonic() - t0:.0f} s")
+    rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    evals = {r["step"]: r for r in rows if r.get("type") == "eval"}  # the latest line per step
+    steps_rows = [r for r in rows if r.get("type") == "step"]
+    diverged = any(r.get("skipped") for r in steps_rows)
+    return [
+        {
+            "forwards": s * per,
+            "accuracy": r.get("accuracy"),
+            "candidate_loss": r.get("candidate_loss"),
+            "skipped": diverged,
+        }
+        for s, r in sorted(evals.items())
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- peer
+
+
+def run_peer(a: argparse.Namespace, task_dir: Path, seed: int) -> list[dict]:
+    """MeZO-LoRA, the paper's loop: z from torch.manual_seed(step seed), θ ± εz in place, g·z update."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, lc).eval()
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def encode(path: Path) -> list[tuple[list[int], list[int], int]]:
+        out = []
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            cands = [tok(c, add_special_tokens=False)["input_ids"] for c in r["candidates"]]
+            assert all(len(c) == 1 for c in cands), "the peer scores single-token candidates"
+            out.append((tok(r["prompt"])["input_ids"], [c[0] for c in cands], r["answer"]))
+        return out
+
+    train, held = encode(task_dir / "train.jsonl"), encode(task_dir / "eval.jsonl")
+
+    def cand_logp(batch) -> torch.Tensor:  # [B, K] log-softmax over the vocabulary at the answer slot
+        t = max(len(p) for p, _, _ in batch)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((len(batch), t), pad)
+        mask = torch.zeros(len(batch), t, dtype=torch.long)
+        for i, (p, _, _) in enumerate(batch):
+            ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        last = torch.tensor([len(p) - 1 for p, _, _ in batch])
+        logp = torch.log_softmax(logits[torch.arange(len(batch)), last], -1)
+        return torch.stack([logp[i, c] for i, (_, c, _) in enumerate(batch)])
+
+    def loss(batch) -> float:
+        lp = cand_logp(batch)
+        return float(torch.nn.functional.cross_entropy(lp, torch.tensor([y for _, _, y in batch])))
+
+    def accuracy() -> float:
+        hits = 0
+        for i in range(0, len(held), 32):
+            b = held[i : i + 32]
+            hits += int((cand_logp(b).argmax(1) == torch.tensor([y for _, _, y in b])).sum())
+        return hits / len(held)
+
+    def perturb(step_seed: int, scale: float) -> None:
+        torch.manual_seed(step_seed)
+        for p in params:
+            p.data.add_(torch.randn_like(p), alpha=scale)
+
+    steps = a.forwards // 2
+    every = max(1, steps // a.evals)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    curve = []
+    t0 = time.monotonic()
+    with torch.inference_mode():
+        for step in range(steps + 1):
+            if step % every == 0 or step == steps:
+                curve.append({"forwards": 2 * step, "accuracy": accuracy(), "candidate_loss": None})
+            if step == steps:
+                break
+            while len(order) < a.batch:
+                order += torch.randperm(len(train), generator=gen).tolist()
+            batch, order = [train[i] for i in order[: a.batch]], order[a.batch :]
+            s = seed * 1_000_003 + step
+            perturb(s, PEER_EPS)
+            lp = loss(batch)
+            perturb(s, -2 * PEER_EPS)
+            lm = loss(batch)
+            perturb(s, PEER_EPS)
+            g = (lp - lm) / (2 * PEER_EPS)
+            perturb(s, -PEER_LR * g)
+    log(f"peer seed {seed}: {time.monotonic() - t0:.0f} s")
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def at(curve: list[dict], forwards: int) -> float | None:
+    """Accuracy of the last evaluation at or before `forwards`."""
+    got = [c["accuracy"] for c in curve if c["forwards"] <= forwards and c["accuracy"] is not None]
+    return got[-1] if got else None
+
+
+def table(task: str, curves: dict[str, dict[int, list[dict]]], budget: int) -> str:
+    marks = sorted({budget // 4, budget // 2, budget})
+    head = (
+        ["run", "seeds", "acc at 0"] + [f"acc at {m}" for m in marks] + ["min over seeds at " + str(budget)]
+    )
+    lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, per_seed in curves.items():
+        cells = [run, str(len(per_seed))]
+        for m in [0, *marks]:
+            vals = [v for v in (at(c, m) for c in per_seed.values()) if v is not None]
+            cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+        finals = [at(c, budget) for c in per_seed.values()]
+        cells.append(f"{min(v for v in finals if v is not None):.3f}" if any(finals) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_curves), figsize=(6 * len(all_curves), 4), squeeze=False)
+    for ax, (task, curves) in zip(axes[0], all_curves.items(), strict=True):
+        for run, per_seed in curves.items():
+            xs = sorted({c["forwards"] for cs in per_seed.values() for c in cs})
+            mean = []
+            for x in xs:
+                vals = [v for v in (at(cs, x) for cs in per_seed.values()) if v is not None]
+                mean.append(sum(vals) / len(vals) if vals else math.nan)
+            ax.plot(xs, mean, marker="o", label=run)
+        ax.set_title(f"{task}: held-out accuracy (mean over seeds)")
+        ax.set_xlabel("batch forwards")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def log(msg: str) -> None:
+    print(f"[finetune] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model directory (zostream model fetch-demo)")
+    ap.add_argument("--out", required=True, type=Path, help="work dir: tasks, jobs, curves.json, plot")
+    ap.add_argument("--method", default="lora", choices=("lora", "full"))
+    ap.add_argument("--tasks", default="sentiment,topic")
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--forwards", type=int, default=1200, help="batch forwards per job (default 1200)")
+    ap.add_argument("--evals", type=int, default=6, help="evaluations per job besides step 0")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--train", type=int, default=512)
+    ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--results", type=Path, help="append the tables here (e.g. bench/RESULTS.md)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    all_curves: dict[str, dict[str, dict[int, list[dict]]]] = {}
+    curves_path = a.out / "curves.json"
+    if curves_path.exists():
+        all_curves = json.loads(curves_path.read_text())
+    for task in a.tasks.split(","):
+        task_dir = make_task(task, a.out, a.train, a.eval)
+        curves = all_curves.setdefault(task, {})
+        for run in a.runs.split(","):
+            for seed in seeds:
+                if str(seed) in curves.get(run, {}):
+                    continue
+                if run == "peer":
+                    if a.method != "lora":
+                        continue
+                    curve = run_peer(a, task_dir, seed)
+                else:
+                    curve = run_engine(
+                        a, task_dir, run, seed, a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
+                    )
+                curves.setdefault(run, {})[str(seed)] = curve
+                curves_path.write_text(json.dumps(all_curves, indent=1))
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in ln
+        ),
+        "unknown CPU",
+    )
+    head = (
+        f"## Fine-tune: held-out accuracy vs forwards ({a.method}, batch {a.batch}, default hyperparameters)\n\n"
+        f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} CPUs, model {Path(a.model).name}. Command: "
+        f"`python bench/finetune.py --model MODEL --out OUT --method {a.method} --seeds {a.seeds} "
+        f"--forwards {a.forwards} --tasks {a.tasks} --runs {a.runs}`\n\n"
+    )
+    text = head + "\n".join(table(t, c, a.forwards) for t, c in all_curves.items())
+    print(text)
+    plot(all_curves, a.out / f"finetune-{a.method}.png")
+    if a.results:
+        with open(a.results, "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
