@@ -174,9 +174,7 @@ def at(curve: list[dict], forwards: int) -> float | None:
 
 def table(task: str, curves: dict[str, dict[int, list[dict]]], budget: int) -> str:
     marks = sorted({budget // 4, budget // 2, budget})
-    head = (
-        ["run", "seeds", "acc at 0"] + [f"acc at {m}" for m in marks] + ["min over seeds at " + str(budget)]
-    )
+    head = ["run", "seeds", "acc at 0", *(f"acc at {m}" for m in marks), f"min over seeds at {budget}"]
     lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, per_seed in curves.items():
         cells = [run, str(len(per_seed))]
@@ -250,21 +248,15 @@ def main() -> None:
                         continue
                     curve = run_peer(a, task_dir, seed)
                 else:
-                    curve = run_engine(
-                        a, task_dir, run, seed, a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
-                    )
+                    job = a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
+                    curve = run_engine(a, task_dir, run, seed, job)
                 curves.setdefault(run, {})[str(seed)] = curve
                 curves_path.write_text(json.dumps(all_curves, indent=1))
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in ln
-        ),
-        "unknown CPU",
-    )
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if "model name" in ln), "unknown CPU")
     head = (
-        f"## Fine-tune: held-out accuracy vs forwards ({a.method}, batch {a.batch}, default hyperparameters)\n\n"
+        f"## Fine-tune: held-out accuracy vs forwards ({a.method}, batch {a.batch}, "
+        "default hyperparameters)\n\n"
         f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} CPUs, model {Path(a.model).name}. Command: "
         f"`python bench/finetune.py --model MODEL --out OUT --method {a.method} --seeds {a.seeds} "
         f"--forwards {a.forwards} --tasks {a.tasks} --runs {a.runs}`\n\n"

@@ -15,13 +15,7 @@ from pathlib import Path
 
 TOPICS = {
     "sports": (
-        [
-            "The home team",
-            "A veteran striker",
-            "The national squad",
-            "Their goalkeeper",
-            "The rookie sprinter",
-        ],
+        ["The home team", "A veteran striker", "The national squad", "Their goalkeeper", "A rookie sprinter"],
         [
             "wins the championship final",
             "breaks the league scoring record",
@@ -66,7 +60,10 @@ TOPICS = {
     ),
 }
 WHEN = ["this week", "on Monday", "after months of rumours", "overnight", "despite the critics", "again"]
-QUESTION = "Which section does this headline belong to? (A) sports (B) business (C) science (D) entertainment\nAnswer:"
+QUESTION = (
+    "Which section does this headline belong to? "
+    "(A) sports (B) business (C) science (D) entertainment\nAnswer:"
+)
 LABELS = [" A", " B", " C", " D"]
 
 

@@ -91,7 +91,7 @@ def _job(rec: Any, base: str) -> dict:
     hps = {
         "n_epochs": spec.get("openai", {}).get("n_epochs", "auto"),
         "batch_size": hp["batch_size"],
-        "learning_rate_multiplier": ZOConfig(method="lora", lr=hp.get("lr")).learning_rate / 1e-4,
+        "learning_rate_multiplier": ZOConfig(method="lora", lr=hp.get("lr"), q=1).learning_rate / 1e-4,
         **{k: hp[k] for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len") if k in hp},
     }
     done = rec.status == "succeeded"
@@ -240,7 +240,7 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     if lr is not None:
         h.learning_rate = lr
     elif mult is not None:
-        h.learning_rate = mult * ZOConfig(method="lora").learning_rate
+        h.learning_rate = mult * ZOConfig(method="lora", q=1).learning_rate
     for name in ("eps", "min_lr_ratio", "weight_decay"):
         if (v := num(name)) is not None:
             setattr(h, name, v)
