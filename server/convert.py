@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zostream import defaults as D
-from zostream.engine.config import ZOConfig
+from zostream.engine.config import FZOO_EPS, FZOO_LR, ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.engine.generation import FinishReason, GenerateRequest, StopParams, TokenEvent
 from zostream.engine.jobs import JobRecord, check_name
@@ -280,7 +280,7 @@ def job_spec(
     fields: dict[str, Any] = {
         "steps": int(hp.steps),
         "batch_size": int(hp.batch_size) or D.BATCH_SIZE,
-        "q": int(hp.q) or D.Q,
+        "q": int(hp.q) or (None if hp.estimator == "fzoo" else D.Q),
         "seed": int(hp.seed) if hp.HasField("seed") else None,
         "lr_schedule": SCHEDULE[hp.lr_schedule],
         "warmup_steps": int(hp.warmup_steps),
@@ -297,6 +297,8 @@ def job_spec(
         if hp.lora.HasField("alpha")
         else D.lora_alpha(int(hp.lora.r) or D.LORA_R),
         "lora_targets": list(hp.lora.target_modules) or list(D.LORA_TARGETS),
+        "loss": hp.loss or "auto",
+        "estimator": hp.estimator or "mezo",  # the API's documented default; fzoo is asked for
     }
     if hp.HasField("learning_rate"):
         fields["lr"] = float(hp.learning_rate)
@@ -314,13 +316,14 @@ def job_spec(
             "hyperparameters.codec",
         )
     try:
-        ZOConfig(
+        resolved = ZOConfig(
             method=method,
             **{**fields, "seed": fields["seed"] or 0, "lora_targets": tuple(fields["lora_targets"])},
         )
     except ValueError as exc:
         name, _, msg = str(exc).partition(": ")
         raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
+    fields["q"], fields["estimator"] = resolved.q, resolved.estimator  # the job reports what it runs
     if method == "lora":  # refuse now what would fail the job when it starts
         from zostream.engine.peft import LoraSpec
 
@@ -359,7 +362,9 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     h = finetuning_pb2.Hyperparameters(
         steps=hp["steps"],
         batch_size=hp["batch_size"],
-        q=hp["q"],
+        q=hp["q"] or 0,
+        loss=hp.get("loss", "tokens"),
+        estimator=hp.get("estimator", "mezo"),
         seed=hp["seed"],
         lr_schedule=SCHEDULE_PB[hp["lr_schedule"]],
         warmup_steps=hp["warmup_steps"],
@@ -374,8 +379,9 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
     # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.
-    h.learning_rate = hp["lr"] if hp.get("lr") is not None else D.LR[spec["method"]]
-    h.eps = hp["eps"] if hp.get("eps") is not None else D.EPS
+    fzoo = hp.get("estimator") == "fzoo"
+    h.learning_rate = hp["lr"] if hp.get("lr") is not None else (FZOO_LR if fzoo else D.LR)[spec["method"]]
+    h.eps = hp["eps"] if hp.get("eps") is not None else (FZOO_EPS[spec["method"]] if fzoo else D.EPS)
     job = finetuning_pb2.Job(
         id=rec.id,
         display_name=spec.get("display_name", ""),

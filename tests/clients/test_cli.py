@@ -38,7 +38,7 @@ CORPUS = [
     "rome is in italy",
 ]
 CPU = ["--device", "cpu"]
-HYPER = shlex.split("--batch-size 2 --lr 1e-2 --eps 1e-2 --max-len 16 --device cpu")  # every job's flags
+HYPER = shlex.split("--batch-size 2 --q 1 --lr 1e-2 --eps 1e-2 --max-len 16 --device cpu")  # MeZO
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:

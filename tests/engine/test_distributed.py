@@ -48,7 +48,19 @@ CORPUS = [
     "so the park is in paris",
     "hello cat",
 ]
-HYPER = ["--lr", "1e-2", "--eps", "1e-2", "--max-len", "16", "--device", "cpu", "--json"]
+HYPER = [
+    "--estimator",
+    "mezo",
+    "--lr",
+    "1e-2",
+    "--eps",
+    "1e-2",
+    "--max-len",
+    "16",
+    "--device",
+    "cpu",
+    "--json",
+]
 CPU = torch.device("cpu")
 TIMEOUT_S = 5  # --dist-timeout of the launched ranks
 
