@@ -33,10 +33,10 @@ echo "== 1. generate (base model)"
 zostream generate --server "$SERVER" --chat --temperature 0 --max-new-tokens 32 "What is the capital of France?"
 echo
 
-echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B)"
+echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B), default hyperparameters"
 python3 bench/sentiment_task.py "$WORK/task" --train 128 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
-      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 8 --lr 6e-4 --eps 1e-2 \
+      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 \
       --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "job $JOB (eval events show held-out loss/accuracy before training and after)"
 zostream jobs events --server "$SERVER" "$JOB" --follow

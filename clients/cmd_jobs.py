@@ -84,11 +84,17 @@ def _register_create(jobs_sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-dataset", metavar="NAME", help="name of a validation dataset on the server")
     p.add_argument("--steps", type=positive_int, default=100, metavar="N", help="default: 100")
     p.add_argument(
-        "--lr", type=positive_float, metavar="LR", help="learning rate (default: 1e-4 lora, 1e-6 full)"
+        "--lr", type=positive_float, metavar="LR", help="learning rate (default: by method and estimator)"
     )
     p.add_argument("--eps", type=positive_float, metavar="EPS", help="perturbation scale epsilon")
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per step")
-    p.add_argument("--q", type=positive_int, metavar="Q", help="perturbation directions per step")
+    p.add_argument(
+        "--q", type=positive_int, metavar="Q", help="directions per step (default: 4 fzoo, 1 mezo)"
+    )
+    p.add_argument(
+        "--loss", choices=("auto", "candidates", "tokens"), help="default: auto (candidates for choice data)"
+    )
+    p.add_argument("--estimator", choices=("auto", "fzoo", "mezo"), help="default: auto (fzoo unless --q 1)")
     p.add_argument("--seed", type=seed_int, metavar="S", help="job seed (default: the server picks one)")
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help="default: constant")
     p.add_argument("--warmup-steps", type=nonneg_int, metavar="N", help="linear warmup steps")
@@ -158,6 +164,8 @@ def _create(args: argparse.Namespace) -> int:
             eps=args.eps,
             batch_size=args.batch_size,
             q=args.q,
+            loss=args.loss,
+            estimator=args.estimator,
             seed=args.seed,
             lr_schedule=args.lr_schedule,
             warmup_steps=args.warmup_steps,

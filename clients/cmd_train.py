@@ -79,7 +79,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: fzoo 1e-3 lora, 1e-5 full; mezo 1e-4 lora, 1e-6 full)",
+        help="learning rate (default: fzoo 5e-3 lora, 2e-5 full; mezo 1e-4 lora, 1e-6 full)",
     )
     p.add_argument(
         "--eps", type=float, default=None, help="perturbation scale (default: fzoo 1e-2 lora, else 1e-3)"

@@ -131,7 +131,7 @@ LOSSES = ("auto", "tokens", "candidates")
 ESTIMATORS = ("auto", "mezo", "fzoo")
 # Defaults of the fzoo estimator (bench/finetune.py measures them on two tasks): LoRA factors are O(1e-2)
 # and move ~lr per step; full-parameter steps stay below the bf16 spacing of typical weights.
-FZOO_LR = {"lora": 1e-3, "full": 1e-5}
+FZOO_LR = {"lora": 5e-3, "full": 2e-5}
 FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
 
 
