@@ -36,7 +36,7 @@ echo
 echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B), default hyperparameters"
 python3 bench/sentiment_task.py "$WORK/task" --train 128 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
-      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 \
+      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 --estimator fzoo \
       --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "job $JOB (eval events show held-out loss/accuracy before training and after)"
 zostream jobs events --server "$SERVER" "$JOB" --follow
