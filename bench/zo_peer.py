@@ -108,6 +108,7 @@ def zostream_step(model_dir: Path, method: str, a: argparse.Namespace, root: Pat
         batch_size=a.batch,
         lr=LR_FULL if method == "full" else LR_LORA,
         eps=EPS,
+        estimator="mezo",  # the peer runs MeZO's ± pair
         max_len=max(16, a.seq),
         divergence_guard=False,
     )

@@ -50,7 +50,9 @@ def test_ops_per_block_and_noise_draws(tmp_path, monkeypatch, method):
     torch.set_num_threads(1)
     model = make_tiny_model(tmp_path, "llama")
     store = WeightStore(model)
-    cfg = ZOConfig(method=method, steps=3, batch_size=4, micro_batch=2, seed=3, lr=1e-3, eps=1e-3)
+    cfg = ZOConfig(
+        method=method, steps=3, batch_size=4, micro_batch=2, seed=3, lr=1e-3, eps=1e-3, estimator="mezo"
+    )
     sc = StreamConfig(gpu_memory_bytes=None)
     base = LayerStreamer(store, CPU, torch.float32, sc)
     tr = open_trainer(cfg, tmp_path / "job", store, dataset(), 0, CPU, torch.float32, base, sc)
