@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"emu-memory: building {a.shape} with {n} layer(s) under {root}")
         model = make_model(a.shape, n, torch.bfloat16, root)
         rows.append(run(model, a, root))
+        log(f"emu-memory: {rows[-1]}")
         if not a.keep:
             shutil.rmtree(model, ignore_errors=True)
             shutil.rmtree(root / "codecs", ignore_errors=True)

@@ -351,6 +351,7 @@ class _Slots:
         self.next_issue = 0
         self.prefetched = False  # the next pass's first blocks were issued at the end of this one
         self.pending: list[tuple[Any, int, Any]] = []  # (event, group, tag) of write-backs in flight
+        self.decoded = 0  # bytes of the frozen block decoded from the slot now in use
         self.registered: list[int] = []
         # Under a host budget the tier decides what stays in RAM; registering the whole mapping would pin
         # all of it, so streamed blocks go through the pinned staging ring (pins depth x slot bytes).
@@ -440,12 +441,17 @@ class _Slots:
         views = {k: slot[off : off + n].view(host[k].dtype).view(host[k].shape) for k, off, n in lay.items}
         if o.mutable:
             return views
-        return o.decoder(views, o.device, o.dtype)
+        out = o.decoder(views, o.device, o.dtype)
+        self.decoded = _nbytes(out)
+        o.dev.account(self.decoded)  # the decoded block in flight is device memory until release
+        return out
 
     def release(self, i: int, tag: Any) -> None:
         o, dev, s = self.o, self.o.dev, self.slot_of[i]
         lay, slot = o.layouts[i], self.slots[s]
         dev.end_use(slot[: lay.nbytes])
+        dev.free(self.decoded)
+        self.decoded = 0
         done = dev.event()
         done.record(dev.compute)
         if tag is not _CLEAN:
