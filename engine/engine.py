@@ -346,7 +346,9 @@ class Engine:
             adapter = self.adapters.acquire(aid, pinned=by_adapter)
             if adapter is None:
                 continue
-            idx = None if len(rows) == all_rows else torch.tensor(rows, device=self.device)
+            # Built on the host and sent asynchronously (once per layer): torch.tensor(..., device=cuda)
+            # would synchronise the host inside the block loop.
+            idx = None if len(rows) == all_rows else torch.tensor(rows).to(self.device, non_blocking=True)
             for module, lw in adapter.layer(layer, rows=idx).items():
                 lora.setdefault(module, []).append(lw)
         return lora

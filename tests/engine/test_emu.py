@@ -470,3 +470,17 @@ def test_codec_blocks_through_emu_slots_match_the_cpu_path(models, tmp_path, cod
         return engine_logits(eng.streamer, eng.family, eng.spec, ids)
 
     assert torch.equal(logits("emu"), logits("cpu"))
+
+
+def test_no_host_sync_inside_a_generation_pass_with_an_adapter(models, sync_lint):
+    """A batch mixing an adapter's rows and base rows (per-layer row indices for the LoRA gather)."""
+    import dataclasses
+
+    from tests.engine.test_generation import greedy, make_engine
+    from zostream.engine.peft import LoraAdapter, LoraSpec
+
+    eng = make_engine(models("llama"), "emu", gpu_memory_bytes=0)
+    eng.adapters["a"] = LoraAdapter.init(LoraSpec(), eng.family, eng.spec, eng.device)
+    reqs = [greedy("base", [5, 6, 7], 3), dataclasses.replace(greedy("lora", [8, 9], 3), adapter_id="a")]
+    out = eng.generate(reqs)
+    assert all(len(r.token_ids) == 3 for r in out.values())
