@@ -3,7 +3,8 @@
     python bench/noise.py [--n 16777216] [--threads 1] [--reps 3]
 
 One run, one device (the CPU; the fused kernels are CPU kernels today). Rows, each the best of
---reps timed calls after a warm-up call (numba compiles on the first one):
+--reps timed calls after a warm-up call (numba compiles on the first one), timed in process CPU
+seconds (steady on a shared machine; with --threads > 1 it sums the threads' time):
 
   torch.randn              n float32 normals from torch's own generator (the peer's noise)
   rng.normal (torch ops)   the portable generator as elementwise torch ops (engine/rng.py)
@@ -13,7 +14,8 @@ One run, one device (the CPU; the fused kernels are CPU kernels today). Rows, ea
   fused update q=1 SR      bf16 θ <- SR(θ - lr (g z + wd θ)) in place (zo.apply_update)
   randn update             the peer's equivalent: z = torch.randn, θ.add_(z, alpha=-lr g)
 
-elements/s counts θ elements (n per call); "x randn" is the row's rate over torch.randn's.
+elements/s counts θ elements (n per call) per CPU second; "x randn" is the row's rate over
+torch.randn's.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def best_seconds(fn: Callable[[], object], reps: int) -> float:
     fn()  # warm-up (and numba compile)
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(machine_line(torch.device("cpu")))
     print(f"n={n} threads={a.threads} reps={a.reps} (best of)")
-    print(table(TITLE, ["kernel", "elements/s", "x randn", "ms/call"], rows))
+    print(table(TITLE, ["kernel", "elements/s", "x randn", "CPU ms/call"], rows))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def update(
         return False
     keys = np.array([rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=np.uint64)
     gs = np.array([g for _, g in coefs], dtype=np.float32)
+    stochastic = stochastic and theta.dtype == torch.bfloat16  # a float32 master rounds to nearest
     sr = rng.tensor_key(sr_seed, name, 1) if stochastic and sr_seed is not None else (0, 0)
     th, code, lr32, wd32 = _array(theta), noise_cpu.KIND_CODES[kind], np.float32(lr), np.float32(wd)
     _split(
