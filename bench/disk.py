@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=2)
     p.add_argument("--floor-bytes", type=float, default=8, metavar="GIB", help="sequential read sample")
     p.add_argument("--keep", action="store_true", help="keep the model file")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument(
         "--quick", action="store_true", help="2 layers, host budget 0, 1 GiB floor sample: a smoke run"
     )
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.quick:
         args.host_memory = 0.0  # 2 layers fit any budget: stream them all
-    torch.set_num_threads(1)  # one core computes, the other reads ahead
+    torch.set_num_threads(args.threads)  # default 1: one core computes, the other reads ahead
     root = args.dir or C.default_root() / "disk"
     ram = mem_total()
     cfg = C.hf_config(args.shape, 1)

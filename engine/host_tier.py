@@ -181,6 +181,7 @@ class HostTier:
             self.stats.dropped_bytes += hi - lo
 
     def close(self) -> None:
+        """Stop the readahead thread (after the reads in flight) and close the files; idempotent."""
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)

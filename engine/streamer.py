@@ -272,9 +272,11 @@ class LayerStreamer:
         return self._resident.get(i)
 
     def close(self) -> None:
-        """Unregister host memory (before its mapping goes away)."""
+        """Unregister host memory (before its mapping goes away); stop the host tier's readahead."""
         if self._slots is not None:
             self._slots.close()
+        if self.tier is not None:
+            self.tier.close()
 
     # ---- internals ---------------------------------------------------------------------------
     def _hook(self, group: int, tag: Any, landed: bool) -> None:
