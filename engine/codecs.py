@@ -53,6 +53,12 @@ def _bnb() -> Any:
         log.setLevel(logging.ERROR)
         try:
             import bitsandbytes.functional  # noqa: F401
+        except ImportError as exc:
+            raise ModuleNotFoundError(
+                f"the int8 and nf4 codecs need bitsandbytes ({exc}); install it with "
+                "pip install 'zostream[codecs]' (or pip install 'bitsandbytes>=0.45'), "
+                "or use --codec none"
+            ) from exc
         finally:
             log.setLevel(level)
     return sys.modules["bitsandbytes.functional"]
