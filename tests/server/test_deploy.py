@@ -56,8 +56,15 @@ def volume_target(vol: str) -> str:
 
 
 def dashboard_exprs() -> list[str]:
+    """The panels' PromQL as Prometheus sees it once Grafana expanded its variables ($__rate_interval as
+    1m, every instance selected, the link capacity textbox at its default)."""
     dash = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    out = []
+    for e in (t["expr"] for p in dash["panels"] for t in p.get("targets", [])):
+        e = e.replace("$__rate_interval", "1m").replace("$link_bytes_per_second", "25e9")
+        e = e.replace('{instance=~"$instance"}', "").replace('instance=~"$instance", ', "")
+        out.append(e)
+    return out
 
 
 @dataclass
@@ -208,12 +215,14 @@ def test_grafana_no_anonymous_admin_password_secret_and_provisioning() -> None:
     assert mounted[f"{dash_dir}/zostream.json"] == "./grafana/zostream.json"
     ds = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
     assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
-    # every panel and query points at that datasource
+    # every panel and query points at the dashboard's datasource variable, which defaults to that one
     dash = json.loads(DASHBOARD.read_text())
+    var = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
+    assert var["type"] == "datasource" and var["current"]["value"] == ds["uid"]
     for p in dash["panels"]:
         for t in [p, *p.get("targets", [])]:
             if "datasource" in t:
-                assert t["datasource"] == {"type": "prometheus", "uid": ds["uid"]}, p["title"]
+                assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
 
 
 # ---- prometheus --------------------------------------------------------------------------------
