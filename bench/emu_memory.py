@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     root = Path(a.root) if a.root else default_root()
     root.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for n in [int(x) for x in a.layers.split(",")]:
         log(f"emu-memory: building {a.shape} with {n} layer(s) under {root}")
