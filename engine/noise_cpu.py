@@ -291,15 +291,17 @@ def perturb_pair(theta, kind, k0, k1, scale, out_plus, out_minus, lo, hi):
     for b in range(lo, hi, _BLOCK):
         m = min(_BLOCK, hi - b)
         _gen(kind, b // 4, (m + 3) // 4, k0, k1, z)
+        th, op = theta[b : b + m], out_plus[b : b + m]  # index from 0 (see _write_stochastic)
         if pair:
+            om = out_minus[b : b + m]
             for j in range(m):
-                x = _load(theta, b + j)
+                x = _load(th, j)
                 dz = z[j] * sc
-                _store(out_plus, b + j, x + dz)
-                _store(out_minus, b + j, x - dz)
+                _store(op, j, x + dz)
+                _store(om, j, x - dz)
         else:
             for j in range(m):
-                _store(out_plus, b + j, _load(theta, b + j) + z[j] * sc)
+                _store(op, j, _load(th, j) + z[j] * sc)
 
 
 @nb.njit(inline="always", error_model="numpy")
@@ -367,15 +369,17 @@ def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1, lo, hi):
 # vectorise; inlined into the kernel with the noise loops, the stochastic one ran 4x slower.
 @nb.njit(nogil=True, error_model="numpy")
 def _write_stochastic(theta, b, m, upd, uni, wd32, lr32):
+    th = theta[b : b + m]  # index from 0: a base + j index gets numba's negative-index check, no SIMD
     for j in range(m):
-        x = _load(theta, b + j)
+        x = _load(th, j)
         step = upd[j] + x * wd32 if wd32 != _ZERO else upd[j]
-        theta[b + j] = _stochastic_bf16(x - step * lr32, uni[j])  # bf16 bits only
+        th[j] = _stochastic_bf16(x - step * lr32, uni[j])  # bf16 bits only
 
 
 @nb.njit(nogil=True, error_model="numpy")
 def _write_nearest(theta, b, m, upd, wd32, lr32):
+    th = theta[b : b + m]
     for j in range(m):
-        x = _load(theta, b + j)
+        x = _load(th, j)
         step = upd[j] + x * wd32 if wd32 != _ZERO else upd[j]
-        _store(theta, b + j, x - step * lr32)
+        _store(th, j, x - step * lr32)
