@@ -25,3 +25,15 @@ def test_missing_bitsandbytes_names_the_install(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ModuleNotFoundError) as exc:
         codecs._bnb()
     assert "zostream[codecs]" in str(exc.value) and "--codec none" in str(exc.value)
+
+
+def test_the_client_imports_without_torch() -> None:
+    """The Python client, its errors and the API defaults need grpc and protobuf only."""
+    import subprocess
+
+    code = (
+        "import sys, zostream.clients.client, zostream.clients.errors, zostream.defaults\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
