@@ -1,4 +1,4 @@
-"""Data-parallel ZO fine-tuning over torch.distributed (DESIGN.md §6): the scalar control plane.
+"""Data-parallel ZO fine-tuning over torch.distributed (docs/SCALE_OUT.md): the scalar control plane.
 
 Every rank holds the whole model, draws the same step seeds and applies the same updates; ranks never
 exchange tensors of the model, only a few float64 scalars per step. Per step t, on every rank:

@@ -6,7 +6,7 @@ so they are made once per pass: when the first forward reaches the group, every 
 comes from one draw of z and one read of θ (zo.perturbed_pair), and the M micro-batches' forwards
 use them. The outer pairs live for the whole pass (the embedding at `begin` and the head at `end`
 read the same copies); a block's pairs are dropped when the pass moves on to the next block.
-The master is never written (DESIGN invariant 2).
+The master is never written (invariant 2).
 
 Memory: 2q work copies of one group at a time (plus the outer group's), where the per-forward
 scheme held one; q is small (1-4) and a block is a small part of a model.

@@ -1,4 +1,4 @@
-"""Replay an update log onto the base: the tuned weights, exactly (DESIGN invariant 4)."""
+"""Replay an update log onto the base: the tuned weights, exactly (invariant 4)."""
 
 from __future__ import annotations
 

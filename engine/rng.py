@@ -3,7 +3,7 @@
 Philox4x32-10 (Salmon et al., SC'11 "Parallel random numbers: as easy as 1, 2, 3") written with
 plain torch int64 ops, so the same code runs on CPU and CUDA tensors and yields the same integers.
 Element e of a tensor's stream uses counter e // 4 (words: low 32 bits, high 32 bits, 0, 0) and
-lane e % 4, so any chunking of [0, numel) gives the same values (DESIGN invariant 1).
+lane e % 4, so any chunking of [0, numel) gives the same values (invariant 1).
 
 The float transforms use only IEEE-exact operations (+ - * /, integer/bit ops, comparisons,
 where), each its own kernel so nothing is contracted into an FMA: log and sin/cos are evaluated as

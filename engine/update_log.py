@@ -1,4 +1,4 @@
-"""Update log: the checkpoint delta of a ZO fine-tuning job (DESIGN.md §4).
+"""Update log: the checkpoint delta of a ZO fine-tuning job (docs/ARCHITECTURE.md, "The update log").
 
 A few bytes per step from which replay rebuilds the tuned weights exactly. Little-endian:
 

@@ -6,7 +6,7 @@ z comes from `rng.noise` chunk by chunk over the flattened tensor, so no whole-m
 held and results do not depend on the chunk size. Scalars that the update log stores (g, η) are
 float32 values and all tensor math runs in float32 with one rounding per op (no fused
 multiply-add, no division by a host scalar, which CUDA turns into a reciprocal multiply), so the
-same inputs give the same bits on every device (DESIGN invariants 3-5).
+same inputs give the same bits on every device (invariants 3-5).
 
 Where engine/fused.py has a kernel for the tensor (CPU float32/bfloat16), perturb and update run
 there instead: z drawn per Philox counter and used at once, never held, same bits as the chunked
@@ -80,7 +80,7 @@ def perturbed(
 ) -> torch.Tensor:
     """A NEW tensor (theta.shape, out_dtype) = (theta.float() + sign * eps * z).to(out_dtype).
 
-    theta is only read (DESIGN invariant 2: the master is never perturbed). seed is the step seed.
+    theta is only read (invariant 2: the master is never perturbed). seed is the step seed.
     """
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
@@ -199,7 +199,7 @@ def apply_update(
     directions: (step seed, g) per perturbation, summed in list order in float32 and divided by
     their count. Math is float32 (float64 for a float64 master). Write-back: round to nearest, or
     for rounding="stochastic" into a bf16/fp16 master, stochastic rounding driven by
-    uniform(sr_seed, name, ...) on stream 1, so a replay reproduces it (DESIGN invariant 5).
+    uniform(sr_seed, name, ...) on stream 1, so a replay reproduces it (invariant 5).
     """
     if not theta.is_floating_point():
         raise ValueError(f"{name}: apply_update needs a floating-point tensor, got {theta.dtype}")

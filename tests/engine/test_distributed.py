@@ -154,7 +154,7 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[tup
 
 def header_size(log: Path) -> int:
     raw = log.read_bytes()
-    return 12 + struct.unpack("<I", raw[8:12])[0] + 4  # magic+version+len | JSON | CRC32 (DESIGN §4)
+    return 12 + struct.unpack("<I", raw[8:12])[0] + 4  # magic+version+len | JSON | CRC32
 
 
 # ---------------------------------------------------------------------------------------------- pure parts

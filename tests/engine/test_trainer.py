@@ -28,7 +28,7 @@ from zostream.engine.update_log import LogHeader, Step, UpdateLog, read_header
 
 CPU = torch.device("cpu")
 PAD = 0
-SR_DIRECTION = 0xFFFF  # DESIGN: the stochastic-rounding uniforms of step t use step_seed(S, t, 0xFFFF)
+SR_DIRECTION = 0xFFFF  # the stochastic-rounding uniforms of step t use step_seed(S, t, 0xFFFF)
 PEFT_PREFIX = "base_model.model."
 TIED3 = {**TINY_CONFIGS["llama_tied"], "num_hidden_layers": 3}  # 2 blocks cannot be split by a budget
 
@@ -94,7 +94,7 @@ def open_job(
 
 
 def partial_budget(model_dir: Path, master: torch.dtype = torch.float32, depth: int = 2) -> int:
-    """A device budget that keeps block 0 resident and streams the rest (DESIGN §2 residency plan)."""
+    """A device budget that keeps block 0 resident and streams the rest (docs/ARCHITECTURE.md, "Planned")."""
     store = WeightStore(model_dir)
     decoded = [
         sum(t.numel() for t in store.block(i).values()) * master.itemsize for i in range(store.num_layers)

@@ -255,7 +255,7 @@ N_TINY = 1_000_000
 
 @pytest.mark.parametrize("dtype,ulp", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)])
 def test_tiny_update_moves_mean_with_stochastic_rounding(dtype: torch.dtype, ulp: float):
-    """DESIGN invariant 5: an update of 1e-3 ulp still moves the weights in expectation."""
+    """Invariant 5: an update of 1e-3 ulp still moves the weights in expectation."""
     x = torch.full((N_TINY,), 1.5 + 1e-3 * ulp, dtype=torch.float32)  # 1.5: ulp is the same both sides
     shift = x[0].item() - 1.5  # the float32 value of the 1e-3-ulp step
     u = rng.uniform(21, "w", 0, N_TINY, "cpu")
