@@ -1,11 +1,12 @@
-# zostream engine image: gRPC on 50051, Prometheus /metrics on 9400.
+# zostream engine image: gRPC on 50051, the OpenAI-compatible HTTP API on 8000, Prometheus /metrics on 9400.
 #
 # Build:  docker build -t zostream .                                   (CUDA build of torch)
 #         docker build --build-arg TORCH_VARIANT=cpu -t zostream:cpu .  (CPU build of torch)
 #         tools/image.sh build                    (docker where it runs, else buildah; see README)
 # Run:    docker run --gpus 1 --ulimit memlock=-1 \
 #           -v /path/to/hf-model:/models:ro -v zostream-data:/data -v ./api-key:/run/secrets/api-key:ro \
-#           -p 127.0.0.1:50051:50051 -p 127.0.0.1:9400:9400 zostream --api-key-file /run/secrets/api-key
+#           -p 127.0.0.1:50051:50051 -p 127.0.0.1:8000:8000 -p 127.0.0.1:9400:9400 \
+#           zostream --api-key-file /run/secrets/api-key
 #
 # --ulimit memlock=-1 is needed: the streamer registers the read-only mmap of the model's
 # safetensors with cudaHostRegister (page-locked, ~54 GB/s host->GPU). With the default
@@ -111,7 +112,7 @@ VOLUME /data
 USER zostream
 WORKDIR /home/zostream
 
-EXPOSE 50051 9400
+EXPOSE 50051 8000 9400
 
 # grpc.health.v1 against the server's overall status ("" service); health is exempt from the API
 # key. The probe speaks TLS when the server does (see server/healthcheck.py; ZOSTREAM_TLS_CA for a
@@ -120,5 +121,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python", "-m", "zostream.server.healthcheck", "127.0.0.1:50051"]
 
 # Extra `docker run ... IMAGE <flags>` are appended (e.g. --api-key-file F --codec nf4).
-ENTRYPOINT ["zostream", "serve", "--model", "/models", "--data-dir", "/data", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400", "--metrics-addr", "0.0.0.0"]
+ENTRYPOINT ["zostream", "serve", "--model", "/models", "--data-dir", "/data", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--metrics-port", "9400", "--metrics-addr", "0.0.0.0"]
 CMD []

@@ -225,9 +225,10 @@ smoke() {
     key="$WORK/api-key"
     python3 -c 'import secrets; print(secrets.token_hex(24))' >"$key"
     chmod 0444 "$key"
-    port=$(free_port) && mport=$(free_port) && pport=$(free_port)
+    port=$(free_port) && mport=$(free_port) && pport=$(free_port) && hport=$(free_port)
     # the image's own ENTRYPOINT, with what compose adds (the API key) and free ports (host network)
-    local extra=(--api-key-file /run/secrets/zostream_api_key --port "$port" --metrics-port "$mport")
+    local extra=(--api-key-file /run/secrets/zostream_api_key --port "$port" --metrics-port "$mport"
+        --http-port "$hport")
     local mounts=(-v "$model:/models:ro" -v "$WORK/data:/data" -v "$key:/run/secrets/zostream_api_key:ro")
     if have_docker; then
         CTR=zostream-smoke-$$
@@ -268,6 +269,22 @@ smoke() {
         --chat "What is the capital of France?" | tee "$WORK/answer.txt"
     grep -q Paris "$WORK/answer.txt" || die "the answer does not say Paris"
     log "Generate: Paris"
+
+    # 2b. the OpenAI-compatible HTTP API: 401 without the key, the model listed with it
+    "$py" - "$hport" "$key" <<'PY' || die "the HTTP API did not answer as expected"
+import json, sys, urllib.error, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/v1/models"
+try:
+    urllib.request.urlopen(url, timeout=30)
+    sys.exit("GET /v1/models without the key succeeded")
+except urllib.error.HTTPError as err:
+    assert err.code == 401, err.code
+key = open(sys.argv[2]).read().strip()
+req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+with urllib.request.urlopen(req, timeout=30) as r:
+    assert json.load(r)["data"], "no model listed"
+PY
+    log "HTTP API: 401 without the key, /v1/models with it"
 
     # 3. a 3-step LoRA job SUCCEEDED (jobs create --follow exits 0 only then)
     "$py" - "$WORK/train.jsonl" <<'PY'

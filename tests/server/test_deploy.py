@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +154,7 @@ def test_compose_services_ports_memlock_gpus_and_volumes() -> None:
     assert {"engine", "prometheus", "grafana"} <= set(services)
     eng = services["engine"]
     assert eng["build"]["context"] == ".." and (DEPLOY / eng["build"]["context"] / "Dockerfile").is_file()
-    assert {"127.0.0.1:50051:50051", "127.0.0.1:9400:9400"} <= set(eng["ports"])
+    assert {"127.0.0.1:50051:50051", "127.0.0.1:8000:8000", "127.0.0.1:9400:9400"} <= set(eng["ports"])
     assert eng["ulimits"]["memlock"] == {"soft": -1, "hard": -1}
     devices = eng["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]  # a one-GPU engine
@@ -291,7 +293,7 @@ def test_dockerfile() -> None:
     assert "COPY --from=deps /opt/venv /opt/venv" in instr and "pip install -r /tmp/constraints.txt" in text
     assert "pip check" in text  # the pinned set covers every dependency of the project
     expose = {p for ln in instr if ln.startswith("EXPOSE ") for p in ln.split()[1:]}
-    assert {"50051", "9400"} <= expose
+    assert {"50051", "8000", "9400"} <= expose
     assert "VOLUME /data" in instr
     assert re.search(r"/models.*read-only|read-only.*/models", text, re.IGNORECASE)
     assert "memlock=-1" in text
@@ -299,7 +301,8 @@ def test_dockerfile() -> None:
     assert entry[:2] == ["zostream", "serve"]
     flags = dict(zip(entry[2::2], entry[3::2], strict=True))
     assert flags == {"--model": "/models", "--data-dir": "/data", "--host": "0.0.0.0", "--port": "50051",
-                     "--metrics-port": "9400", "--metrics-addr": "0.0.0.0"}  # fmt: skip
+                     "--http-port": "8000", "--metrics-port": "9400",
+                     "--metrics-addr": "0.0.0.0"}  # fmt: skip
     # every COPY source is in the repo and not excluded by .dockerignore (or excluded, then re-included)
     rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
     ignored, included = set(rules), {r[1:] for r in rules if r.startswith("!")}
@@ -450,10 +453,11 @@ def test_compose_defaults_refuse_an_unauthenticated_call(model_dir: Path, tmp_pa
     mounts = {f"/run/secrets/{name}": str(secret) for name in eng["secrets"]}
     mounts |= {volume_target(v): v.split(":")[0] for v in eng["volumes"]}
     mounts["/data"] = str(tmp_path / "data")  # a named volume in compose
-    port = free_port()
+    port, http_port = free_port(), free_port()
     argv = [mounts.get(a, a) for a in entry[2:] + eng["command"]]
-    # loopback and a free port here; the metrics server stays off (a second free port is not needed)
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--device", "cpu"]
+    # loopback and free ports here; the metrics server stays off (a third free port is not needed)
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port)]
+    argv += ["--metrics-port", "-1", "--device", "cpu"]
     assert "--api-key-file" in argv and str(secret) in argv
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
@@ -473,6 +477,14 @@ def test_compose_defaults_refuse_an_unauthenticated_call(model_dir: Path, tmp_pa
         info = s.gen.GetModelInfo(G.GetModelInfoRequest(), metadata=[("authorization", f"Bearer {key}")])
         assert info.family == "llama"
         assert run_probe(port).returncode == 0  # the compose healthcheck passes without the key
+        # the OpenAI-compatible HTTP API the image serves takes the same key
+        url = f"http://127.0.0.1:{http_port}/v1/models"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.load(resp)["data"]
         serving = health_pb2.HealthCheckResponse.SERVING
         assert s.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
     finally:
