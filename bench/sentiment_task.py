@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 SUBJECTS = [
@@ -82,8 +83,9 @@ def make(n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def write_task(make_rows: Callable[[int, random.Random, set[str]], list[dict]], doc: str | None) -> None:
+    """The command line of a generated task: OUTDIR/train.jsonl and OUTDIR/eval.jsonl, disjoint rows."""
+    ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("out", type=Path)
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--eval", type=int, default=128)
@@ -92,9 +94,13 @@ def main() -> None:
     rng, seen = random.Random(a.seed), set()
     a.out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", a.train), ("eval", a.eval)):
-        rows = make(n, rng, seen)
+        rows = make_rows(n, rng, seen)
         (a.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(a.out)
+
+
+def main() -> None:
+    write_task(make, __doc__)
 
 
 if __name__ == "__main__":

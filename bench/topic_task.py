@@ -8,10 +8,9 @@ headline. `python bench/topic_task.py OUTDIR [--train N] [--eval N] [--seed S]`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
+
+from sentiment_task import write_task  # same folder: these run as scripts
 
 TOPICS = {
     "sports": (
@@ -82,18 +81,7 @@ def make(n: int, rng: random.Random, exclude: set[str]) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--train", type=int, default=256)
-    ap.add_argument("--eval", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    rng, seen = random.Random(a.seed), set()
-    a.out.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", a.train), ("eval", a.eval)):
-        rows = make(n, rng, seen)
-        (a.out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(a.out)
+    write_task(make, __doc__)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ FITS_WARNING = "fits in the GPU budget: every block stays resident; streaming bu
 
 
 def _register_info(model_sub: argparse._SubParsersAction) -> None:
-    from zostream.clients.common import add_json_arg, positive_float, size_arg
+    from zostream.clients.common import add_json_arg, add_kv_args, positive_float, size_arg
     from zostream.engine.config import CODECS, COMPUTE_DTYPES
 
     p = model_sub.add_parser(
@@ -109,35 +109,9 @@ def _register_info(model_sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="compute dtype of decoded blocks (default: auto, the model's dtype)",
     )
-    _add_kv_args(p)
+    add_kv_args(p)
     add_json_arg(p)
     p.set_defaults(func=_info)
-
-
-def _add_kv_args(p: argparse.ArgumentParser) -> None:
-    """The KV-cache limits `serve` takes: the plan's KV share depends on them."""
-    from zostream import defaults
-    from zostream.clients.common import positive_int, size_arg
-
-    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (default 16)")
-    p.add_argument(
-        "--max-seq-len",
-        type=positive_int,
-        default=defaults.SERVER_MAX_SEQ_LEN,
-        help=f"longest prompt + generation (default {defaults.SERVER_MAX_SEQ_LEN})",
-    )
-    p.add_argument(
-        "--kv-memory",
-        type=size_arg,
-        default=None,
-        metavar="SIZE",
-        help="paged KV cache size (default auto: max-batch full sequences, at most half of --gpu-memory)",
-    )
-    p.add_argument(
-        "--kv-offload",
-        action="store_true",
-        help="plan with streamed layers' KV in host memory, travelling with the layer (serve --kv-offload)",
-    )
 
 
 def model_info(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from zostream import defaults
 from zostream.clients.cli import UsageError
-from zostream.clients.common import add_runtime_args, positive_int, size_arg
+from zostream.clients.common import add_kv_args, add_runtime_args, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,33 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (batch rows)")
-    p.add_argument(
-        "--max-seq-len",
-        type=positive_int,
-        default=defaults.SERVER_MAX_SEQ_LEN,
-        help=f"longest prompt + generation (default {defaults.SERVER_MAX_SEQ_LEN})",
-    )
+    add_kv_args(p)
     p.add_argument(
         "--max-new-tokens",
         type=positive_int,
         default=defaults.SERVER_MAX_NEW_TOKENS,
         help=f"most new tokens a request may ask for (default {defaults.SERVER_MAX_NEW_TOKENS}; a request "
         f"that sets none gets {defaults.MAX_NEW_TOKENS}, capped by this)",
-    )
-    p.add_argument(
-        "--kv-memory",
-        type=size_arg,
-        default=None,
-        metavar="SIZE",
-        help="paged KV cache size; requests wait while its blocks are taken "
-        "(default auto: max-batch full sequences, at most half of --gpu-memory)",
-    )
-    p.add_argument(
-        "--kv-offload",
-        action="store_true",
-        help="keep streamed layers' KV in host memory, copied to the device with the layer's weights "
-        "(the device then holds resident layers' KV and one staging pool per streaming slot)",
     )
     p.add_argument(
         "--max-waiting", type=positive_int, default=256, help="queued requests before RESOURCE_EXHAUSTED"

@@ -236,3 +236,30 @@ def _finite(obj: Any) -> Any:
 
 def warn(command: str, msg: str) -> None:
     print(f"zostream {command}: {msg}", file=sys.stderr, flush=True)
+
+
+def add_kv_args(p: argparse.ArgumentParser) -> None:
+    """The batch and KV-cache limits `serve` takes (and `model info`, whose plan depends on them)."""
+    from zostream import defaults
+
+    p.add_argument("--max-batch", type=positive_int, default=16, help="concurrent sequences (default 16)")
+    p.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=defaults.SERVER_MAX_SEQ_LEN,
+        help=f"longest prompt + generation (default {defaults.SERVER_MAX_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--kv-memory",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="paged KV cache size; requests wait while its blocks are taken "
+        "(default auto: max-batch full sequences, at most half of --gpu-memory)",
+    )
+    p.add_argument(
+        "--kv-offload",
+        action="store_true",
+        help="keep streamed layers' KV in host memory, copied to the device with the layer's weights "
+        "(the device then holds resident layers' KV and one staging pool per streaming slot)",
+    )
