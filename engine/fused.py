@@ -2,8 +2,10 @@
 
 A kernel draws z for a counter and uses it at once (no z tensor); its results equal the torch
 path of zo.py bit for bit (tests/engine/test_fused.py), so callers never see which one ran. CPU
-tensors of float32 or bfloat16 go to engine/noise_cpu.py (numba); everything else (CUDA without
-Triton, float16 and float64 masters) returns None and zo.py takes its chunked torch path.
+tensors of float32 or bfloat16 go to engine/noise_cpu.py (numba); CUDA tensors of float32, bfloat16
+or float16 go to engine/noise_triton.py's perturb pair where Triton is installed (imported on the
+first CUDA call, so CPU runs never load it); everything else (CUDA without Triton, float64 masters,
+the update on CUDA) returns None and zo.py takes its chunked torch path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     noise_cpu = None
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_noise_triton: object | None = None  # engine/noise_triton.py once imported; False: Triton is missing
 _SPLIT_MIN = 1 << 18  # elements below which one thread does the whole tensor (a wake-up costs more)
 _pool: ThreadPoolExecutor | None = None
 
@@ -30,6 +34,25 @@ def _cpu_ready(*tensors: torch.Tensor) -> bool:
     return noise_cpu is not None and all(
         t.device.type == "cpu" and t.dtype in _CPU_DTYPES and t.is_contiguous() for t in tensors
     )
+
+
+def _triton():
+    """engine/noise_triton.py, or None where triton cannot be imported (checked once)."""
+    global _noise_triton
+    if _noise_triton is None:
+        try:
+            from . import noise_triton
+        except ImportError:
+            _noise_triton = False
+        else:
+            _noise_triton = noise_triton
+    return _noise_triton or None
+
+
+def triton_ready(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is a contiguous CUDA tensor of a Triton kernel dtype and Triton imports."""
+    on_cuda = all(t.device.type == "cuda" and t.dtype in _CUDA_DTYPES and t.is_contiguous() for t in tensors)
+    return on_cuda and _triton() is not None
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -61,6 +84,8 @@ def perturb_pair(
     theta: torch.Tensor, kind: str, seed: int, name: str, scale: float, out_dtype: torch.dtype, pair: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(θ + scale·z, θ - scale·z if pair) as new [numel] tensors of out_dtype; None: no kernel here."""
+    if out_dtype in _CUDA_DTYPES and triton_ready(theta):
+        return _triton().perturb_pair(theta, kind, seed, name, scale, out_dtype, pair)
     if not (_cpu_ready(theta) and out_dtype in _CPU_DTYPES):
         return None
     n = theta.numel()
