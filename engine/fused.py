@@ -3,9 +3,9 @@
 A kernel draws z for a counter and uses it at once (no z tensor); its results equal the torch
 path of zo.py bit for bit (tests/engine/test_fused.py), so callers never see which one ran. CPU
 tensors of float32 or bfloat16 go to engine/noise_cpu.py (numba); CUDA tensors of float32, bfloat16
-or float16 go to engine/noise_triton.py's perturb pair where Triton is installed (imported on the
-first CUDA call, so CPU runs never load it); everything else (CUDA without Triton, float64 masters,
-the update on CUDA) returns None and zo.py takes its chunked torch path.
+or float16 go to engine/noise_triton.py where Triton is installed (imported on the first CUDA call,
+so CPU runs never load it); everything else (CUDA without Triton, float64 masters, stochastic
+rounding into float16 on CUDA) returns None / False and zo.py takes its chunked torch path.
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ def update(
     sr_seed: int | None,
 ) -> bool:
     """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay); False: no kernel here."""
+    if triton_ready(theta) and not (stochastic and theta.dtype == torch.float16):
+        _triton().update(
+            theta, name, coefs, lr, wd, kind, stochastic and theta.dtype == torch.bfloat16, sr_seed
+        )
+        return True
     if not _cpu_ready(theta):
         return False
     keys = np.array([rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=np.uint64)

@@ -6,6 +6,8 @@ words of each and turns them into four noise values with rng.normal's float32 op
 
   fill:          out[i] = noise / uniform of element start + i of a tensor's stream
   perturb_pair:  out+ = (θ + εz).to(dt), out- = (θ - εz).to(dt)   one read of θ, z never stored
+  update:        θ ← round(θ - lr (Σ_d g_d z_d [/ q] + wd θ))      one read-modify-write, all q
+                 directions and the stochastic-rounding uniforms drawn per counter (zo.apply_update)
 
 Why this keeps the bits: kernels are launched with enable_fp_fusion=False, so no a*b+c becomes an
 FMA; division is tl.div_rn and the square root tl.sqrt_rn (both correctly rounded: Triton's plain
@@ -230,6 +232,81 @@ def perturb_pair_kernel(
     _pair_lane(theta, out_p, out_m, i + 3, n, z3, scale, PAIR)
 
 
+@triton.jit
+def _stochastic_bf16(x, u):
+    """zo.stochastic_round of float32 x to bfloat16 with uniforms u, on the bits (noise_cpu's
+    _stochastic_bf16): the upper neighbour with probability (x - lo) / (hi - lo), exact values and
+    ±inf kept, saturation at the largest finite value, every NaN as 0x7FC0."""
+    b = x.to(tl.uint32, bitcast=True)
+    near = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    near32 = (near << 16).to(tl.float32, bitcast=True)
+    up = near32 < x
+    negative = ((near >> 15) & 1) == 1
+    other = tl.where(up == negative, near - 1, near + 1)  # one step away from zero when moving outward
+    lo = tl.where(up, near, other)
+    hi = tl.where(up, other, near)
+    lo32 = (lo << 16).to(tl.float32, bitcast=True)
+    p_hi = tl.div_rn(x - lo32, (hi << 16).to(tl.float32, bitcast=True) - lo32)
+    out = tl.where(u < p_hi, hi, lo)
+    out = tl.where(near32 == x, near, out)
+    out = tl.where(x != x, 0x7FC0, out)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _update_lane(theta, i, n, upd, u, lr, wd, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr):
+    m = i < n
+    x = _widen(tl.load(theta + i, mask=m))
+    step = upd
+    if DECAY:
+        step = upd + x * wd
+    new = x - step * lr
+    if STOCHASTIC:
+        tl.store(theta + i, _stochastic_bf16(new, u), mask=m)
+    else:
+        tl.store(theta + i, _narrow(new, theta.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def update_kernel(
+    theta,
+    keys,
+    gs,
+    q,
+    n,
+    lr,
+    wd,
+    sk0,
+    sk1,
+    KIND: tl.constexpr,
+    DECAY: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place over θ [n], in zo._update_torch's order:
+    u = g_0 z_0, u = u + g_d z_d, u = u / q (q > 1), step = u + θ wd (DECAY), new = θ - step lr.
+    keys: int64 [q, 2] Philox keys of the directions' z; gs: float32 [q]; (sk0, sk1): key of the
+    stochastic-rounding uniforms (stream 1), used when STOCHASTIC (bfloat16 θ only)."""
+    c, i = _counters(0, n, BLOCK)
+    g = tl.load(gs)
+    z0, z1, z2, z3 = _four(c, tl.load(keys), tl.load(keys + 1), KIND)
+    u0, u1, u2, u3 = z0 * g, z1 * g, z2 * g, z3 * g
+    for d in range(1, q):
+        g = tl.load(gs + d)
+        z0, z1, z2, z3 = _four(c, tl.load(keys + 2 * d), tl.load(keys + 2 * d + 1), KIND)
+        u0, u1, u2, u3 = u0 + z0 * g, u1 + z1 * g, u2 + z2 * g, u3 + z3 * g
+    if q > 1:
+        qf = q.to(tl.float32)  # exact for any realistic direction count (< 2**24)
+        u0, u1, u2, u3 = tl.div_rn(u0, qf), tl.div_rn(u1, qf), tl.div_rn(u2, qf), tl.div_rn(u3, qf)
+    r0, r1, r2, r3 = u0, u1, u2, u3  # unused unless STOCHASTIC
+    if STOCHASTIC:
+        r0, r1, r2, r3 = _four(c, sk0, sk1, 2)
+    _update_lane(theta, i, n, u0, r0, lr, wd, DECAY, STOCHASTIC)
+    _update_lane(theta, i + 1, n, u1, r1, lr, wd, DECAY, STOCHASTIC)
+    _update_lane(theta, i + 2, n, u2, r2, lr, wd, DECAY, STOCHASTIC)
+    _update_lane(theta, i + 3, n, u3, r3, lr, wd, DECAY, STOCHASTIC)
+
+
 def _grid(start: int, count: int) -> tuple[int]:
     counters = (start + count - 1) // 4 - start // 4 + 1
     return (triton.cdiv(counters, BLOCK),)
@@ -287,3 +364,42 @@ def perturb_pair(
             enable_fp_fusion=False,
         )
     return plus, (minus if pair else None)
+
+
+def update(
+    theta: torch.Tensor,
+    name: str,
+    coefs: list[tuple[int, float]],
+    lr: float,
+    wd: float,
+    kind: str,
+    stochastic: bool,
+    sr_seed: int | None,
+) -> None:
+    """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay) for a contiguous θ of
+    DTYPES; stochastic rounding only for bfloat16 (engine/fused.py sends float16 to the torch path).
+    coefs: (step seed, g) with g, lr and wd float32 values (zo.f32)."""
+    n = theta.numel()
+    if n == 0:
+        return
+    keys = torch.tensor(
+        [rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=torch.int64, device=theta.device
+    )
+    gs = torch.tensor([g for _, g in coefs], dtype=torch.float32, device=theta.device)
+    sk0, sk1 = rng.tensor_key(sr_seed, name, 1) if stochastic and sr_seed is not None else (0, 0)
+    update_kernel[_grid(0, n)](
+        theta.view(-1),
+        keys,
+        gs,
+        len(coefs),
+        n,
+        lr,
+        wd,
+        sk0,
+        sk1,
+        KIND=KIND_CODES[kind],
+        DECAY=wd != 0.0,
+        STOCHASTIC=stochastic,
+        BLOCK=BLOCK,
+        enable_fp_fusion=False,
+    )

@@ -8,8 +8,8 @@ float32 values and all tensor math runs in float32 with one rounding per op (no 
 multiply-add, no division by a host scalar, which CUDA turns into a reciprocal multiply), so the
 same inputs give the same bits on every device (invariants 3-5).
 
-Where engine/fused.py has a kernel for the tensor (CPU float32/bfloat16: perturb and update; CUDA
-float32/bfloat16/float16 with Triton installed: perturb), they run there instead: z drawn per
+Where engine/fused.py has a kernel for the tensor (CPU float32/bfloat16; CUDA
+float32/bfloat16/float16 with Triton installed), they run there instead: z drawn per
 Philox counter and used at once, never held, same bits as the chunked torch code below (which
 stays the specification and the path for other devices and dtypes).
 """

@@ -107,6 +107,18 @@ def test_interpreted_perturb_pair_float32_master_to_bf16(interp):
     np.testing.assert_array_equal(bits(minus), bits(want[1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_interpreted_perturb_pair_specials_match_torch_path(interp, dtype):
+    """±inf, NaN, values that overflow bfloat16 after the step, tiny values: as zo.py's torch path."""
+    theta = theta_with_specials(1029, dtype)
+    eps = zo.f32(0.5)
+    with np.errstate(invalid="ignore"):
+        plus, minus = interp.perturb_pair(theta, "gaussian", 3, "w", eps, dtype, pair=True)
+    want = zo._perturbed_torch(theta, "gaussian", 3, "w", (eps, -eps), dtype, 1 << 22)  # noqa: SLF001
+    np.testing.assert_array_equal(bits(bits_t(plus)), bits(bits_t(want[0])))
+    np.testing.assert_array_equal(bits(bits_t(minus)), bits(bits_t(want[1])))
+
+
 def _compile(fn, signature: dict[str, str], constexprs: dict[str, int]):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -127,9 +139,22 @@ def _compile_cases():
     for kind in (nt.GAUSSIAN, nt.RADEMACHER):
         constexprs = {"KIND": kind, "PAIR": True, "BLOCK": nt.BLOCK}
         yield f"pair-{kind}", nt.perturb_pair_kernel, pair_sig, constexprs
+    upd_sig = {
+        "theta": "*bf16",
+        "keys": "*i64",
+        "gs": "*fp32",
+        "q": "i32",
+        "n": "i64",
+        "lr": "fp32",
+        "wd": "fp32",
+    }
+    upd_sig |= {"sk0": "i64", "sk1": "i64"}
+    for kind in (nt.GAUSSIAN, nt.RADEMACHER):
+        constexprs = {"KIND": kind, "DECAY": True, "STOCHASTIC": True, "BLOCK": nt.BLOCK}
+        yield f"update-{kind}", nt.update_kernel, upd_sig, constexprs
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_kernels_compile_for_sm90_without_fma(case):
     """Each kernel builds a cubin for sm_90 with no GPU present; with fusion off its PTX holds no
     fused multiply-add (an fma would round a*b+c once, the reference rounds twice) and its division
@@ -170,8 +195,50 @@ def test_cuda_kernels_match_rng_on_device(kind):
     assert fused.triton_ready(theta)
     p2, m2 = zo.perturbed_pair(theta, kind, 9, "w", 1e-3, torch.bfloat16)
     assert torch.equal(bits_t(p2), bits_t(want[0])) and torch.equal(bits_t(m2), bits_t(want[1]))
+    # the fused update, stochastic rounding and decay included, against the torch path on the device
+    for dtype, stochastic in ((torch.bfloat16, True), (torch.float32, False)):
+        coefs = [(11, zo.f32(0.5)), (12, zo.f32(-1.25)), (13, zo.f32(3.0))]
+        fast, slow = theta.to(dtype), theta.to(dtype)
+        nt.update(fast, "w", coefs, zo.f32(0.02), zo.f32(0.01), kind, stochastic, 77)
+        zo._update_torch(slow, "w", coefs, zo.f32(0.02), zo.f32(0.01), kind, True, stochastic, 77, 1 << 22)  # noqa: SLF001
+        assert torch.equal(bits_t(fast), bits_t(slow)), dtype
 
 
 def bits_t(t: torch.Tensor) -> torch.Tensor:
     t = torch.where(torch.isnan(t), torch.full_like(t, float("nan")), t).contiguous()
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def theta_with_specials(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian values plus zeros, ±inf, NaN, values near bfloat16's max and tiny values."""
+    t = torch.randn(n, generator=torch.Generator().manual_seed(6)) * 0.05
+    special = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.38e38, -3.38e38, 1e-39, -1e-40]
+    t[: len(special)] = torch.tensor(special)
+    t[len(special) : 2 * len(special)] *= 1e-6
+    return t.to(dtype)
+
+
+UPDATE_CASES = [
+    # (dtype, kind, directions, wd, stochastic)
+    (torch.bfloat16, "gaussian", [(11, 0.5)], 0.0, True),
+    (torch.bfloat16, "gaussian", [(11, 0.5), (12, -1.25), (13, 3.0)], 0.01, True),
+    (torch.bfloat16, "rademacher", [(11, 0.5), (12, -1.25)], 0.0, False),
+    (torch.float32, "gaussian", [(11, 0.5), (12, -1.25), (13, 3.0)], 0.01, False),
+    (torch.float16, "gaussian", [(11, 2.0), (14, -0.75)], 0.1, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(UPDATE_CASES)))
+def test_interpreted_update_matches_torch_path(interp, case):
+    """The fused update against zo.py's chunked torch path (the specification; test_zo.py checks it
+    against hand-written float32 references), specials included, q = 1 and q > 1, odd length."""
+    dtype, kind, directions, wd, stochastic = UPDATE_CASES[case]
+    name, lr, sr_seed = "model.layers.1.mlp.down_proj.weight", zo.f32(0.02), 77
+    coefs = [(s, zo.f32(g)) for s, g in directions]
+    theta = theta_with_specials(2053, dtype)
+    before, want = theta.clone(), theta.clone()
+    with np.errstate(invalid="ignore"):  # inf - inf and the NaN element, as in torch
+        zo._update_torch(want, name, coefs, lr, zo.f32(wd), kind, wd != 0.0, stochastic, sr_seed, 1000)  # noqa: SLF001
+        interp.update(theta, name, coefs, lr, zo.f32(wd), kind, stochastic, sr_seed)
+    assert (bits_t(want) != bits_t(before)).sum() > 1000  # the step moved most elements
+    np.testing.assert_array_equal(bits(bits_t(theta)), bits(bits_t(want)))
