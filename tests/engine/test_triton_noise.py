@@ -198,7 +198,7 @@ def test_cuda_kernels_match_rng_on_device(kind):
     # the fused update, stochastic rounding and decay included, against the torch path on the device
     for dtype, stochastic in ((torch.bfloat16, True), (torch.float32, False)):
         coefs = [(11, zo.f32(0.5)), (12, zo.f32(-1.25)), (13, zo.f32(3.0))]
-        fast, slow = theta.to(dtype), theta.to(dtype)
+        fast, slow = theta.to(dtype).clone(), theta.to(dtype).clone()
         nt.update(fast, "w", coefs, zo.f32(0.02), zo.f32(0.01), kind, stochastic, 77)
         zo._update_torch(slow, "w", coefs, zo.f32(0.02), zo.f32(0.01), kind, True, stochastic, 77, 1 << 22)  # noqa: SLF001
         assert torch.equal(bits_t(fast), bits_t(slow)), dtype
