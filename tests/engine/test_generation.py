@@ -44,6 +44,14 @@ def greedy(rid: str, prompt: list[int], n: int = 8) -> GenerateRequest:
 PROMPTS = [[5, 17, 3, 99, 42], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [60, 61]]
 
 
+def hf_greedy(ref, prompt: list[int], n: int = 8) -> list[int]:
+    """transformers' greedy continuation of `prompt`: exactly n tokens (the independent reference)."""
+    out = ref.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 @pytest.mark.parametrize(
     ("name", "device", "budget"),
     [
@@ -61,10 +69,7 @@ def test_greedy_matches_transformers_generate(tmp_path, name, device, budget):
     eng = make_engine(d, device, gpu_memory_bytes=budget)
     out = eng.generate([greedy(str(i), p) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
-        want = ref.generate(
-            torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
-        )[0, len(p) :].tolist()
-        assert list(out[str(i)].token_ids) == want, (i, p)
+        assert list(out[str(i)].token_ids) == hf_greedy(ref, p), (i, p)
         assert out[str(i)].finish_reason is FinishReason.MAX_TOKENS
 
 

@@ -3,14 +3,13 @@ readahead/drop-behind measured with mincore, and generation under a host budget 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.engine.test_store import header
 from tests.tiny import make_tiny_model
 from zostream.engine.config import StreamConfig
 from zostream.engine.host_tier import file_spans, plan_host, resident_bytes
@@ -19,14 +18,6 @@ from zostream.engine.streamer import LayerStreamer
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 CPU = torch.device("cpu")
-
-
-def header(path: Path) -> tuple[int, dict]:
-    raw = path.read_bytes()
-    (hlen,) = struct.unpack("<Q", raw[:8])
-    entries = json.loads(raw[8 : 8 + hlen])
-    entries.pop("__metadata__", None)
-    return 8 + hlen, entries
 
 
 @pytest.mark.parametrize(
