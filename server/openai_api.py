@@ -17,7 +17,7 @@ from zostream.engine.generation import FinishReason, TokenEvent, TokenLogprob
 
 from . import openai_params as P
 from .http_app import error_sse, read_json
-from .openai_engine import Run, StopTrim, finish_reason
+from .openai_engine import Run, finish_reason
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -122,10 +122,10 @@ class _Logprobs:
 
 
 class _Choice:
-    """One choice's text (stop strings cut), token count, finish and logprobs as events arrive."""
+    """One choice's text, token count, finish and logprobs as events arrive. Stop strings were sent
+    to the engine, which cuts them from the text and holds back a tail that could start one."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.trim = StopTrim(stops)
+    def __init__(self) -> None:
         self.text: list[str] = []
         self.final: TokenEvent | None = None
         self.logprobs: list[TokenLogprob] = []
@@ -136,18 +136,17 @@ class _Choice:
         self.logprobs.extend(ev.logprobs)
         if getattr(ev, "prompt_logprobs", None):
             self.prompt_logprobs = ev.prompt_logprobs
-        piece = self.trim.feed(ev.text)
+        piece = ev.text
         if ev.finish_reason is not None:
             if ev.finish_reason is FinishReason.ERROR:
                 raise GenerationFailed(ev.error or "the request failed")
             self.final = ev
-            piece += self.trim.finish()
         self.text.append(piece)
         return piece
 
     @property
     def finish(self) -> str | None:
-        return None if self.final is None else finish_reason(self.final, self.trim)
+        return None if self.final is None else finish_reason(self.final)
 
 
 def _usage(plan: P.GenPlan, choices: list[_Choice]) -> dict[str, int]:
@@ -161,7 +160,7 @@ async def _respond(app: Any, plan: P.GenPlan, chat: bool) -> Response:
         run = Run(app, plan.requests)  # admission errors are HTTP errors: no response has started
     except RequestError as exc:
         raise P.rename(exc, plan.max_name) from None
-    choices = [_Choice(plan.stop) for _ in plan.requests]
+    choices = [_Choice() for _ in plan.requests]
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {
         "id": cid,

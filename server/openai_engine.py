@@ -86,46 +86,6 @@ class Run:
             self.app.metrics.observe_request_done(latency, n, "cancelled", self.first.get(rid), api=API)
 
 
-class StopTrim:
-    """Cuts the text at the first stop string (OpenAI does not return it) and, while streaming, holds
-    back a tail that could still become one, so the streamed pieces concatenate to the final text."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.text = ""  # everything the engine produced
-        self.sent = 0  # characters of it released
-        self.stopped = False
-
-    def feed(self, delta: str) -> str:
-        """The next releasable piece after `delta` arrived ('' while held back or after a stop)."""
-        if self.stopped:
-            return ""
-        self.text += delta
-        cut = self._cut()
-        if cut is not None:
-            self.stopped = True
-            return self._release(cut)
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self._release(len(self.text) - hold)
-
-    def finish(self) -> str:
-        """What is left once the request ended."""
-        if self.stopped:
-            return ""
-        cut = self._cut()
-        self.stopped = True
-        return self._release(len(self.text) if cut is None else cut)
-
-    def _cut(self) -> int | None:
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
-
-    def _release(self, upto: int) -> str:
-        piece = self.text[self.sent : max(upto, self.sent)]
-        self.sent = max(upto, self.sent)
-        return piece
-
-
 FINISH = {
     FinishReason.MAX_TOKENS: "length",
     FinishReason.TIME_LIMIT: "length",
@@ -135,7 +95,5 @@ FINISH = {
 }
 
 
-def finish_reason(ev: TokenEvent, trim: StopTrim) -> str:
-    if trim.stopped and trim.stops and trim._cut() is not None:
-        return "stop"
+def finish_reason(ev: TokenEvent) -> str:
     return FINISH.get(ev.finish_reason, "stop")

@@ -38,7 +38,6 @@ class GenPlan:
     n: int
     stream: bool
     include_usage: bool
-    stop: tuple[str, ...]
     top_logprobs: int | None  # None: no logprobs; k >= 0: the chosen token and the k most likely
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text
     max_name: str = "max_tokens"  # which parameter set the token budget (for error messages)
@@ -245,7 +244,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
         # the n choices as gRPC makes them: choice i samples with seed + i (one seed picked if unset)
         reqs.extend(C.completions(req, n))
     include_usage = bool(stream and opts and opts.get("include_usage"))
-    return GenPlan(str(model), reqs, n, stream, include_usage, stop, top, max_name=max_name)
+    return GenPlan(str(model), reqs, n, stream, include_usage, top, max_name=max_name)
 
 
 _RENAME = [
