@@ -55,8 +55,9 @@ class JobRunner:
         self.engine, self.store = engine, store
         self.active: dict[str, ActiveJob] = {}
         self.on_log_bytes = on_log_bytes or (lambda n: None)
-        for rec in store.list(("running", "cancelling")):
-            # Restarted (cleanly or after kill -9): resume from the last logged step.
+        for rec in store.list(("running",)):
+            # Restarted (cleanly or after kill -9): resume from the last logged step. A job that was
+            # CANCELLING stays so, and the first poll ends it (its log already holds every step done).
             store.event(
                 rec.id, "resumed", f"server restarted; resuming at step {rec.steps_done}", rec.steps_done
             )
@@ -168,13 +169,15 @@ class JobRunner:
         # On resume the divergence guard must judge the next steps against the same history of
         # accepted |g| as an uninterrupted run would (else the logs differ after a restart).
         tr.g_history = [abs(g) for s in tr.steps if not s.skipped for g in s.directions][-256:]
-        self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
         rec.steps_done = tr.step
         if repaired:
             self.store.event(
                 rec.id, "log_repaired", f"update.log {repaired}; resuming from the last intact step", tr.step
             )
-        self.store.set_status(rec, "running", f"training from step {tr.step}")
+        if not self.store.move(rec, "running", f"training from step {tr.step}", only_from=("queued",)):
+            tr.log.close()  # cancelled while it was being opened: the next poll marks it CANCELLED
+            return
+        self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
         if tr.adapter is not None:
             e.adapters[rec.id] = tr.adapter.clone()
         if eval_ds is not None and tr.step == 0:

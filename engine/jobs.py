@@ -238,6 +238,22 @@ class JobStore:
             finally:  # a full disk may refuse the event; the state change still happens in memory
                 self._apply_status(rec, status, error)
 
+    def move(self, rec: JobRecord, status: str, message: str = "", *, only_from: tuple[str, ...]) -> bool:
+        """set_status, only if the job is still in one of `only_from` (checked under the store's lock).
+
+        The engine thread starts and ends jobs while request threads cancel them: a plain check-then-set
+        would let a cancel land between the engine's read of "queued" and its "running", and be lost."""
+        with self._lock:
+            if rec.status not in only_from:
+                return False
+            self.set_status(rec, status, message)
+            return True
+
+    def request_cancel(self, rec: JobRecord) -> bool:
+        """QUEUED or RUNNING -> CANCELLING (the engine finishes it); False if the job had already ended or
+        was being cancelled."""
+        return self.move(rec, "cancelling", "cancel requested", only_from=("queued", "running"))
+
     def _apply_status(self, rec: JobRecord, status: str, error: dict[str, str] | None) -> None:
         with self._lock:
             rec.status = status

@@ -180,8 +180,7 @@ class Jobs:
 
     async def cancel(self, request: Request) -> Response:
         rec = self.app.jobs.get(request.path_params["job_id"])
-        if not rec.terminal and rec.status != "cancelling":
-            self.app.jobs.set_status(rec, "cancelling", "cancel requested")
+        if self.app.jobs.request_cancel(rec):
             self.app.ready_engine().call_soon(lambda: None)
         return JSONResponse(_job(rec, base_model_id(self.app.ready_engine())))
 

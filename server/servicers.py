@@ -367,10 +367,8 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def CancelJob(self, request, context):
         rec = self.jobs.get(request.job_id)
-        if rec.terminal:  # documented: cancelling a finished job changes nothing
-            return C.job_pb(rec)
-        if rec.status != "cancelling":
-            self.jobs.set_status(rec, "cancelling", "cancel requested")
+        # documented: cancelling a finished job changes nothing
+        if self.jobs.request_cancel(rec):
             self.app.ready_engine().call_soon(lambda: None)
         return C.job_pb(rec)
 

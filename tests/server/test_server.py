@@ -458,6 +458,29 @@ def test_cancel_a_running_job(server: ThreadServer, stubs: Stubs, finished_job: 
     assert (again.status, again.finished_at) == (job.status, job.finished_at)
 
 
+def test_a_cancel_while_the_job_starts_is_kept(
+    server: ThreadServer, stubs: Stubs, finished_job: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CancelJob lands between the engine reading QUEUED and the job going RUNNING (forced here by cancelling
+    from inside the trainer's opening): the job ends CANCELLED with no step run, not RUNNING to the end."""
+    from zostream.engine import job_runner
+
+    real = job_runner.finetune.open_trainer
+
+    def open_then_cancel(cfg, job_dir, *args, **kw):
+        assert stubs.ft.CancelJob(F.CancelJobRequest(job_id=job_dir.name), timeout=10).status == (
+            F.JOB_STATUS_CANCELLING
+        )
+        return real(cfg, job_dir, *args, **kw)
+
+    monkeypatch.setattr(job_runner.finetune, "open_trainer", open_then_cancel)
+    job_id = stubs.ft.CreateJob(lora_job_request("tiny", 100_000, seed=6), timeout=10).id
+    types = [e.type for e in follow_events(stubs, job_id)]
+    job = get_job(stubs, job_id)
+    assert job.status == F.JOB_STATUS_CANCELLED and job.progress.steps_done == 0, types
+    assert "started" not in types and "step" not in types and types[-1] == "cancelled"
+
+
 # ==== 3. kill -9 and SIGTERM =========================================================================
 CRASH_STEPS = 30
 
