@@ -73,6 +73,9 @@ class JobRunner:
             if rec.spec["method"] == "lora" and adir.exists():
                 self.engine.adapters[rec.id] = self._load(adir)
         for d in sorted((self.store.root / "adapters").iterdir()):
+            if d.name.endswith(".importing"):  # an import cut short by a crash: never acknowledged
+                shutil.rmtree(d, ignore_errors=True)
+                continue
             if (d / "adapter" / "adapter_config.json").exists():
                 self.engine.adapters[d.name] = self._load(d / "adapter")
 

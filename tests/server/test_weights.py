@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.server.conftest import ThreadServer
+from tests.server.conftest import ThreadServer, server_config, thread_server
 from zostream.clients.client import ZostreamClient
 from zostream.clients.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
@@ -100,6 +100,18 @@ def test_peft_made_adapter_imports_and_serves(
         "adapter_model.safetensors",
     ]
     check_generate_matches(client, peft.PeftModel.from_pretrained(base(model_dir), out).eval(), "from-peft")
+
+
+def test_an_import_cut_short_by_a_crash_is_not_served_after_restart(model_dir: Path, tmp_path: Path) -> None:
+    """A crash between staging an import (adapters/<id>.importing/) and its rename leaves a directory that
+    was never acknowledged: the next start removes it and serves only the adapters that were imported."""
+    data = tmp_path / "data"
+    for name in ("kept", "cut.importing"):
+        make_peft_adapter(model_dir, data / "adapters" / name / "adapter")
+    with thread_server(server_config(model_dir, data)) as srv, ZostreamClient(f"127.0.0.1:{srv.port}") as c:
+        ids = {a["id"] for a in c.list_adapters()}
+    assert "kept" in ids and not any("importing" in i for i in ids), ids
+    assert not (data / "adapters" / "cut.importing").exists()
 
 
 def test_import_refuses_an_adapter_that_does_not_fit(
