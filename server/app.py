@@ -259,13 +259,14 @@ class App:
                     engine.wait_for_work(0.05)
                     continue
                 stats = engine.step()
-                method = None
+                method, train = None, stats.train
                 if stats.train_job:
                     aj = self.runner.active.get(stats.train_job)
                     method = aj.cfg.method if aj else None
-                    self.runner.after_step(stats.train_job, stats.train)
-                if stats.train is not None and isinstance(stats.train, BaseException):
+                if isinstance(train, BaseException):
                     stats.train = None
+                # Counted before the runner reports the step (its events, a job's "succeeded"): a reader
+                # that saw the job end then finds every step of it in the metrics.
                 self.metrics.observe_step(
                     stats,
                     codec=codec,
@@ -273,6 +274,8 @@ class App:
                     waiting=len(engine.scheduler.waiting),
                     method=method,
                 )
+                if stats.train_job:
+                    self.runner.after_step(stats.train_job, train)
                 aj = self.runner.active.get(stats.train_job) if stats.train_job else None
                 if aj is not None:  # still training: its progress and latest held-out figures
                     m = aj.rec.metrics
