@@ -191,6 +191,20 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         help="examples per evaluation pass (default: --batch-size)",
     )
     p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="export the weights of the evaluation with the best held-out metric (accuracy for choice data, "
+        "else loss), not the last step's; needs --eval",
+    )
+    p.add_argument(
+        "--early-stopping-patience",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="stop after N evaluations without a better held-out metric (default: 0, off); needs --eval "
+        "and --eval-every",
+    )
+    p.add_argument(
         "--no-divergence-guard",
         action="store_true",
         help="apply every step, even one whose |g| or loss is non-finite or an outlier",
@@ -374,6 +388,14 @@ def stop_after_step() -> Iterator[list[bool]]:
 # ---- train ----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     cfg = zo_config(args)  # every flag is checked before this rank joins the others
+    for flag, on in (
+        ("--keep-best", args.keep_best),
+        ("--early-stopping-patience", args.early_stopping_patience),
+    ):
+        if on and not args.eval:
+            raise UsageError(f"{flag}: judges held-out evaluations; give --eval FILE (and --eval-every N)")
+    if args.early_stopping_patience and not args.eval_every:
+        raise UsageError("--early-stopping-patience: counts evaluations during training; give --eval-every N")
     env = _launch_env(args)
     if env is None:
         return _train(args, cfg, None)
@@ -457,7 +479,8 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
     from zostream.engine.config import StreamConfig
     from zostream.engine.distributed import attach, rank_dir
     from zostream.engine.errors import RequestError
-    from zostream.engine.finetune import open_trainer, resolve_objective, validate_dataset
+    from zostream.engine.finetune import resolve_objective, validate_dataset
+    from zostream.engine.session import Policy, TrainingSession
     from zostream.engine.update_log import LogCorruptError, read_header
 
     if cfg.method == "full" and args.codec != "none":
@@ -500,12 +523,22 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
     from zostream.engine.engine import emu_device
 
     device, dtype, base, store = _base(args, cfg, store, tok)
+    main = dist is None or dist.rank == 0
+    policy = Policy.of(
+        cfg,
+        keep_best=args.keep_best,
+        patience=args.early_stopping_patience,
+        eval_batch_size=args.eval_batch_size or cfg.batch_size,
+        eval_on_resume=True,  # the summary's before/after figures are this run's
+    )
+    progress = Progress(job if main else Path(os.devnull), main)
     try:
-        tr = open_trainer(
+        ses = TrainingSession.open(
             open_cfg,
             job,
             store,
             ds,
+            eval_ds,
             pad_id(tok),
             device,
             dtype,
@@ -515,18 +548,23 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
             ),
             args.codec,
             emu=emu_device(args.device),
+            policy=policy,
+            on_event=progress.event,
+            target=cfg.steps,
         )
     except ValueError as exc:
         raise usage_error(exc, {"codec": "--codec"}, "--out") from None
     if dist is not None:
-        attach(tr, dist)
-    start = tr.step
-    if resuming and (dist is None or dist.rank == 0):
-        warn("train", f"resuming at step {start}")
+        attach(ses.trainer, dist)
+    if main and ses.repaired:
+        warn("train", f"update.log {ses.repaired}; resuming from the last intact step")
+    if resuming and main:
+        warn("train", f"resuming at step {ses.step}")
     try:
-        return _run(args, cfg, tr, eval_ds, job, start, dist)
+        with progress:
+            return _run(args, cfg, ses, progress, dist)
     finally:
-        tr.log.close()
+        ses.close()
 
 
 def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any, Any, Any, Any]:
@@ -547,99 +585,87 @@ def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any
     return resolve_device(args.device), dtype, None, store
 
 
-def _run(
-    args: argparse.Namespace,
-    cfg: Any,
-    tr: Any,
-    eval_ds: Any,
-    out: Path,
-    start: int,
-    dist: Any = None,
-) -> int:
-    """Evaluate, step, checkpoint and export; the summary is the last stdout line (--json).
+class Progress:
+    """The session's events and the steps as rows of JOBDIR/metrics.jsonl and progress lines."""
+
+    def __init__(self, out: Path, main: bool) -> None:
+        self.path, self.main = out / "metrics.jsonl" if main else out, main
+        self.file: Any = None
+        self.evals: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Progress:
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by __exit__)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(_nulls(row), allow_nan=False, default=str) + "\n")
+        self.file.flush()
+
+    def event(self, kind: str, step: int, data: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if kind == "eval":
+            row = {"type": "eval", "step": step, **data, "time": time.time()}
+            self.write(row)
+            self.evals.append(row)
+            acc = f", accuracy {data['accuracy']:.4f}" if "accuracy" in data else ""
+            if self.main:
+                tqdm.write(f"eval at step {step}: loss {data['loss']:.4f}{acc}", file=sys.stderr)
+        elif kind == "early_stop" and self.main:
+            tqdm.write(f"early stopping at step {step} (best at step {data['best_step']})", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, cfg: Any, ses: Any, progress: Progress, dist: Any = None) -> int:
+    """Evaluate, step, checkpoint and export through the session; the summary is the last stdout line.
 
     Data parallel: every rank steps, evaluates (so that none waits on another) and checkpoints into its
     own directory; rank 0 alone writes metrics, progress, the export and the summary."""
     from tqdm import tqdm
 
-    from zostream.engine.finetune import checkpoint, export
-
-    main = dist is None or dist.rank == 0
-    target = cfg.steps
-    eval_bs = args.eval_batch_size or cfg.batch_size
-    metrics_path = out / "metrics.jsonl" if main else Path(os.devnull)
-    metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-    evals: list[dict[str, Any]] = []
-
-    def write(row: dict[str, Any]) -> None:
-        metrics.write(json.dumps(_nulls(row), allow_nan=False, default=str) + "\n")
-        metrics.flush()
-
-    def run_eval() -> None:
-        t0 = time.monotonic()
-        res = tr.evaluate(eval_ds, eval_bs)
-        row = {"type": "eval", "step": tr.step, **res, "seconds": time.monotonic() - t0, "time": time.time()}
-        write(row)
-        evals.append(row)
-        acc = f", accuracy {res['accuracy']:.4f}" if "accuracy" in res else ""
-        if main:
-            tqdm.write(f"eval at step {tr.step}: loss {res['loss']:.4f}{acc}", file=sys.stderr)
+    tr, main, target, start = ses.trainer, progress.main, cfg.steps, ses.step
 
     def stopping(flag: list[bool]) -> bool:  # ranks stop together: after the step where one asked
         return dist.stop_agreed if dist is not None else flag[0]
 
-    interrupted = False
-    with metrics:
-        if eval_ds is not None:
-            run_eval()
-        if tr.step >= target and main:
-            warn("train", f"the job is already at step {tr.step} (--steps {target}): nothing to train")
-        bar = tqdm(
-            total=target,
-            initial=min(tr.step, target),
-            desc="train",
-            unit="step",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-            disable=tr.step >= target or not main,
-        )
-        with bar, stop_after_step() as stop:
-            while tr.step < target and not stopping(stop):
-                t0 = time.monotonic()
-                if dist is not None:
-                    dist.stop_requested = stop[0]
-                res = tr.run_step()
-                if dist is not None:
-                    dist.verify_log(tr.log.path, tr.step)
-                dt = time.monotonic() - t0
-                write({"type": "step", **res, "seconds": dt, "time": time.time()})
-                bar.set_postfix(
-                    loss=f"{res['loss']:.4f}", g=f"{abs(res['projected_grad']):.3g}", refresh=False
-                )
-                bar.update(1)
-                if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < target:
-                    checkpoint(tr, out)
-                if (
-                    eval_ds is not None
-                    and cfg.eval_every
-                    and tr.step % cfg.eval_every == 0
-                    and tr.step < target
-                ):
-                    run_eval()
-            interrupted = stopping(stop) and tr.step < target
-        if dist is not None:
-            dist.verify_log(tr.log.path, tr.step, force=True)
-        checkpoint(tr, out)
-        result = None
-        if not interrupted:
-            if eval_ds is not None and evals[-1]["step"] != tr.step:
-                run_eval()
-            if main:
-                result = export(tr, out, str(Path(args.model).absolute()))
+    ses.begin()
+    if tr.step >= target and main:
+        warn("train", f"the job is already at step {tr.step} (--steps {target}): nothing to train")
+    bar = tqdm(
+        total=target,
+        initial=min(tr.step, target),
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=tr.step >= target or not main,
+    )
+    with bar, stop_after_step() as stop:
+        while not ses.finished and not stopping(stop):
+            t0 = time.monotonic()
+            if dist is not None:
+                dist.stop_requested = stop[0]
+            res = tr.run_step()
+            if dist is not None:
+                dist.verify_log(tr.log.path, tr.step)
+            progress.write({"type": "step", **res, "seconds": time.monotonic() - t0, "time": time.time()})
+            bar.set_postfix(loss=f"{res['loss']:.4f}", g=f"{abs(res['projected_grad']):.3g}", refresh=False)
+            bar.update(1)
+            ses.after_step()
+        interrupted = stopping(stop) and not ses.finished
+    if dist is not None:
+        dist.verify_log(tr.log.path, tr.step, force=True)
+    result = None
+    if interrupted:
+        ses.stop("interrupted")
+    else:
+        result = ses.finish(export=main)
     if not main:
         return 130 if interrupted else 0
-    summary = _summary(args, tr, out, start, evals, result, interrupted)
+    summary = _summary(args, ses, start, progress.evals, result, interrupted)
     if dist is not None:
         summary |= {
             "world_size": dist.world_size,
@@ -675,13 +701,13 @@ def _step_losses(metrics_path: Path) -> dict[int, float]:
 
 def _summary(
     args: argparse.Namespace,
-    tr: Any,
-    out: Path,
+    ses: Any,
     start: int,
     evals: list[dict[str, Any]],
-    result: Path | None,
+    result: Any,
     interrupted: bool,
 ) -> dict[str, Any]:
+    tr, out = ses.trainer, ses.job_dir
     losses = _step_losses(out / "metrics.jsonl")
     last = [losses[s] for s in range(max(0, tr.step - _FINAL_LOSS_STEPS), tr.step) if s in losses]
     log_path = out / "update.log"
@@ -691,7 +717,9 @@ def _summary(
         "steps_this_run": tr.step - start,
         "resumed_from": start,
         "final_train_loss": sum(last) / len(last) if last else None,
-        "output": str(result) if result is not None else None,
+        "output": str(result.path) if result is not None else None,
+        "output_step": result.step if result is not None else None,
+        "stopped_early": ses.stopped,
         "update_log": str(log_path),
         "update_log_bytes": log_path.stat().st_size,
         "metrics": str(out / "metrics.jsonl"),
@@ -703,6 +731,9 @@ def _summary(
             "eval_accuracy_before": evals[0].get("accuracy"),
             "eval_loss": evals[-1]["loss"],
             "eval_accuracy": evals[-1].get("accuracy"),
+            "best_step": ses.best.step if ses.best.step >= 0 else None,
+            "best_metric": ses.best.metric or None,
+            "best_value": ses.best.value if ses.best.step >= 0 else None,
         }
     return summary
 
@@ -718,7 +749,14 @@ def _print_summary(s: dict[str, Any]) -> None:
         if s["eval_accuracy"] is not None:
             print(f"eval acc     {num(s['eval_accuracy_before'])} -> {num(s['eval_accuracy'])}")
     print(f"update log   {s['update_log']} ({s['update_log_bytes']:,} bytes)")
-    print(f"output       {s['output'] or 'none (interrupted: run the same command again to resume)'}")
+    if s.get("best_step") is not None:
+        print(f"best         held-out {s['best_metric']} {num(s['best_value'])} at step {s['best_step']}")
+    if s["stopped_early"]:
+        print(f"stopped      {s['stopped_early']}")
+    out = s["output"]
+    if out is not None and s["output_step"] != s["steps"]:
+        out = f"{out} (the weights of step {s['output_step']})"
+    print(f"output       {out or 'none (interrupted: run the same command again to resume)'}")
 
 
 # ---- eval -----------------------------------------------------------------------------------

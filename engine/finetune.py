@@ -231,14 +231,19 @@ def export(tr: ZOTrainer, job_dir: str | os.PathLike, base_model: str = "") -> P
     tr.flush()
     job = Path(job_dir)
     if tr.adapter is not None:
-        tmp = job / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tr.adapter.save_peft(tmp, base_model)
-        shutil.rmtree(job / "adapter", ignore_errors=True)
-        os.replace(tmp, job / "adapter")
-        return job / "adapter"
+        return save_adapter(tr.adapter, job / "adapter", base_model)
     wc: WorkingCopy = tr.working_copy
     return wc.export(job / "model")
+
+
+def save_adapter(adapter: LoraAdapter, out: Path, base_model: str = "") -> Path:
+    """PEFT files into `out`, replaced whole (written beside it, then renamed)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter.save_peft(tmp, base_model)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def validate_dataset(ds: Dataset, cfg: ZOConfig) -> None:

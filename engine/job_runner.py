@@ -4,18 +4,16 @@ export, cancel, fail, and resume after a restart. Every method runs on the engin
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import data as D
-from . import finetune, rng
+from . import rng, session
 from .config import ZOConfig
 from .engine import Engine
 from .errors import PreconditionError, RequestError
@@ -36,9 +34,12 @@ _OS_CODES = {
 @dataclass
 class ActiveJob:
     rec: JobRecord
-    trainer: ZOTrainer
+    session: session.TrainingSession
     cfg: ZOConfig
-    eval_ds: D.Dataset | None
+
+    @property
+    def trainer(self) -> ZOTrainer:
+        return self.session.trainer
 
 
 def zo_config(spec: dict[str, Any]) -> ZOConfig:
@@ -47,7 +48,19 @@ def zo_config(spec: dict[str, Any]) -> ZOConfig:
     if "lora_targets" in hp:
         hp["lora_targets"] = tuple(hp["lora_targets"])
     hp.pop("codec", None)
+    for k in LIFECYCLE_KEYS:
+        hp.pop(k, None)
     return ZOConfig(**hp)
+
+
+LIFECYCLE_KEYS = ("keep_best", "early_stopping_patience")  # the job's, not the update log's
+
+
+def policy_of(spec: dict[str, Any], cfg: ZOConfig) -> session.Policy:
+    hp = spec.get("hyperparameters", {})
+    return session.Policy.of(
+        cfg, keep_best=bool(hp.get("keep_best", False)), patience=int(hp.get("early_stopping_patience", 0))
+    )
 
 
 class JobRunner:
@@ -146,7 +159,6 @@ class JobRunner:
     def _start(self, rec: JobRecord) -> None:
         e = self.engine
         try:
-            repaired = _repair_log(self.store.job_dir(rec.id))
             cfg = zo_config(rec.spec)
             train = D.load_dataset(
                 self.store.dataset_path(rec.spec["training_dataset"]), e.tokenizer, cfg.max_len
@@ -154,38 +166,42 @@ class JobRunner:
             val = rec.spec.get("validation_dataset") or ""
             eval_ds = D.load_dataset(self.store.dataset_path(val), e.tokenizer, cfg.max_len) if val else None
             pad = e.tokenizer.pad_token_id if e.tokenizer.pad_token_id is not None else 0
-            tr = finetune.open_trainer(
+            ses = session.TrainingSession.open(
                 cfg,
                 self.store.job_dir(rec.id),
                 e.store,
                 train,
+                eval_ds,
                 pad,
                 e.device,
                 e.dtype,
                 e.streamer,
                 e.cfg.stream,
                 e.cfg.codec.name,
+                policy=policy_of(rec.spec, cfg),
+                on_event=lambda kind, step, data: self._on_event(rec, kind, step, data),
             )
         except Exception as exc:  # noqa: BLE001 - a job's failure never takes the engine down
             self._fail(rec, exc)
             return
-        # On resume the divergence guard must judge the next steps against the same history of
-        # accepted |g| as an uninterrupted run would (else the logs differ after a restart).
-        tr.g_history = [abs(g) for s in tr.steps if not s.skipped for g in s.directions][-256:]
+        tr = ses.trainer
         rec.steps_done = tr.step
-        if repaired:
+        if ses.repaired:
             self.store.event(
-                rec.id, "log_repaired", f"update.log {repaired}; resuming from the last intact step", tr.step
+                rec.id,
+                "log_repaired",
+                f"update.log {ses.repaired}; resuming from the last intact step",
+                tr.step,
             )
         if not self.store.move(rec, "running", f"training from step {tr.step}", only_from=("queued",)):
-            tr.log.close()  # cancelled while it was being opened: the next poll marks it CANCELLED
+            ses.close()  # cancelled while it was being opened: the next poll marks it CANCELLED
             return
-        self.active[rec.id] = ActiveJob(rec, tr, cfg, eval_ds)
+        self.active[rec.id] = ActiveJob(rec, ses, cfg)
         if tr.adapter is not None:
             e.adapters[rec.id] = tr.adapter.clone()
-        if eval_ds is not None and tr.step == 0:
+        if ses.eval_ds is not None and tr.step == 0:
             try:  # the baseline, so the job reports held-out loss/accuracy before and after
-                self._eval(self.active[rec.id])
+                ses.begin()
                 rec.metrics["eval_loss_before"] = rec.metrics["eval_loss"]
                 if "eval_accuracy" in rec.metrics:
                     rec.metrics["eval_accuracy_before"] = rec.metrics["eval_accuracy"]
@@ -193,7 +209,7 @@ class JobRunner:
                 self._detach(rec.id)
                 self._fail(rec, exc)
                 return
-        if tr.done:
+        if ses.finished:
             self._complete(rec.id)
             return
         e.trainers[rec.id] = tr
@@ -207,7 +223,8 @@ class JobRunner:
             self._detach(job_id)
             self._fail(aj.rec, result)
             return
-        rec, tr = aj.rec, aj.trainer
+        rec, ses = aj.rec, aj.session
+        tr = ses.trainer
         rec.steps_done = tr.step
         rec.tokens += int(result.get("tokens", 0))
         rec.metrics.update(
@@ -226,12 +243,8 @@ class JobRunner:
             # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
             keys = ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")
             self.store.event(job_id, "step", msg, tr.step, {k: result[k] for k in keys})
-            every = aj.cfg.checkpoint_every  # 0: none; the result is exported after the last step
-            if every and tr.step % every == 0 and not tr.done:
-                self._checkpoint(aj)
-            if aj.eval_ds is not None and aj.cfg.eval_every and tr.step % aj.cfg.eval_every == 0:
-                self._eval(aj)
-            if tr.done:
+            ses.after_step()  # checkpoint / eval cadence, early stopping
+            if ses.finished:
                 self._complete(job_id)
             else:
                 self.store.save(rec)
@@ -239,33 +252,45 @@ class JobRunner:
             self._detach(job_id)
             self._fail(rec, exc)
 
-    def _checkpoint(self, aj: ActiveJob) -> None:
-        path = finetune.checkpoint(aj.trainer, self.store.job_dir(aj.rec.id))
-        if aj.trainer.adapter is not None:
-            self.engine.adapters[aj.rec.id] = aj.trainer.adapter.clone()
-        self.store.event(aj.rec.id, "checkpoint", str(path.name if path else ""), aj.trainer.step)
-
-    def _eval(self, aj: ActiveJob) -> None:
-        res = aj.trainer.evaluate(aj.eval_ds)
-        aj.rec.metrics.update({"eval_step": aj.trainer.step, "eval_loss": res["loss"]})
-        if "accuracy" in res:
-            aj.rec.metrics["eval_accuracy"] = res["accuracy"]
-        self.store.event(aj.rec.id, "eval", "", aj.trainer.step, res)
+    def _on_event(self, rec: JobRecord, kind: str, step: int, data: dict[str, Any]) -> None:
+        """The session's events: the job's metrics, its event stream, the served adapter."""
+        if kind == "eval":
+            rec.metrics.update({"eval_step": step, "eval_loss": data["loss"]})
+            if "accuracy" in data:
+                rec.metrics["eval_accuracy"] = data["accuracy"]
+            self.store.event(rec.id, "eval", "", step, data)
+        elif kind == "checkpoint":
+            aj = self.active.get(rec.id)
+            if aj is not None and aj.session.trainer.adapter is not None:
+                self.engine.adapters[rec.id] = aj.session.trainer.adapter.clone()
+            self.store.event(rec.id, "checkpoint", data.get("message") or data["name"], step)
+        elif kind == "best":
+            aj = self.active.get(rec.id)
+            if aj is not None and (aj.session.policy.keep_best or aj.session.policy.patience):
+                rec.metrics["best_step"] = step
+                self.store.event(rec.id, "best", "the best held-out metric so far", step, data)
+        elif kind == "early_stop":
+            self.store.event(rec.id, "early_stop", "no better held-out metric: stopping", step, data)
 
     def _complete(self, job_id: str) -> None:
         aj = self.active[job_id]
-        if aj.eval_ds is not None and aj.rec.metrics.get("eval_step") != aj.trainer.step:
-            self._eval(aj)
-        out = finetune.export(aj.trainer, self.store.job_dir(job_id), str(self.engine.store.dir))
-        if aj.trainer.adapter is not None:
-            self.engine.adapters[job_id] = aj.trainer.adapter.clone()
+        ses = aj.session
+        res = ses.finish()
+        assert res is not None
+        if res.adapter is not None:
+            self.engine.adapters[job_id] = res.adapter
         self._detach(job_id)
-        self.store.set_status(aj.rec, "succeeded", f"exported to {out.name}/")
+        what = f"exported step {res.step} to {res.path.name}/"
+        if ses.stopped:
+            what = f"{ses.stopped}; {what}"
+        elif res.step != ses.step:
+            what = f"{what} (the best held-out {ses.best.metric})"
+        self.store.set_status(aj.rec, "succeeded", what)
 
     def _stop(self, job_id: str, status: str, message: str) -> None:
         aj = self.active[job_id]
         try:
-            self._checkpoint(aj)
+            aj.session.stop()
         finally:
             self._detach(job_id)
             self.store.set_status(aj.rec, status, message)
@@ -275,7 +300,7 @@ class JobRunner:
         self.engine.trainers.pop(job_id, None)
         self.engine.scheduler.remove_job(job_id)
         if aj is not None:
-            aj.trainer.log.close()  # its fd and writer lock: one per finished job would leak otherwise
+            aj.session.close()  # its fd and writer lock: one per finished job would leak otherwise
 
     def _fail(self, rec: JobRecord, exc: BaseException) -> None:
         field = getattr(exc, "field", "")
@@ -304,12 +329,11 @@ class JobRunner:
         """SIGTERM: checkpoint running jobs; they stay RUNNING on disk and resume on restart."""
         for aj in list(self.active.values()):
             try:
-                finetune.checkpoint(aj.trainer, self.store.job_dir(aj.rec.id))
-                self.store.event(aj.rec.id, "checkpoint", "server shutting down", aj.trainer.step)
+                aj.session.stop("server shutting down")
             except Exception as exc:  # noqa: BLE001
                 self.store.event(aj.rec.id, "error", f"checkpoint at shutdown failed: {exc}")
             finally:
-                aj.trainer.log.close()
+                aj.session.close()
 
 
 def _relative(path: Any, root: Path) -> str:
@@ -318,25 +342,3 @@ def _relative(path: Any, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except (ValueError, OSError, TypeError):
         return Path(str(path)).name
-
-
-def _repair_log(job_dir: Path) -> str | None:
-    """Cut a torn or corrupt update.log tail back to the last intact step before the trainer opens the job;
-    returns what was cut. A full job's working copy may then hold steps the log no longer has (their
-    records were damaged): mark those groups as caught mid-write, so the working copy rebuilds them from
-    the base and replays them from the log (engine/working_copy.py)."""
-    log_path = job_dir / "update.log"
-    if not log_path.exists():
-        return None
-    with UpdateLog.open(log_path) as log:
-        repaired, n_steps = log.repaired, len(log)
-    counters = job_dir / "working" / "applied.bin"
-    if counters.exists():
-        applied = np.fromfile(counters, dtype=np.int64)
-        if (applied > n_steps).any():
-            applied[applied > n_steps] = -1  # -(0 + 1): "killed while writing step 0"
-            with open(counters, "r+b") as f:
-                f.write(applied.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-    return repaired

@@ -396,6 +396,58 @@ def test_train_ctrl_c_stops_after_step(capsys, model, data, tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
+def test_train_resume_repairs_a_torn_log_and_its_working_copy(capsys, model, data, tmp_path):
+    """A full job whose last update.log record was torn after its working copy took the step: resuming
+    cuts the tail, rebuilds the groups that are ahead of the log and retrains the step, bitwise what an
+    uninterrupted run gives (the job runner's repair, now the CLI's too)."""
+    job = tmp_path / "job"
+    train(capsys, model, data, job, "full", 3)
+    log = job / "update.log"
+    with open(log, "r+b") as f:
+        f.truncate(log.stat().st_size - 5)  # step 2's record torn; the working copy holds 3 steps
+    rc, out, err = run(capsys, *train_argv(model, data, job, "full", 4), *HYPER, "--json")
+    assert rc == 0 and "truncated" in err and "resuming at step 2" in err, err
+    once = train(capsys, model, data, tmp_path / "once", "full", 4)
+    assert (
+        log.read_bytes()[_header_size(log) :]
+        == (tmp_path / "once" / "update.log").read_bytes()[_header_size(log) :]
+    )
+    a = load_file(job / "model" / "model.safetensors")
+    b = load_file(Path(once["output"]) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_keep_best_and_early_stopping(capsys, model, data, tmp_path):
+    job = tmp_path / "job"
+    base = train_argv(model, {**data, "train": data["choice"]}, job, "lora", 12)
+    lifecycle = ["--eval", data["choice"], "--eval-every", 1, "--keep-best", "--early-stopping-patience", 2]
+    s = run_json(capsys, *base, *HYPER, "--lr", 0.5, *lifecycle)
+    rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    acc = [(r["step"], r["accuracy"]) for r in rows if r["type"] == "eval"]
+    # The rules, written out: the best is the first highest accuracy; stop at the 2nd miss in a row.
+    best, misses, stop = acc[0], 0, None
+    for step, a in acc[1:]:
+        if a > best[1]:
+            best, misses = (step, a), 0
+        else:
+            misses += 1
+        if misses == 2:
+            stop = step
+            break
+    assert (s["best_step"], s["best_value"], s["output_step"]) == (best[0], best[1], best[0])
+    assert s["steps"] == (stop if stop is not None else 12) and bool(s["stopped_early"]) == (stop is not None)
+    ref = tmp_path / "ref"
+    run_json(capsys, "log", "export", job / "update.log", "--base", model, "--out", ref, "--upto", best[0])
+    a = load_file(job / "adapter" / "adapter_model.safetensors")
+    b = load_file(ref / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lora = train_argv(model, data, tmp_path / "j2", "lora")
+    assert "--keep-best" in usage_exit(capsys, *lora, *CPU, "--keep-best")
+    assert "--eval-every" in usage_exit(
+        capsys, *lora, *CPU, "--eval", data["choice"], "--early-stopping-patience", 1
+    )
+
+
 def test_eval_loss_matches_transformers(capsys, model, data):
     rc, out, _ = run(capsys, "eval", "--model", model, "--data", data["text"], *CPU)
     assert rc == 0 and "loss" in out

@@ -67,6 +67,8 @@ EVENT_TYPES = {
     "succeeded",
     "failed",
     "cancelled",
+    "best",
+    "early_stop",
 }
 ZOSTREAM_SERVICES = {"zostream.v1.TextGeneration", "zostream.v1.FineTuning", "zostream.v1.Adapters"}
 
@@ -463,9 +465,9 @@ def test_a_cancel_while_the_job_starts_is_kept(
 ) -> None:
     """CancelJob lands between the engine reading QUEUED and the job going RUNNING (forced here by cancelling
     from inside the trainer's opening): the job ends CANCELLED with no step run, not RUNNING to the end."""
-    from zostream.engine import job_runner
+    from zostream.engine import session
 
-    real = job_runner.finetune.open_trainer
+    real = session.finetune.open_trainer
 
     def open_then_cancel(cfg, job_dir, *args, **kw):
         assert stubs.ft.CancelJob(F.CancelJobRequest(job_id=job_dir.name), timeout=10).status == (
@@ -473,7 +475,7 @@ def test_a_cancel_while_the_job_starts_is_kept(
         )
         return real(cfg, job_dir, *args, **kw)
 
-    monkeypatch.setattr(job_runner.finetune, "open_trainer", open_then_cancel)
+    monkeypatch.setattr(session.finetune, "open_trainer", open_then_cancel)
     job_id = stubs.ft.CreateJob(lora_job_request("tiny", 100_000, seed=6), timeout=10).id
     types = [e.type for e in follow_events(stubs, job_id)]
     job = get_job(stubs, job_id)
