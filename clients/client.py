@@ -575,7 +575,7 @@ class ZostreamClient:
         self._unary(self._ad.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id))
 
     def _export(
-        self, adapter_id: str | None, job_id: str | None, timeout: float | None
+        self, adapter_id: str | None, job_id: str | None, timeout: float | None, upto: int | None = None
     ) -> Iterator[adapters_pb2.ExportUpdateLogResponse]:
         if (adapter_id is None) == (job_id is None):
             raise ValueError("give exactly one of adapter_id or job_id")
@@ -584,6 +584,8 @@ class ZostreamClient:
             if adapter_id is not None
             else adapters_pb2.ExportUpdateLogRequest(job_id=job_id)
         )
+        if upto is not None:
+            req.upto = upto
         return self._stream(self._ad.ExportUpdateLog, req, timeout)
 
     def export_update_log_to(
@@ -592,14 +594,16 @@ class ZostreamClient:
         adapter_id: str | None = None,
         job_id: str | None = None,
         timeout: float | None = None,
+        upto: int | None = None,
     ) -> int:
-        """Download an adapter's or a job's update log to `path` (atomically); returns its size."""
+        """Download an adapter's or a job's update log to `path` (atomically); returns its size.
+        upto: only its first `upto` steps."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         size, total = 0, 0
         try:
             with open(tmp, "wb") as f:
-                for r in self._export(adapter_id, job_id, timeout):
+                for r in self._export(adapter_id, job_id, timeout, upto):
                     f.write(r.chunk)
                     size, total = size + len(r.chunk), r.total_bytes
             if size != total:
@@ -610,11 +614,15 @@ class ZostreamClient:
         return size
 
     def export_update_log(
-        self, adapter_id: str | None = None, job_id: str | None = None, timeout: float | None = None
+        self,
+        adapter_id: str | None = None,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        upto: int | None = None,
     ) -> bytes:
-        """An adapter's or a job's update log, in memory."""
+        """An adapter's or a job's update log (upto: only its first `upto` steps), in memory."""
         parts, total = [], 0
-        for r in self._export(adapter_id, job_id, timeout):
+        for r in self._export(adapter_id, job_id, timeout, upto):
             parts.append(r.chunk)
             total = r.total_bytes
         data = b"".join(parts)
@@ -652,12 +660,16 @@ class ZostreamClient:
         job_id: str | None = None,
         checkpoint: str = "",
         timeout: float | None = None,
+        upto: int | None = None,
     ) -> list[str]:
         """Download an adapter's PEFT files, a job's checkpoint or a job's result into `out_dir`
-        (created; files written whole or not at all); returns the relative paths written."""
+        (created; files written whole or not at all); returns the relative paths written.
+        upto (with job_id): the job's weights after its first `upto` steps, replayed by the server."""
         if (adapter_id is None) == (job_id is None):
             raise ValueError("give exactly one of adapter_id or job_id")
         req = adapters_pb2.DownloadWeightsRequest(checkpoint=checkpoint)
+        if upto is not None:
+            req.upto = upto
         if adapter_id is not None:
             req.adapter_id = adapter_id
         else:

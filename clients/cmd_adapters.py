@@ -13,6 +13,7 @@ from pathlib import Path
 from zostream.clients.cli import UsageError
 from zostream.clients.client import ZostreamClient
 from zostream.clients.cmd_jobs import print_table, short
+from zostream.clients.common import nonneg_int
 from zostream.clients.remote import add_connection_args, print_json, run
 
 
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ad_sub.add_parser("export", help="download an adapter's update log")
     p.add_argument("adapter_id", metavar="ID")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="where to write the update log")
+    p.add_argument(
+        "--upto", type=nonneg_int, default=None, metavar="N", help="only its first N steps (default: all)"
+    )
     _common(p, _export, json_what='one JSON object {"path", "bytes"}')
 
     p = ad_sub.add_parser("import", help="register an update log made elsewhere as an adapter")
@@ -55,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("adapter_id", nargs="?", metavar="ID", help="adapter id")
     src.add_argument("--job", metavar="JOB_ID", help="a job's result or checkpoint instead")
     p.add_argument("--checkpoint", default="", metavar="NAME", help="with --job: e.g. step-000500")
+    p.add_argument(
+        "--upto",
+        type=nonneg_int,
+        default=None,
+        metavar="N",
+        help="with --job: the weights after its first N steps (any step logged, replayed by the server)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write the files to")
     _common(p, _download, json_what='one JSON object {"dir", "files"}')
 
@@ -153,7 +164,9 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {args.out} is a directory; give a file name")
 
     def body(client: ZostreamClient) -> int:
-        n = client.export_update_log_to(args.out, adapter_id=args.adapter_id, timeout=args.timeout)
+        n = client.export_update_log_to(
+            args.out, adapter_id=args.adapter_id, timeout=args.timeout, upto=args.upto
+        )
         if args.json:
             print_json({"path": str(args.out), "bytes": n})
         else:
@@ -167,12 +180,16 @@ def _export(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.job:
         raise UsageError("--checkpoint goes with --job")
+    if args.upto is not None and (not args.job or args.checkpoint):
+        raise UsageError("--upto goes with --job, without --checkpoint")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out: {args.out} is a file; give a directory")
 
     def body(client: ZostreamClient) -> int:
         source = {"job_id": args.job} if args.job else {"adapter_id": args.adapter_id}
-        names = client.download_weights(args.out, checkpoint=args.checkpoint, timeout=args.timeout, **source)
+        names = client.download_weights(
+            args.out, checkpoint=args.checkpoint, timeout=args.timeout, upto=args.upto, **source
+        )
         if args.json:
             print_json({"dir": str(args.out), "files": names})
         else:

@@ -246,6 +246,39 @@ def save_adapter(adapter: LoraAdapter, out: Path, base_model: str = "") -> Path:
     return out
 
 
+def materialize(base_dir: str | os.PathLike, log_path: str | os.PathLike, out: Path, upto: int) -> Path:
+    """The weights after a log's first `upto` steps in `out` (PEFT adapter or model dir), replayed from the
+    base (bitwise training's on this device kind); written beside `out`, then renamed."""
+    from .replay import replay
+
+    with UpdateLog.open(log_path, repair=False) as log:
+        n = len(log)
+    if not 0 <= upto <= n:
+        raise RequestError(f"the job has logged {n} steps; ask for at most {n}", "upto")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    replay(base_dir, log_path, tmp, upto=upto)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def log_upto(log_path: str | os.PathLike, upto: int) -> bytes:
+    """A log of the first `upto` steps of `log_path` (the same header; a plain log's byte prefix)."""
+    import tempfile
+
+    with UpdateLog.open(log_path, repair=False) as log:
+        if not 0 <= upto <= len(log):
+            raise RequestError(f"the log has {len(log)} steps; ask for at most {len(log)}", "upto")
+        header, steps = log.header, log.steps(0, upto)
+    with tempfile.TemporaryDirectory() as d:
+        with UpdateLog.create(Path(d) / "update.log", header) as out:
+            for st in steps:
+                out.append(st)
+        return (Path(d) / "update.log").read_bytes()
+
+
 def validate_dataset(ds: Dataset, cfg: ZOConfig) -> None:
     if not ds.examples:
         raise RequestError(f"{ds.path}: no training examples", "training_dataset")

@@ -324,6 +324,20 @@ def job_spec(
         name, _, msg = str(exc).partition(": ")
         raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
     fields["q"], fields["estimator"] = resolved.q, resolved.estimator  # the job reports what it runs
+    # The lifecycle's knobs (engine/session.py): they judge held-out evaluations, so they need some.
+    fields["keep_best"], fields["early_stopping_patience"] = (
+        bool(hp.keep_best),
+        int(hp.early_stopping_patience),
+    )
+    for name in ("keep_best", "early_stopping_patience"):
+        if fields[name] and not req.validation_dataset:
+            raise RequestError(
+                "judges held-out evaluations: set validation_dataset", f"hyperparameters.{name}"
+            )
+    if fields["early_stopping_patience"] and not fields["eval_every"]:
+        raise RequestError(
+            "counts evaluations during training: set eval_every", "hyperparameters.early_stopping_patience"
+        )
     if method == "lora":  # refuse now what would fail the job when it starts
         from zostream.engine.peft import LoraSpec
 
@@ -376,6 +390,8 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         max_len=hp["max_len"],
         checkpoint_every=hp["checkpoint_every"],
         min_lr_ratio=hp["min_lr_ratio"],
+        keep_best=hp.get("keep_best", D.KEEP_BEST),
+        early_stopping_patience=hp.get("early_stopping_patience", D.EARLY_STOPPING_PATIENCE),
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
     # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.

@@ -15,6 +15,7 @@ import grpc
 
 from zostream import __version__
 from zostream.engine import data as D
+from zostream.engine import finetune
 from zostream.engine.errors import NotFoundError, PreconditionError, RequestError, ResourceExhaustedError
 from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
 from zostream.engine.update_log import UpdateLog, read_header
@@ -546,7 +547,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
     @rpc
     async def DownloadWeights(self, request, context):
         self.app.ready_engine()
-        root = W.weights_dir(self.app, request)
+        root = await asyncio.to_thread(W.weights_dir, self.app, request)  # upto: a replay
         for chunk in W.stream_dir(root):
             yield chunk
 
@@ -589,7 +590,10 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             path = jobs.root / "adapters" / ident / "update.log"
         if not path.exists():
             raise NotFoundError(f"no update log for {ident[:64]!r}", which)
-        data = path.read_bytes()
+        if request.HasField("upto"):
+            data = await asyncio.to_thread(finetune.log_upto, path, request.upto)
+        else:
+            data = path.read_bytes()
         for i in range(0, max(len(data), 1), CHUNK):
             yield adapters_pb2.ExportUpdateLogResponse(chunk=data[i : i + CHUNK], total_bytes=len(data))
 

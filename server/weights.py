@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from zostream.engine import finetune
 from zostream.engine.errors import NotFoundError, PreconditionError, RequestError, ResourceExhaustedError
 from zostream.engine.jobs import check_name
 from zostream.v1 import adapters_pb2
@@ -48,6 +50,10 @@ def weights_dir(app: Any, request: adapters_pb2.DownloadWeightsRequest) -> Path:
         return d
     rec = jobs.get(request.job_id)
     d = jobs.job_dir(rec.id)
+    if request.HasField("upto"):
+        if request.checkpoint:
+            raise RequestError("name a checkpoint or a step (upto), not both", "upto")
+        return step_dir(app, d, request.upto)
     if request.checkpoint:
         check_name(request.checkpoint, "checkpoint")
         cp = d / "checkpoints" / request.checkpoint
@@ -62,6 +68,19 @@ def weights_dir(app: Any, request: adapters_pb2.DownloadWeightsRequest) -> Path:
     out = d / ("adapter" if rec.spec["method"] == "lora" else "model")
     if not out.is_dir():
         raise NotFoundError("the job's result was deleted", "job_id")
+    return out
+
+
+_EXPORT_LOCK = threading.Lock()  # one replay at a time: two of one step would share its staging directory
+
+
+def step_dir(app: Any, job_dir: Path, upto: int) -> Path:
+    """JOBDIR/exports/step-N: the job's weights after its first N steps, replayed once and kept (blocking:
+    call it off the event loop)."""
+    out = job_dir / "exports" / f"step-{upto:06d}"
+    with _EXPORT_LOCK:
+        if not out.is_dir():
+            finetune.materialize(app.ready_engine().store.dir, job_dir / "update.log", out, upto)
     return out
 
 

@@ -54,6 +54,8 @@ LORA_TARGETS = ("q_proj", "v_proj")
 MAX_LEN = 512
 CHECKPOINT_EVERY = 0  # no intermediate checkpoints; the result is exported after the last step
 EVAL_EVERY = 0
+KEEP_BEST = False  # export the last step's weights, not the best evaluated step's
+EARLY_STOPPING_PATIENCE = 0  # off
 # Master dtype of the trained weights: LoRA always trains float32 masters; FULL keeps the base dtype.
 LORA_MASTER_DTYPE = "float32"
 
@@ -93,6 +95,10 @@ DOCUMENTED: dict[str, str] = {
     "Hyperparameters.checkpoint_every": f"{CHECKPOINT_EVERY} (default): none before the last step",
     "Hyperparameters.master_dtype": f"Empty: {LORA_MASTER_DTYPE} for LORA, the base dtype for FULL",
     "Hyperparameters.seed": "Unset: the server picks one",
+    "Hyperparameters.keep_best": f"{str(KEEP_BEST).lower()} (default): the last step's",
+    "Hyperparameters.early_stopping_patience": f"{EARLY_STOPPING_PATIENCE} (default): off",
+    "DownloadWeightsRequest.upto": "Unset (default): the result or the checkpoint",
+    "ExportUpdateLogRequest.upto": "Unset (default): every step logged",
     "LoraConfig.r": f"0: {LORA_R}",
     "LoraConfig.alpha": f"Unset: {_g(LORA_ALPHA_PER_R)} * r",
     "LoraConfig.target_modules": "Empty: [" + ", ".join(f'"{t}"' for t in LORA_TARGETS) + "]",

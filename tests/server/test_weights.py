@@ -234,3 +234,86 @@ def test_cli_datasets_adapters_download_import_peft_jobs_delete(
     assert cli.main(["jobs", "delete", job["id"], *addr]) == 0
     with pytest.raises(NotFoundError):
         client.get_job(job["id"])
+
+
+def test_any_step_downloads_and_exports_upto(client: ZostreamClient, dataset: str, tmp_path: Path) -> None:
+    """DownloadWeights / ExportUpdateLog `upto`: the weights replayed to step N equal the checkpoint the
+    trainer saved at N (an independent path: the trainer's tensors vs a replay from the base)."""
+    from safetensors.torch import load_file
+
+    from zostream.engine.update_log import UpdateLog
+
+    job = client.create_job(
+        "lora", dataset, steps=3, checkpoint_every=1, batch_size=2, learning_rate=0.05, eps=0.05, seed=5
+    )
+    assert wait_job(client, job["id"])["status"] == "JOB_STATUS_SUCCEEDED"
+    client.download_weights(tmp_path / "cp", job_id=job["id"], checkpoint="step-000002")
+    client.download_weights(tmp_path / "two", job_id=job["id"], upto=2)
+    client.download_weights(tmp_path / "all", job_id=job["id"], upto=3)
+    client.download_weights(tmp_path / "res", job_id=job["id"])
+    for a, b in (("cp", "two"), ("res", "all")):
+        x = load_file(tmp_path / a / "adapter_model.safetensors")
+        y = load_file(tmp_path / b / "adapter_model.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8
+    with pytest.raises(InvalidArgumentError) as err:
+        client.download_weights(tmp_path / "x", job_id=job["id"], upto=4)
+    assert err.value.field == "upto"
+    with pytest.raises(InvalidArgumentError):
+        client.download_weights(tmp_path / "y", job_id=job["id"], upto=1, checkpoint="step-000002")
+    whole = client.export_update_log(job_id=job["id"])
+    two = client.export_update_log(job_id=job["id"], upto=2)
+    (tmp_path / "two.log").write_bytes(two)
+    with UpdateLog.open(tmp_path / "two.log", repair=False) as log:
+        assert len(log) == 2 and not log.damage
+    assert two == whole[: len(whole) - 16]  # a plain log's prefix: one 16-byte record per step (q 1)
+
+
+def test_keep_best_and_early_stopping_jobs(client: ZostreamClient, tmp_path: Path) -> None:
+    recs = [{"prompt": f"{i} {i + 1}", "candidates": [" a", " b"], "answer": i % 2} for i in range(12)]
+    client.upload_dataset("choices", "".join(json.dumps(r) + "\n" for r in recs).encode())
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_job("lora", "choices", steps=4, keep_best=True)
+    assert err.value.field == "hyperparameters.keep_best"
+    with pytest.raises(InvalidArgumentError) as err:
+        client.create_job("lora", "choices", validation_dataset="choices", steps=4, early_stopping_patience=1)
+    assert err.value.field == "hyperparameters.early_stopping_patience"
+    job = client.create_job(
+        "lora",
+        "choices",
+        validation_dataset="choices",
+        steps=12,
+        batch_size=2,
+        learning_rate=0.5,
+        eps=0.05,
+        seed=3,
+        eval_every=1,
+        keep_best=True,
+        early_stopping_patience=2,
+    )
+    assert job["hyperparameters"]["keep_best"] and job["hyperparameters"]["early_stopping_patience"] == 2
+    done = wait_job(client, job["id"])
+    assert done["status"] == "JOB_STATUS_SUCCEEDED", done
+    events = list(client.job_events(job["id"]))
+    acc = [(e["step"], e["metrics"]["eval_accuracy"]) for e in events if e["type"] == "eval"]
+    # The rules, written out: the first highest accuracy is the best; stop at the 2nd miss in a row.
+    best, misses, stop = acc[0], 0, None
+    for step, a in acc[1:]:
+        best, misses = ((step, a), 0) if a > best[1] else (best, misses + 1)
+        if misses == 2:
+            stop = step
+            break
+    assert int(done["progress"].get("steps_done", 0)) == (stop if stop is not None else 12)
+    assert ("early_stop" in [e["type"] for e in events]) == (stop is not None)
+    assert [e["step"] for e in events if e["type"] == "best"][-1] == best[0]
+    client.download_weights(tmp_path / "res", job_id=job["id"])
+    client.download_weights(tmp_path / "best", job_id=job["id"], upto=best[0])
+    x = load_peft_tensors(tmp_path / "res")
+    y = load_peft_tensors(tmp_path / "best")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def load_peft_tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(d / "adapter_model.safetensors")

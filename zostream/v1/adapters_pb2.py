@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from zostream.v1 import common_pb2 as zostream_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1azostream/v1/adapters.proto\x12\x0bzostream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18zostream/v1/common.proto\"\xc5\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.zostream.v1.TuningMethod\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x15\n\rsource_job_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12*\n\x06status\x18\t \x01(\x0e\x32\x1a.zostream.v1.AdapterStatus\x12%\n\x04lora\x18\n \x01(\x0b\x32\x17.zostream.v1.LoraConfig\x12\x18\n\x10update_log_bytes\x18\x0b \x01(\x04\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.zostream.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"J\n\x16\x45xportUpdateLogRequest\x12\x14\n\nadapter_id\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"=\n\x17\x45xportUpdateLogResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"C\n\x17ImportUpdateLogMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"^\n\x16\x44ownloadWeightsRequest\x12\x14\n\nadapter_id\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x12\x12\n\ncheckpoint\x18\x03 \x01(\tB\x08\n\x06source\"Q\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"E\n\x19ImportPeftAdapterMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\x86\x01\n\x18ImportPeftAdapterRequest\x12:\n\x08metadata\x18\x01 \x01(\x0b\x32&.zostream.v1.ImportPeftAdapterMetadataH\x00\x12&\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.zostream.v1.FileChunkH\x00\x42\x06\n\x04part\"k\n\x16ImportUpdateLogRequest\x12\x38\n\x08metadata\x18\x01 \x01(\x0b\x32$.zostream.v1.ImportUpdateLogMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*\x82\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_TRAINING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATUS_READY\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_STOPPED\x10\x03\x32\xd1\x04\n\x08\x41\x64\x61pters\x12S\n\x0cListAdapters\x12 .zostream.v1.ListAdaptersRequest\x1a!.zostream.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.zostream.v1.GetAdapterRequest\x1a\x14.zostream.v1.Adapter\x12V\n\rDeleteAdapter\x12!.zostream.v1.DeleteAdapterRequest\x1a\".zostream.v1.DeleteAdapterResponse\x12^\n\x0f\x45xportUpdateLog\x12#.zostream.v1.ExportUpdateLogRequest\x1a$.zostream.v1.ExportUpdateLogResponse0\x01\x12N\n\x0fImportUpdateLog\x12#.zostream.v1.ImportUpdateLogRequest\x1a\x14.zostream.v1.Adapter(\x01\x12P\n\x0f\x44ownloadWeights\x12#.zostream.v1.DownloadWeightsRequest\x1a\x16.zostream.v1.FileChunk0\x01\x12R\n\x11ImportPeftAdapter\x12%.zostream.v1.ImportPeftAdapterRequest\x1a\x14.zostream.v1.Adapter(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1azostream/v1/adapters.proto\x12\x0bzostream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18zostream/v1/common.proto\"\xc5\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.zostream.v1.TuningMethod\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x15\n\rsource_job_id\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12*\n\x06status\x18\t \x01(\x0e\x32\x1a.zostream.v1.AdapterStatus\x12%\n\x04lora\x18\n \x01(\x0b\x32\x17.zostream.v1.LoraConfig\x12\x18\n\x10update_log_bytes\x18\x0b \x01(\x04\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.zostream.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"f\n\x16\x45xportUpdateLogRequest\x12\x14\n\nadapter_id\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x12\x11\n\x04upto\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06sourceB\x07\n\x05_upto\"=\n\x17\x45xportUpdateLogResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"C\n\x17ImportUpdateLogMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"z\n\x16\x44ownloadWeightsRequest\x12\x14\n\nadapter_id\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x12\x12\n\ncheckpoint\x18\x03 \x01(\t\x12\x11\n\x04upto\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06sourceB\x07\n\x05_upto\"Q\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"E\n\x19ImportPeftAdapterMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\x86\x01\n\x18ImportPeftAdapterRequest\x12:\n\x08metadata\x18\x01 \x01(\x0b\x32&.zostream.v1.ImportPeftAdapterMetadataH\x00\x12&\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x16.zostream.v1.FileChunkH\x00\x42\x06\n\x04part\"k\n\x16ImportUpdateLogRequest\x12\x38\n\x08metadata\x18\x01 \x01(\x0b\x32$.zostream.v1.ImportUpdateLogMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*\x82\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_TRAINING\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATUS_READY\x10\x02\x12\x1a\n\x16\x41\x44\x41PTER_STATUS_STOPPED\x10\x03\x32\xd1\x04\n\x08\x41\x64\x61pters\x12S\n\x0cListAdapters\x12 .zostream.v1.ListAdaptersRequest\x1a!.zostream.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.zostream.v1.GetAdapterRequest\x1a\x14.zostream.v1.Adapter\x12V\n\rDeleteAdapter\x12!.zostream.v1.DeleteAdapterRequest\x1a\".zostream.v1.DeleteAdapterResponse\x12^\n\x0f\x45xportUpdateLog\x12#.zostream.v1.ExportUpdateLogRequest\x1a$.zostream.v1.ExportUpdateLogResponse0\x01\x12N\n\x0fImportUpdateLog\x12#.zostream.v1.ImportUpdateLogRequest\x1a\x14.zostream.v1.Adapter(\x01\x12P\n\x0f\x44ownloadWeights\x12#.zostream.v1.DownloadWeightsRequest\x1a\x16.zostream.v1.FileChunk0\x01\x12R\n\x11ImportPeftAdapter\x12%.zostream.v1.ImportPeftAdapterRequest\x1a\x14.zostream.v1.Adapter(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zostream.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATUS']._serialized_start=1396
-  _globals['_ADAPTERSTATUS']._serialized_end=1526
+  _globals['_ADAPTERSTATUS']._serialized_start=1452
+  _globals['_ADAPTERSTATUS']._serialized_end=1582
   _globals['_ADAPTER']._serialized_start=103
   _globals['_ADAPTER']._serialized_end=428
   _globals['_LISTADAPTERSREQUEST']._serialized_start=430
@@ -48,21 +48,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEADAPTERRESPONSE']._serialized_start=666
   _globals['_DELETEADAPTERRESPONSE']._serialized_end=689
   _globals['_EXPORTUPDATELOGREQUEST']._serialized_start=691
-  _globals['_EXPORTUPDATELOGREQUEST']._serialized_end=765
-  _globals['_EXPORTUPDATELOGRESPONSE']._serialized_start=767
-  _globals['_EXPORTUPDATELOGRESPONSE']._serialized_end=828
-  _globals['_IMPORTUPDATELOGMETADATA']._serialized_start=830
-  _globals['_IMPORTUPDATELOGMETADATA']._serialized_end=897
-  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_start=899
-  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_end=993
-  _globals['_FILECHUNK']._serialized_start=995
-  _globals['_FILECHUNK']._serialized_end=1076
-  _globals['_IMPORTPEFTADAPTERMETADATA']._serialized_start=1078
-  _globals['_IMPORTPEFTADAPTERMETADATA']._serialized_end=1147
-  _globals['_IMPORTPEFTADAPTERREQUEST']._serialized_start=1150
-  _globals['_IMPORTPEFTADAPTERREQUEST']._serialized_end=1284
-  _globals['_IMPORTUPDATELOGREQUEST']._serialized_start=1286
-  _globals['_IMPORTUPDATELOGREQUEST']._serialized_end=1393
-  _globals['_ADAPTERS']._serialized_start=1529
-  _globals['_ADAPTERS']._serialized_end=2122
+  _globals['_EXPORTUPDATELOGREQUEST']._serialized_end=793
+  _globals['_EXPORTUPDATELOGRESPONSE']._serialized_start=795
+  _globals['_EXPORTUPDATELOGRESPONSE']._serialized_end=856
+  _globals['_IMPORTUPDATELOGMETADATA']._serialized_start=858
+  _globals['_IMPORTUPDATELOGMETADATA']._serialized_end=925
+  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_start=927
+  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_end=1049
+  _globals['_FILECHUNK']._serialized_start=1051
+  _globals['_FILECHUNK']._serialized_end=1132
+  _globals['_IMPORTPEFTADAPTERMETADATA']._serialized_start=1134
+  _globals['_IMPORTPEFTADAPTERMETADATA']._serialized_end=1203
+  _globals['_IMPORTPEFTADAPTERREQUEST']._serialized_start=1206
+  _globals['_IMPORTPEFTADAPTERREQUEST']._serialized_end=1340
+  _globals['_IMPORTUPDATELOGREQUEST']._serialized_start=1342
+  _globals['_IMPORTUPDATELOGREQUEST']._serialized_end=1449
+  _globals['_ADAPTERS']._serialized_start=1585
+  _globals['_ADAPTERS']._serialized_end=2178
 # @@protoc_insertion_point(module_scope)

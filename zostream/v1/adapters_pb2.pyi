@@ -81,12 +81,14 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportUpdateLogRequest(_message.Message):
-    __slots__ = ("adapter_id", "job_id")
+    __slots__ = ("adapter_id", "job_id", "upto")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    UPTO_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     job_id: str
-    def __init__(self, adapter_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    upto: int
+    def __init__(self, adapter_id: _Optional[str] = ..., job_id: _Optional[str] = ..., upto: _Optional[int] = ...) -> None: ...
 
 class ExportUpdateLogResponse(_message.Message):
     __slots__ = ("chunk", "total_bytes")
@@ -105,14 +107,16 @@ class ImportUpdateLogMetadata(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
 
 class DownloadWeightsRequest(_message.Message):
-    __slots__ = ("adapter_id", "job_id", "checkpoint")
+    __slots__ = ("adapter_id", "job_id", "checkpoint", "upto")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    UPTO_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     job_id: str
     checkpoint: str
-    def __init__(self, adapter_id: _Optional[str] = ..., job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    upto: int
+    def __init__(self, adapter_id: _Optional[str] = ..., job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., upto: _Optional[int] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "chunk", "file_bytes", "total_bytes")
