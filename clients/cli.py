@@ -14,6 +14,7 @@ _COMMANDS = (
     "cmd_model",
     "cmd_generate",
     "cmd_train",
+    "cmd_eval",
     "cmd_log",
     "cmd_serve",
     "cmd_jobs",

@@ -1,4 +1,4 @@
-"""`zostream train` (a ZO fine-tuning job in this process) and `zostream eval`.
+"""`zostream train`: a ZO fine-tuning job in this process (its lifecycle: engine/session.py).
 
 The job directory is the job's whole state (see engine/finetune.py): running `train` again on
 the same --out resumes from the last logged step, after checking that the flags match the log.
@@ -24,7 +24,6 @@ from zostream.clients.cli import UsageError
 from zostream.clients.common import (
     add_json_arg,
     add_runtime_args,
-    load_adapter,
     load_tokenizer,
     nonneg_int,
     open_engine,
@@ -45,13 +44,12 @@ _ZO_FLAGS = {
     "estimator": "--estimator",
     "choice_score": "--choice-score",
 }
-_LIMITS = dict(max_batch=1, max_seq_len=1, max_new_tokens=1, max_waiting=1, max_prefill_tokens=1)  # no KV use
+LIMITS = dict(max_batch=1, max_seq_len=1, max_new_tokens=1, max_waiting=1, max_prefill_tokens=1)  # no KV use
 _FINAL_LOSS_STEPS = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_train(sub)
-    _register_eval(sub)
 
 
 # ---- arguments -------------------------------------------------------------------------------
@@ -214,23 +212,6 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train)
 
 
-def _register_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="loss (and accuracy for choice datasets) of a model or adapter on a JSONL dataset",
-        description="Mean token loss over --data; length-normalised multiple-choice accuracy for choice "
-        "records.",
-    )
-    p.add_argument("--model", required=True, metavar="DIR", help="model directory")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to apply")
-    p.add_argument("--data", required=True, metavar="FILE", help="evaluation JSONL")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="default: 8")
-    p.add_argument("--max-len", type=positive_int, default=1024, metavar="N", help="tokens per example")
-    add_runtime_args(p)
-    add_json_arg(p)
-    p.set_defaults(func=evaluate)
-
-
 def zo_config(args: argparse.Namespace) -> Any:
     """ZOConfig from the flags; a bad value is a UsageError naming its flag."""
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -286,80 +267,19 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-# ---- resume ----------------------------------------------------------------------------------
-_HEADER_FLAGS = {
-    "noise": "--noise",
-    "master_dtype": "--master-dtype",
-    "rounding": "--master-dtype",
-    "eps": "--eps",
-    "weight_decay": "--weight-decay",
-    "job_seed": "--seed",
-    "q": "--q",
-    "base_fingerprint": "--model",
-}
-_SCOPE_FLAGS = {
-    "kind": "--method",
-    "r": "--lora-r",
-    "alpha": "--lora-alpha",
-    "targets": "--lora-targets",
-    "init_seed": "--seed",
-}
-_EXTRA_FLAGS = {
-    "lr": "--lr",
-    "lr_schedule": "--lr-schedule",
-    "warmup_steps": "--warmup-steps",
-    "min_lr_ratio": "--min-lr-ratio",
-    "batch_size": "--batch-size",
-    "micro_batch": "--micro-batch",
-    "steps": "--steps",
-    "loss": "--loss",
-    "choice_score": "--choice-score",
-    "estimator": "--estimator",
-}
-
-
 def resume_config(cfg: Any, store: Any, log_path: Path) -> Any:
-    """The config to reopen an existing job with: the flags must match its log header.
-
-    Only --steps may change, and only for a constant lr schedule (linear/cosine depend on the
-    total): the job is reopened with the logged total and trained on to the new --steps.
-    """
-    from zostream.engine.finetune import log_header
-    from zostream.engine.trainer import master_dtype_for
-    from zostream.engine.update_log import LogCorruptError, read_header
+    """The config to reopen an existing job with (engine/session.py): a flag that differs from the log
+    is a UsageError naming it."""
+    from zostream.engine.errors import RequestError
+    from zostream.engine.session import resume_config as resolve
+    from zostream.engine.update_log import LogCorruptError
 
     try:
-        old = read_header(log_path)
+        return resolve(cfg, store, log_path)
     except LogCorruptError as exc:
         raise UsageError(f"--out: {exc}") from None
-    new = log_header(cfg, store, *master_dtype_for(cfg, store.dtype))
-    where = f"the job in {log_path.parent} was started with"
-    fix = "resume with the same settings or choose another --out"
-    for f in dataclasses.fields(old):
-        a, b = getattr(old, f.name), getattr(new, f.name)
-        if a == b:
-            continue
-        if f.name in ("scope", "extra"):
-            names = _SCOPE_FLAGS if f.name == "scope" else _EXTRA_FLAGS
-            for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
-                if a.get(key) == b.get(key) or (f.name == "extra" and key == "steps"):
-                    continue
-                raise UsageError(
-                    f"{names.get(key, '--' + key)}: {where} {key}={a.get(key)!r}, got {b.get(key)!r}; {fix}"
-                )
-            continue
-        if f.name == "base_fingerprint":
-            raise UsageError(f"--model: {where} another base model (fingerprint {a}, this one is {b}); {fix}")
-        raise UsageError(f"{_HEADER_FLAGS.get(f.name, f.name)}: {where} {f.name}={a!r}, got {b!r}; {fix}")
-    old_steps = old.extra.get("steps", cfg.steps)
-    if old_steps == cfg.steps:
-        return cfg
-    if cfg.lr_schedule != "constant":
-        raise UsageError(
-            f"--steps: {where} steps={old_steps} and a {cfg.lr_schedule} lr schedule, which depends on the "
-            f"total; resume with --steps {old_steps} or choose another --out"
-        )
-    return dataclasses.replace(cfg, steps=old_steps)
+    except RequestError as exc:
+        raise usage_error(exc, {"model": "--model"}) from None
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------
@@ -578,7 +498,7 @@ def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any
     from zostream.engine.engine import resolve_device
 
     if cfg.method == "lora":
-        eng = open_engine(args, LimitsConfig(**_LIMITS), tokenizer=tok)
+        eng = open_engine(args, LimitsConfig(**LIMITS), tokenizer=tok)
         return eng.device, eng.dtype, eng.streamer, eng.store
     check_device(args.device)
     dtype = store.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -757,36 +677,3 @@ def _print_summary(s: dict[str, Any]) -> None:
     if out is not None and s["output_step"] != s["steps"]:
         out = f"{out} (the weights of step {s['output_step']})"
     print(f"output       {out or 'none (interrupted: run the same command again to resume)'}")
-
-
-# ---- eval -----------------------------------------------------------------------------------
-def evaluate(args: argparse.Namespace) -> int:
-    from zostream.engine.config import LimitsConfig
-    from zostream.engine.trainer import evaluate as run_eval
-
-    store = open_store(args.model)
-    del store  # opened first so that a bad dir is reported as such
-    tok = load_tokenizer(args.model)
-    ds = load_data(args.data, tok, args.max_len, "--data")
-    eng = open_engine(args, LimitsConfig(**_LIMITS), tokenizer=tok)
-    lora_fn = None
-    if args.adapter:
-        ad = load_adapter(args.adapter, eng)
-        lora_fn = lambda i: {m: [lw] for m, lw in ad.layer(i).items()}  # noqa: E731
-    res = run_eval(eng.family, eng.spec, eng.streamer, ds, pad_id(tok), eng.device, lora_fn, args.batch_size)
-    res = {
-        "loss": res["loss"],
-        "perplexity": math.exp(min(res["loss"], 700.0)),
-        "accuracy": res.get("accuracy"),
-        "examples": len(ds.choices or ds.examples),
-        "data": str(args.data),
-    }
-    if args.json:
-        print_json(res)
-    else:
-        print(f"loss        {res['loss']:.6f}")
-        print(f"perplexity  {res['perplexity']:.4f}")
-        if res["accuracy"] is not None:
-            print(f"accuracy    {res['accuracy']:.4f}")
-        print(f"examples    {res['examples']}")
-    return 0

@@ -14,6 +14,7 @@ so a resumed job goes on counting where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -281,6 +282,67 @@ class TrainingSession:
 
     def close(self) -> None:
         self.trainer.log.close()  # its fd and writer lock
+
+
+# LogHeader field / scope / extra key -> the ZOConfig field that sets it (errors name the latter).
+_HEADER_FIELDS = {
+    "noise": "noise",
+    "master_dtype": "master_dtype",
+    "rounding": "master_dtype",
+    "eps": "eps",
+    "weight_decay": "weight_decay",
+    "job_seed": "seed",
+    "q": "q",
+    "base_fingerprint": "model",
+}
+_SCOPE_FIELDS = {
+    "kind": "method",
+    "r": "lora_r",
+    "alpha": "lora_alpha",
+    "targets": "lora_targets",
+    "init_seed": "seed",
+}
+
+
+def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig:
+    """The config to reopen an existing job with: its settings must match the log's header (a RequestError
+    names the config field that differs). Only steps may change, and only for a constant lr schedule
+    (linear / cosine depend on the total): the job reopens with the logged total and trains on past it
+    (TrainingSession's target)."""
+    from .errors import RequestError
+    from .trainer import master_dtype_for
+    from .update_log import read_header
+
+    old = read_header(log_path)
+    new = finetune.log_header(cfg, store, *master_dtype_for(cfg, store.dtype))
+    where = f"the job in {log_path.parent} was started with"
+    fix = "resume with the same settings or choose another job directory"
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        if f.name in ("scope", "extra"):
+            for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
+                if a.get(key) == b.get(key) or (f.name == "extra" and key == "steps"):
+                    continue
+                name = _SCOPE_FIELDS.get(key, key) if f.name == "scope" else key
+                raise RequestError(f"{where} {key}={a.get(key)!r}, got {b.get(key)!r}; {fix}", name)
+            continue
+        if f.name == "base_fingerprint":
+            raise RequestError(
+                f"{where} another base model (fingerprint {a}, this one is {b}); {fix}", "model"
+            )
+        raise RequestError(f"{where} {f.name}={a!r}, got {b!r}; {fix}", _HEADER_FIELDS.get(f.name, f.name))
+    old_steps = old.extra.get("steps", cfg.steps)
+    if old_steps == cfg.steps:
+        return cfg
+    if cfg.lr_schedule != "constant":
+        raise RequestError(
+            f"{where} steps={old_steps} and a {cfg.lr_schedule} lr schedule, which depends on the total; "
+            f"resume with steps {old_steps} or choose another job directory",
+            "steps",
+        )
+    return dataclasses.replace(cfg, steps=old_steps)
 
 
 def replay_adapter(tr: ZOTrainer, upto: int) -> LoraAdapter:
