@@ -104,7 +104,11 @@ def candidate_loglik(logits: torch.Tensor, index: CandidateIndex) -> torch.Tenso
     gather, not an atomic scatter, so the value is the same on every run of a device.
     """
     logp = torch.log_softmax(logits[index.rows, index.pos].float(), dim=-1)  # [M, V]
-    tok_lp = logp.gather(1, index.tok.unsqueeze(1)).squeeze(1)  # [M]
+    return summed_loglik(logp.gather(1, index.tok.unsqueeze(1)).squeeze(1), index)
+
+
+def summed_loglik(tok_lp: torch.Tensor, index: CandidateIndex) -> torch.Tensor:
+    """[N] float32 candidate log-likelihoods from the [M] log-probabilities of the scored tokens."""
     padded = torch.cat([tok_lp, tok_lp.new_zeros(1)])  # slot M reads 0
     return padded[index.slots].sum(dim=1)  # [N]
 

@@ -75,13 +75,21 @@ class LossWorkload:
         self.h = self.fam.block(self.h, w, self.attn.layer(i), self.spec, lora)
 
     def end(self, outer: dict[str, torch.Tensor]) -> None:
+        # The head runs only at the positions the loss reads ([N, H] -> [N, V]): a loss never needs the
+        # [B, T, V] logits, and the head is ~20 % of a small model's FLOPs (bench/RESULTS.md).
         o = self.outer_fn(outer) if self.outer_fn else outer
-        logits = self.fam.head(self.h, o, self.spec)
-        self.h = None
+        b, t, hidden = self.h.shape
+        h, self.h = self.h.reshape(b * t, hidden), None
         if self.index is None:
-            self.sums, self.counts = D.nll_per_example(logits, self.labels)
+            rows, targets = D.target_rows(self.labels)
+            nll = D.rows_nll(self.fam.head(h.index_select(0, rows), o, self.spec), targets)
+            self.sums = D.place_nll(nll, rows, b, t).sum(1)  # the reduction of data.nll_per_example
+            self.counts = (self.labels[:, 1:] != D.IGNORE).sum(1)
             return
-        self.loglik = LS.candidate_loglik(logits, self.index)  # [candidates] float32
+        # Candidates: each scored position once (single-token candidates of a record share one).
+        at, inv = torch.unique(self.index.rows * t + self.index.pos, return_inverse=True)
+        logits = self.fam.head(h.index_select(0, at), o, self.spec)  # [positions, V]
+        self.loglik = LS.summed_loglik(-D.rows_nll(logits, self.index.tok, rows=inv), self.index)  # [N]
         ce = LS.candidate_ce(self.loglik, self.index, self.choice_score)
         self.sums, self.counts = ce, torch.ones_like(ce, dtype=torch.int64)
 

@@ -28,6 +28,7 @@ from zostream.engine.data import (
     mean_loss,
     nll_per_example,
     nll_sum,
+    rows_nll,
 )
 
 CHATML = (
@@ -348,6 +349,20 @@ def test_nll_sum_matches_cross_entropy():
     torch.testing.assert_close(mean_loss(logits, labels), ref / count, rtol=1e-6, atol=0)
     for chunk in (1, 2, 5, 1000):
         torch.testing.assert_close(nll_sum(logits, labels, chunk_rows=chunk)[0], total, rtol=1e-6, atol=0)
+
+
+def test_rows_nll_gathers_repeated_rows_like_cross_entropy():
+    """rows_nll over gathered (repeated) rows, any chunking, against F.cross_entropy per row."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 37, generator=g) * 3).to(torch.bfloat16)
+    rows = torch.tensor([0, 0, 2, 4, 4, 4, 1])
+    targets = torch.randint(0, 37, (7,), generator=g)
+    ref = F.cross_entropy(logits.float()[rows], targets, reduction="none")
+    for chunk in (1, 3, 8, 100):
+        got = rows_nll(logits, targets, chunk_rows=chunk, rows=rows)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rows_nll(logits[rows], targets, chunk_rows=2), ref, rtol=1e-6, atol=0)
 
 
 def test_nll_sum_half_precision_in_fp32():

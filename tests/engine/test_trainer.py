@@ -235,8 +235,14 @@ class TextbookMeZO:
                     for m in lora_modules(self.cfg.lora_targets)
                 }
             h = fam.block(h, w, ab.layer(i), spec, ls)
-        sums, counts = D.nll_per_example(fam.head(h, outer, spec), labels)
-        return float(sums.double().sum() / counts.sum())
+        # Token (b, t+1) is predicted at (b, t); the head runs at those positions alone (N of them, in
+        # row-major order): a training loss reads nothing else, and a matmul over other rows may round
+        # differently, so the reference computes what the engine computes.
+        bi, ti = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        logp = torch.log_softmax(fam.head(h[bi, ti], outer, spec).float(), dim=-1)  # [N, V]
+        nll = torch.zeros(labels.shape, dtype=torch.float32)
+        nll[bi, ti + 1] = -logp[torch.arange(len(bi)), labels[bi, ti + 1]]
+        return float(nll.sum(1).double().sum() / len(bi))
 
     @torch.inference_mode()
     def step(self, t: int) -> None:
