@@ -1,19 +1,15 @@
 """Device memory of a streamed LoRA job on the emulated device, against the number of layers.
 
     python bench/emu_memory.py [--shape opt-175b-width] [--layers 1,2] [--codec int8]
-                               [--batch 1] [--seq 16] [--act-seq 512] [--root DIR] [--keep]
+                               [--batch 1] [--seq 512] [--root DIR] [--keep]
 
 For each layer count: a random bf16 model dir of that shape, an Engine with `--device emu`,
-`--gpu-memory 0` (every block streams) and the codec, a LoRA job on it, one ZO step. The emulated
-device's allocator counts every byte the streamer puts on the device (slots, the decoded block in
-flight, outer tensors) and the LoRA factors; its peak is the weight path's device memory, which
-must not grow with the number of layers.
-
-Compute runs on the CPU, whose tensors the allocator does not see: activations are added from the
-shapes at --act-seq (a 2-core CPU cannot run a 175B-width step at 1 x 512 in reasonable time, so
-the step itself runs at --seq). The estimate (bf16 unless noted): the 2q hidden states kept across
-blocks, one block's transients (q/k/v, attention scores in fp32, two FFN intermediates), and the
-head's fp32 logits and log-softmax.
+`--gpu-memory 0` (every block streams) and the codec, a LoRA job on it, one ZO step at
+--batch x --seq. The emulated device's allocator counts every device byte, measured, not estimated:
+what the streamer places (slots, the decoded block in flight, outer tensors), the LoRA factors, and
+everything compute allocates during the step's pass (activations, perturbed work copies, attention
+scores, logits: emu.EmuDevice.track_compute). Its peak must not grow with the number of layers
+(beyond the LoRA factors, a few MB per layer).
 """
 
 from __future__ import annotations
@@ -47,22 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", default="1,2", help="comma-separated layer counts")
     p.add_argument("--codec", default="int8", choices=["none", "int8", "nf4"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=16, help="tokens per example of the step that runs")
-    p.add_argument("--act-seq", type=int, default=512, help="tokens per example of the activation estimate")
+    p.add_argument("--seq", type=int, default=512, help="tokens per example of the step")
     p.add_argument("--q", type=int, default=1)
     p.add_argument("--root", default=None, help="model and codec cache dir (default: the bench cache)")
     p.add_argument("--keep", action="store_true", help="keep the model dirs (default: delete after use)")
     return p.parse_args(argv)
-
-
-def activation_bytes(spec: Any, batch: int, seq: int, q: int) -> int:
-    """Peak activation bytes of a ZO step's pass (see the module docstring)."""
-    h, f, heads, vocab = spec.hidden, spec.ffn, spec.heads, spec.vocab
-    bt = batch * seq
-    hidden_states = 2 * q * bt * h * 2  # the 2q perturbed forwards' h, carried block to block
-    block = 3 * bt * h * 2 + batch * heads * seq * seq * 4 + 2 * bt * f * 2 + bt * h * 2
-    head = 2 * bt * vocab * 4  # fp32 logits and their log-softmax
-    return hidden_states + max(block, head)
 
 
 def run(model: Path, a: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -93,20 +78,20 @@ def run(model: Path, a: argparse.Namespace, root: Path) -> dict[str, Any]:
         tr = open_trainer(cfg, job, store, ds, 0, CPU, store.dtype, base, sc, a.codec)
         # The adapter lives on the device with the job (fp32 factors: grows with layers, ~MB each).
         lora = sum(t.numel() * t.element_size() for t in tr.adapter.tensors.values())
+        dev.account(lora)
         t0 = time.perf_counter()
         tr.run_step()
         seconds = time.perf_counter() - t0
         tr.log.close()
     finally:
         shutil.rmtree(job, ignore_errors=True)
-    act = activation_bytes(store.spec, a.batch, a.act_seq, a.q)
     return {
         "layers": store.num_layers,
         "slot": base.plan.slot_bytes,
-        "peak": dev.peak,
+        "placed": dev.placed_peak,
         "lora": lora,
-        "act": act,
-        "total": dev.peak + lora + act,
+        "compute": dev.compute_peak,
+        "peak": dev.peak,
         "h2d": dev.bytes_by_stream.get("h2d", 0),
         "seconds": seconds,
     }
@@ -127,20 +112,22 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root / "codecs", ignore_errors=True)
     print(machine_line(CPU))
     print(
-        f"\n{a.shape}, LoRA, codec {a.codec}, --device emu --gpu-memory 0, step at {a.batch} x {a.seq}, "
-        f"activations estimated at {a.batch} x {a.act_seq}\n"
+        f"\n{a.shape}, LoRA, codec {a.codec}, q={a.q}, --device emu --gpu-memory 0, "
+        f"one ZO step at batch {a.batch} x {a.seq} tokens; every byte measured by the emulated allocator\n"
     )
     print(
-        "| layers | slot GB | streamer peak GB (emu) | LoRA GB | activations GB (est.) | total GB | step s |"
+        "| layers | slot GB | placed peak GB (slots, decoded block, outer, LoRA) | LoRA GB "
+        "| compute peak GB (activations...) | device peak GB | step s |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['layers']} | {r['slot'] / GB:.2f} | {r['peak'] / GB:.3f} | {r['lora'] / GB:.4f} "
-            f"| {r['act'] / GB:.2f} | {r['total'] / GB:.2f} | {r['seconds']:.1f} |"
+            f"| {r['layers']} | {r['slot'] / GB:.2f} | {r['placed'] / GB:.3f} | {r['lora'] / GB:.4f} "
+            f"| {r['compute'] / GB:.3f} | {r['peak'] / GB:.3f} | {r['seconds']:.1f} |"
         )
-    flat = len({r["peak"] for r in rows}) == 1
-    print(f"\nstreamer peak flat in layers: {'yes' if flat else 'no'} (bytes {[r['peak'] for r in rows]})")
+    peaks = [r["peak"] - r["lora"] for r in rows]
+    flat = len(set(peaks)) == 1
+    print(f"\ndevice peak less the LoRA factors, flat in layers: {'yes' if flat else 'no'} (bytes {peaks})")
     return 0
 
 

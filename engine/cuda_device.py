@@ -8,6 +8,7 @@ streamer calls this module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -50,6 +51,12 @@ class CudaDevice:
 
     def free(self, nbytes: int) -> None:
         pass
+
+    def track_compute(self) -> contextlib.AbstractContextManager[None]:  # the caching allocator sees compute
+        return contextlib.nullcontext()
+
+    def untracked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def stream(self, name: str) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)

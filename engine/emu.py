@@ -16,19 +16,31 @@ Checks a GPU cannot make, recorded in `violations` (the tests assert it stays em
 - a region in use by compute (between `begin_use` and `end_use`) is written by a copy;
 - compute starts using a region while a copy into it is still queued or running.
 The copy timeline (stream, tag, bytes, start, end) shows what overlapped.
+
+Compute memory: inside `track_compute()` (the streamer opens it around every pass on emu) each tensor a
+torch operation creates on the compute thread is device memory until its storage dies: activations,
+perturbed work copies, attention scores, logits. The allocator then counts every device byte: what the
+streamer places explicitly (slots, resident blocks, outer tensors, the decoded block, KV pools) and what
+compute allocates. Not counted: scratch an operator allocates and frees inside itself, and the slack of a
+caching allocator (a GPU's reserved memory is at least `peak`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import random
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 @dataclass(frozen=True)
@@ -165,7 +177,7 @@ class EmuDevice:
         self.cond = threading.Condition()
         self._rng = random.Random(self.options.seed)
         self.killed = False
-        self.allocated = 0  # bytes of device memory now
+        self.allocated = 0  # bytes of device memory now: placed + compute_bytes
         self.peak = 0
         self.bytes_by_stream: dict[str, int] = {}
         self.timeline: list[CopyRecord] = []
@@ -176,23 +188,31 @@ class EmuDevice:
         self.registered: set[int] = set()  # host pointers registered now
         self.compute = EmuStream(self, "compute", host=True)
         self._t0 = time.perf_counter()
+        # Compute memory (track_compute): storage pointer -> (weak ref, bytes) of live tensors compute made.
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.compute_bytes = 0  # of `allocated`, the part compute's tensors hold now
+        self.compute_peak = 0
+        self.placed_peak = 0  # peak of what the streamer placed (weights, slots, KV): the plan's budget
+        self._quiet = threading.local()  # device-internal allocations (counted explicitly) are not tracked
 
     # ---- memory ----------------------------------------------------------------------------------
     def empty(self, nbytes: int) -> torch.Tensor:
         """A device buffer of nbytes (uint8), counted until `free(nbytes)`."""
-        t = torch.empty(nbytes, dtype=torch.uint8)
+        with self.untracked():
+            t = torch.empty(nbytes, dtype=torch.uint8)
         self.account(nbytes)
         return t
 
     def upload(self, host: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A blocking host -> device copy (resident weights, outer tensors), counted as device memory."""
-        dst = torch.empty(host.shape, dtype=host.dtype)
-        self.account(dst.numel() * dst.element_size())
-        self.copy(dst, host, self.compute, "upload")
-        if dtype is not None and dtype != host.dtype:
-            out = dst.to(dtype)
-            self.account(out.numel() * out.element_size() - dst.numel() * dst.element_size())
-            return out
+        with self.untracked():
+            dst = torch.empty(host.shape, dtype=host.dtype)
+            self.account(dst.numel() * dst.element_size())
+            self.copy(dst, host, self.compute, "upload")
+            if dtype is not None and dtype != host.dtype:
+                out = dst.to(dtype)
+                self.account(out.numel() * out.element_size() - dst.numel() * dst.element_size())
+                return out
         return dst
 
     def download(self, host: torch.Tensor, t: torch.Tensor) -> None:
@@ -218,9 +238,62 @@ class EmuDevice:
         with self.cond:
             self.allocated += nbytes
             self.peak = max(self.peak, self.allocated)
+            self.placed_peak = max(self.placed_peak, self.allocated - self.compute_bytes)
 
     def free(self, nbytes: int) -> None:
         self.account(-nbytes)
+
+    # ---- compute memory ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def track_compute(self) -> Iterator[None]:
+        """Count the tensors compute creates on this thread (see the module docstring) while inside.
+        Reentrant: a pass opened inside a tracked region is tracked once."""
+        if getattr(self._quiet, "tracking", False):
+            yield
+            return
+        self._quiet.tracking = True
+        try:
+            with _ComputeMemory(self):
+                yield
+        finally:
+            self._quiet.tracking = False
+            self.sweep()
+
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Allocations the caller counts itself (device buffers, the decoded block): not tracked."""
+        depth = getattr(self._quiet, "depth", 0)
+        self._quiet.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._quiet.depth = depth
+
+    def sweep(self) -> None:
+        """Uncount compute tensors whose storage has died."""
+        with self.cond:
+            dead = [p for p, (ref, _) in self._live.items() if ref.expired()]
+            for p in dead:
+                n = self._live.pop(p)[1]
+                self.allocated -= n
+                self.compute_bytes -= n
+
+    def _track(self, inputs: set[int], out: object) -> None:
+        if getattr(self._quiet, "depth", 0):
+            return
+        self.sweep()  # frees are seen before the new outputs count, so the peak is of live tensors
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            st = t.untyped_storage()
+            p, n = st.data_ptr(), st.nbytes()
+            if n == 0 or p in inputs or p in self._live:
+                continue  # a view of, or in-place on, memory counted elsewhere or already
+            with self.cond:
+                self._live[p] = (StorageWeakRef(st), n)
+                self.compute_bytes += n
+                self.compute_peak = max(self.compute_peak, self.compute_bytes)
+            self.account(n)
 
     # ---- streams, events, copies ------------------------------------------------------------------
     def stream(self, name: str) -> EmuStream:
@@ -295,6 +368,24 @@ class EmuDevice:
                 self._pending.remove(span)
             self.bytes_by_stream[stream.name] = self.bytes_by_stream.get(stream.name, 0) + n
             self.timeline.append(CopyRecord(stream.name, tag, n, t0 - self._t0, t1 - self._t0))
+
+
+class _ComputeMemory(TorchDispatchMode):
+    """Sees every torch operation on the thread that entered it; new storages are device memory."""
+
+    def __init__(self, dev: EmuDevice) -> None:
+        super().__init__()
+        self.dev = dev
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
+        self.dev._track(inputs, out)
+        return out
 
 
 def overlapped(timeline: list[CopyRecord], a: str, b: str) -> float:

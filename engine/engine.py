@@ -140,6 +140,9 @@ class Engine:
         return outer + stream.prefetch_depth * max((packed(i) for i in range(n)), default=0) + decoded
 
     def _allocate_kv(self, alloc: Callable[[int, int], torch.Tensor] | None = None) -> PagedKVCache:
+        emu = emu_device(self.cfg.device)
+        if alloc is None and emu is not None:
+            alloc = lambda _i, n: emu.empty(n)  # noqa: E731 - the pools are emulated device memory, counted
         return PagedKVCache.allocate(
             self.spec.num_layers,
             self.kv_plan.num_blocks,

@@ -31,11 +31,12 @@ def run_pass(streamer: LayerStreamer, workloads: list[Workload]) -> None:
     if not workloads:
         return
     outer = streamer.outer()
-    for wl in workloads:
-        wl.begin(outer)
-    with streamer.open_pass() as blocks:  # releases (and writes back) even when a workload raises
-        for i, w in blocks:
-            for wl in workloads:
-                wl.block(i, w)
-    for wl in workloads:
-        wl.end(outer)
+    with streamer.compute_memory():  # emu: activations, scores, logits are device memory too
+        for wl in workloads:
+            wl.begin(outer)
+        with streamer.open_pass() as blocks:  # releases (and writes back) even when a workload raises
+            for i, w in blocks:
+                for wl in workloads:
+                    wl.block(i, w)
+        for wl in workloads:
+            wl.end(outer)

@@ -200,12 +200,17 @@ class LayerStreamer:
         self.stats.passes += 1
         self._current: int | None = None
         try:
-            yield self._iterate()
+            with self.compute_memory():
+                yield self._iterate()
         finally:
             if self._slots is not None:
                 if self._current is not None:
                     self._slots.release(self._current, self._dirty.pop(group_of_block(self._current), _CLEAN))
                 self._slots.end_pass()
+
+    def compute_memory(self) -> contextlib.AbstractContextManager[None]:
+        """On emu, count what compute allocates as device memory (emu.EmuDevice.track_compute); reentrant."""
+        return self.emu.track_compute() if self.emu is not None else contextlib.nullcontext()
 
     def blocks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """One pass (see open_pass; prefer it where the loop body can raise)."""
@@ -443,7 +448,8 @@ class _Slots:
         views = {k: slot[off : off + n].view(host[k].dtype).view(host[k].shape) for k, off, n in lay.items}
         if o.mutable:
             return views
-        out = o.decoder(views, o.device, o.dtype)
+        with o.dev.untracked():  # counted here, explicitly
+            out = o.decoder(views, o.device, o.dtype)
         self.decoded = _nbytes(out)
         o.dev.account(self.decoded)  # the decoded block in flight is device memory until release
         return out

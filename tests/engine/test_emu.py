@@ -122,6 +122,56 @@ def test_allocator_counts_device_bytes():
     assert dev.allocated == 40 and dev.peak == 1040
 
 
+def test_compute_memory_counts_what_compute_allocates_until_it_dies():
+    """Inside track_compute every new tensor is device memory until its storage dies; views and in-place
+    results are not new memory; the device's own buffers are counted once (explicitly)."""
+    dev = emu()
+    host = torch.zeros(10, dtype=torch.float32)
+    with dev.track_compute():
+        a = torch.ones(1000, dtype=torch.float32)  # 4000 B
+        v = a.view(10, 100)[2:5]  # a view: no new memory
+        a.mul_(2)  # in place: none
+        assert dev.allocated == 4000
+        b = a.to(torch.float64)  # 8000 B more
+        assert dev.allocated == 12000 and dev.peak == 12000
+        del b
+        c = torch.zeros(250, dtype=torch.int32)  # 1000 B, counted after b's 8000 are swept
+        assert dev.allocated == 5000
+        d = dev.upload(host)  # 40 B, explicit, not also tracked
+        assert dev.allocated == 5040 and dev.compute_bytes == 5000
+    assert dev.peak == 12000 and dev.compute_peak == 12000
+    del a, v, c
+    dev.sweep()
+    assert dev.allocated == 40 and dev.compute_bytes == 0 and d.numel() == 10
+    with dev.track_compute(), dev.track_compute():  # reentrant; leaving the outer one stops tracking
+        e = torch.ones(10, dtype=torch.float32) + 1  # the temporary ones(10) dies: swept on leaving
+    assert dev.allocated == 80
+    f = torch.ones(10, dtype=torch.float32) + 1
+    assert dev.allocated == 80 and e.numel() == f.numel()
+
+
+def test_emu_counts_kv_pools_and_activations_of_a_pass(models):
+    """An engine on emu: the KV pools are device memory from the start, and a generation pass's
+    activations raise the peak by at least the prompt's hidden states (B x S x hidden, fp32)."""
+    from tests.engine.test_generation import greedy, make_engine
+    from zostream.engine.emu import shared_device
+
+    dev = shared_device()
+    before = dev.allocated
+    eng = make_engine(models("llama"), "emu", gpu_memory_bytes=0)
+    kv = eng.cache.nbytes()
+    slots = eng.streamer.depth * eng.streamer.plan.slot_bytes
+    outer = sum(t.numel() * t.element_size() for t in eng.streamer.outer().values())
+    assert dev.allocated - before == kv + slots + outer
+    dev.peak = dev.allocated
+    prompt = list(range(1, 41))
+    eng.generate([greedy(str(i), prompt, 2) for i in range(3)])
+    hidden = 3 * len(prompt) * eng.spec.hidden * 4
+    assert dev.peak - (before + kv + slots + outer) >= hidden
+    dev.sweep()
+    assert dev.allocated - before == kv + slots + outer  # nothing compute made outlives the passes
+
+
 def test_emu_is_accepted_as_a_device():
     assert EngineConfig(model_dir="m", device="emu").device == "emu"
     from zostream.clients.common import device_arg
