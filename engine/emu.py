@@ -185,6 +185,7 @@ class EmuDevice:
         self.errors: list[str] = []  # failed copies: raised on the host at its next wait or query
         self._pending: list[tuple[int, int]] = []  # destination spans of queued / running copies
         self._in_use: dict[tuple[int, int], str] = {}  # spans compute is reading, and what they hold
+        self._use_start: dict[tuple[int, int], float] = {}
         self.registered: set[int] = set()  # host pointers registered now
         self.compute = EmuStream(self, "compute", host=True)
         self._t0 = time.perf_counter()
@@ -334,10 +335,19 @@ class EmuDevice:
             if any(_overlap(span, p) for p in self._pending):
                 self.violations.append(f"{what} read before the copy into it completed")
             self._in_use[span] = what
+            self._use_start[span] = time.perf_counter()
 
     def end_use(self, t: torch.Tensor) -> None:
+        """Compute is done with t; its span goes into the timeline as stream "kernels" (to see overlap)."""
+        span = _span(t)
         with self.cond:
-            self._in_use.pop(_span(t), None)
+            what = self._in_use.pop(span, None)
+            t0 = self._use_start.pop(span, None)
+            if what is not None and t0 is not None:
+                n = span[1] - span[0]
+                self.timeline.append(
+                    CopyRecord("kernels", what, n, t0 - self._t0, time.perf_counter() - self._t0)
+                )
 
     def writes_pending(self, t: torch.Tensor) -> bool:
         """Whether a copy into t's memory is queued or running (a counter must not move then)."""
@@ -388,10 +398,11 @@ class _ComputeMemory(TorchDispatchMode):
         return out
 
 
-def overlapped(timeline: list[CopyRecord], a: str, b: str) -> float:
-    """Seconds during which a copy on stream a and a copy on stream b ran at the same time."""
+def overlapped(timeline: list[CopyRecord], a: str, b: str, tag_b: str = "") -> float:
+    """Seconds during which a record on stream a and one on stream b (whose tag starts with tag_b) ran at
+    the same time. Stream "kernels" holds the spans during which compute used a block (begin/end_use)."""
     xs = [r for r in timeline if r.stream == a]
-    ys = [r for r in timeline if r.stream == b]
+    ys = [r for r in timeline if r.stream == b and r.tag.startswith(tag_b)]
     return sum(max(0.0, min(x.end, y.end) - max(x.start, y.start)) for x in xs for y in ys)
 
 

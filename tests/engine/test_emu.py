@@ -216,6 +216,23 @@ def test_streamed_equals_resident_with_real_copies(models, name, depth):
         assert not host & {t.untyped_storage().data_ptr() for t in st.outer().values()}
 
 
+def test_timeline_records_block_compute_spans(models):
+    """Each streamed block's use by compute is a "kernels" span in the timeline, after its upload ended."""
+    store = WeightStore(models("llama"))
+    dev = emu()
+    st = LayerStreamer(store, CPU, torch.float32, StreamConfig(0, 2), emu=dev)
+    for _ in range(2):
+        with st.open_pass() as blocks:
+            for _i, _w in blocks:
+                time.sleep(0.001)
+    spans = [r for r in dev.timeline if r.stream == "kernels"]
+    assert [r.tag.split(" in ")[0] for r in spans] == [f"block {i}" for i in range(3)] * 2
+    ups = [r for r in dev.timeline if r.stream == "h2d"]
+    for k, span in enumerate(spans):
+        assert span.end - span.start >= 0.001
+        assert span.start >= [u for u in ups if u.tag == f"h2d {k % 3}"][k // 3].end
+
+
 def test_release_on_exception(models):
     """A workload raising mid-pass: the block in use is released, the next pass runs normally."""
     from zostream.engine.forward import run_pass
