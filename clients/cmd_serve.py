@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="LoRA adapters kept on the device; the least recently used wait on the host (default: all)",
     )
+    p.add_argument(
+        "--master-dir",
+        metavar="DIR",
+        default=None,
+        help="keep full-parameter jobs' masters here, e.g. /dev/shm (shared memory CUDA can register; "
+        "lost at a restart, then rebuilt from the base and the update log) (default: the job directory)",
+    )
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -97,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         compute_dtype=args.dtype,
         stream=StreamConfig(
-            gpu_memory_bytes=args.gpu_memory, host_memory_bytes=getattr(args, "host_memory", None)
+            gpu_memory_bytes=args.gpu_memory,
+            host_memory_bytes=getattr(args, "host_memory", None),
+            master_dir=args.master_dir,
         ),
         codec=CodecConfig(args.codec),
         limits=LimitsConfig(

@@ -44,12 +44,16 @@ class StreamConfig:
     prefetch_depth: blocks in flight ahead of compute (>= 2 hides the copy behind compute).
     host_memory_bytes: RAM budget for the read-only base (None: no limit, the page cache decides;
         0: every block is read from the file each pass, read ahead and dropped behind it).
+    master_dir: where a full-parameter job keeps its master (None: the job directory). A tmpfs such as
+        /dev/shm makes it shared memory, which CUDA can register; it lasts until a restart
+        (engine/working_copy.py).
     """
 
     gpu_memory_bytes: int | None = None
     prefetch_depth: int = 2
     register_host_memory: bool = True
     host_memory_bytes: int | None = None
+    master_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_memory_bytes is not None and self.gpu_memory_bytes < 0:

@@ -136,7 +136,7 @@ def open_trainer(
             applied=[at] * (store.spec.num_layers + 1),
         )
         return tr
-    wc = WorkingCopy(job / "working", store, master)
+    wc = WorkingCopy(job / "working", store, master, stream_cfg.master_dir)
 
     def on_write_back(g: int, upto: int, landed: bool) -> None:
         # Before the copy: the torn mark (a kill mid-copy rebuilds the group); once landed: the counter.

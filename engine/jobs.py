@@ -174,6 +174,8 @@ class JobStore:
             del self.jobs[rec.id]
             self._event_ids.pop(rec.id, None)
             self._cond.notify_all()
+        if (tomb / "working").is_symlink():  # a master kept in master_dir (a tmpfs): free its RAM too
+            shutil.rmtree(os.path.realpath(tomb / "working"), ignore_errors=True)
         shutil.rmtree(tomb, ignore_errors=True)
 
     def list_datasets(self) -> list[dict]:

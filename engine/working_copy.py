@@ -15,10 +15,20 @@ What is durable against what:
   shared mapping reach the disk in any order, counters possibly before the tensors they count,
   so after a restart (a new boot id) every group is rebuilt from the base and the trainer replays
   the whole log into it. Nothing is msync'd on the hot path: the log is the record, this is a cache.
+
+Where the master lives (`StreamConfig.master_dir`): by default in the job directory, on its file
+system. CUDA then has to register (pin) a writable shared mapping of a regular file, which recent
+kernels refuse for long-term pins; the streamer falls back to a staging ring (an extra host copy each
+way). With `master_dir` on a tmpfs (/dev/shm) the master is shared memory, which CUDA can register, and
+the job directory's `working` is a symbolic link to `master_dir/zostream-master-<hash of the job
+directory>`. Shared memory outlives the process (kill -9 resumes as above) but not a restart, where the
+link dangles: the master is made again from the base and the whole log is replayed, as after a power
+loss. The cost: the master's bytes in RAM (tmpfs pages are not written to disk, and cannot be dropped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ResourceExhaustedError
 from .store import WeightStore, save_safetensors
 
 _COPY_FILES = (
@@ -46,11 +57,20 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 class WorkingCopy:
     OUTER = 0  # group index of the outer tensors; block i is group i + 1
 
-    def __init__(self, directory: str | os.PathLike, base: WeightStore, master_dtype: torch.dtype) -> None:
-        self.dir = Path(directory)
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        base: WeightStore,
+        master_dtype: torch.dtype,
+        master_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """directory: the job's `working`; master_dir: keep the master there instead (a tmpfs such as
+        /dev/shm, so CUDA can register it), with `directory` a symbolic link to it."""
         self.base = base
         self.master_dtype = master_dtype
+        self.dir = Path(directory) if master_dir is None else _link_master(Path(directory), Path(master_dir))
         if not (self.dir / "model.safetensors").exists():
+            self._check_room()
             self._create()
         self.store = WeightStore(self.dir, writable=True)
         self.groups = base.num_layers + 1
@@ -65,6 +85,23 @@ class WorkingCopy:
                 self._rebuild(g)
         if boot is not None and (restarted or not mark.exists()):
             mark.write_text(boot)  # after the rebuild: a kill during it rebuilds again on the next open
+
+    def nbytes(self) -> int:
+        """Bytes of the master (every tensor in the master dtype)."""
+        names = self.base.family.expected_tensors(self.base.spec)
+        return sum(self.base.tensor(n).numel() for n in names) * self.master_dtype.itemsize
+
+    def _check_room(self) -> None:
+        need, free = self.nbytes(), shutil.disk_usage(self.dir.parent).free
+        if need > free:
+            raise ResourceExhaustedError(
+                f"the full-parameter master needs {need / 1e9:.2f} GB in {self.dir.parent}, which has "
+                f"{free / 1e9:.2f} GB free: free space there (a tmpfs: mount it larger, e.g. docker "
+                "--shm-size) or keep the master in the job directory (no master_dir)",
+                "master_dir",
+                reason="MASTER_NO_ROOM",
+                retry_after_s=None,
+            )
 
     def _create(self) -> None:
         tmp = self.dir.with_name(self.dir.name + ".tmp")
@@ -115,6 +152,30 @@ class WorkingCopy:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         return out
+
+
+def _link_master(link: Path, master_dir: Path) -> Path:
+    """The master's directory under master_dir for the job whose `working` is link; link points to it.
+    A real directory at link (the master was kept in the job directory before) gives way: the new
+    master is made from the base and the log replayed, as after a restart."""
+    if not master_dir.is_dir():
+        raise ResourceExhaustedError(
+            f"{master_dir} is not a directory: create it (a tmpfs such as /dev/shm) or drop master_dir",
+            "master_dir",
+            reason="MASTER_DIR_MISSING",
+            retry_after_s=None,
+        )
+    key = hashlib.sha256(str(link.parent.resolve()).encode()).hexdigest()[:16]
+    target = master_dir.resolve() / f"zostream-master-{key}"
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return target
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return target
 
 
 def boot_id() -> str | None:
