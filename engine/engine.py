@@ -266,6 +266,33 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._post(lambda: self._finish(request_id, FinishReason.CANCELLED))
 
+    def abort_all(self) -> None:
+        for rid in list(self.seqs):
+            self.abort(rid)
+
+    # ---- registries (engine thread only) ------------------------------------------------------
+    def add_job(self, job_id: str, trainer: Any) -> None:
+        """Schedule a training job: its trainer's step joins the passes (trainer.workload / commit)."""
+        self.trainers[job_id] = trainer
+        self.scheduler.add_job(job_id)
+
+    def remove_job(self, job_id: str) -> None:
+        self.trainers.pop(job_id, None)
+        self.scheduler.remove_job(job_id)
+
+    def put_adapter(self, adapter_id: str, adapter: Any) -> None:
+        """Serve `adapter` (a peft.LoraAdapter) as adapter_id, replacing what was served under it."""
+        self.adapters[adapter_id] = adapter
+
+    def adapter_in_use(self, adapter_id: str) -> bool:
+        return any(s.req.adapter_id == adapter_id for s in self.seqs.values())
+
+    def drop_adapter(self, adapter_id: str, field: str = "adapter_id") -> None:
+        """Stop serving adapter_id; refused while a request generates with it."""
+        if self.adapter_in_use(adapter_id):
+            raise PreconditionError("a request is generating with this adapter; retry when it is done", field)
+        self.adapters.pop(adapter_id, None)
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run fn on the engine thread before the next pass (jobs, adapters)."""
         self._post(fn)
@@ -484,8 +511,9 @@ class Engine:
             self.submit(req)
             finals.pop(req.request_id, None)
             texts[req.request_id] = []
-        while len(finals) < len(texts):
-            self.step()
+        from .loop import EngineLoop
+
+        EngineLoop(self).run_until(lambda: len(finals) >= len(texts))
         return {
             rid: TokenEvent(
                 rid,

@@ -251,10 +251,7 @@ def materialize(base_dir: str | os.PathLike, log_path: str | os.PathLike, out: P
     base (bitwise training's on this device kind); written beside `out`, then renamed."""
     from .replay import replay
 
-    with UpdateLog.open(log_path, repair=False) as log:
-        n = len(log)
-    if not 0 <= upto <= n:
-        raise RequestError(f"the job has logged {n} steps; ask for at most {n}", "upto")
+    _check_upto(Path(log_path), upto)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -264,19 +261,29 @@ def materialize(base_dir: str | os.PathLike, log_path: str | os.PathLike, out: P
     return out
 
 
-def log_upto(log_path: str | os.PathLike, upto: int) -> bytes:
-    """A log of the first `upto` steps of `log_path` (the same header; a plain log's byte prefix)."""
-    import tempfile
-
+def log_upto(log_path: Path, upto: int, out: Path) -> bytes:
+    """A log of the first `upto` steps of `log_path` (the same header; a plain log's byte prefix), written
+    to `out` (beside it, then renamed) and returned."""
+    _check_upto(log_path, upto)
     with UpdateLog.open(log_path, repair=False) as log:
-        if not 0 <= upto <= len(log):
-            raise RequestError(f"the log has {len(log)} steps; ask for at most {len(log)}", "upto")
         header, steps = log.header, log.steps(0, upto)
-    with tempfile.TemporaryDirectory() as d:
-        with UpdateLog.create(Path(d) / "update.log", header) as out:
-            for st in steps:
-                out.append(st)
-        return (Path(d) / "update.log").read_bytes()
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with UpdateLog.create(tmp, header) as new:
+        for st in steps:
+            new.append(st)
+    os.replace(tmp, out)
+    return out.read_bytes()
+
+
+def _check_upto(log_path: Path, upto: int) -> None:
+    if not log_path.exists():
+        raise PreconditionError("the job has logged no step yet; retry after its first", "upto")
+    with UpdateLog.open(log_path, repair=False) as log:
+        n = len(log)
+    if not 0 <= upto <= n:
+        raise RequestError(f"the job has logged {n} steps; ask for at most {n}", "upto")
 
 
 def validate_dataset(ds: Dataset, cfg: ZOConfig) -> None:

@@ -4,6 +4,7 @@ export, cancel, fail, and resume after a restart. Every method runs on the engin
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import traceback
 from dataclasses import dataclass
@@ -84,13 +85,13 @@ class JobRunner:
         for rec in self.store.list(("succeeded",)):
             adir = self.store.job_dir(rec.id) / "adapter"
             if rec.spec["method"] == "lora" and adir.exists():
-                self.engine.adapters[rec.id] = self._load(adir)
+                self.engine.put_adapter(rec.id, self._load(adir))
         for d in sorted((self.store.root / "adapters").iterdir()):
             if d.name.endswith(".importing"):  # an import cut short by a crash: never acknowledged
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             if (d / "adapter" / "adapter_config.json").exists():
-                self.engine.adapters[d.name] = self._load(d / "adapter")
+                self.engine.put_adapter(d.name, self._load(d / "adapter"))
 
     def _load(self, path) -> LoraAdapter:
         e = self.engine
@@ -121,25 +122,46 @@ class JobRunner:
                 "the log replays to non-finite weights (inf or NaN); it cannot be served", "chunk"
             )
         adapter.save_peft(log_path.parent / "adapter", str(e.store.dir))
-        e.adapters[adapter_id] = adapter
+        e.put_adapter(adapter_id, adapter)
         return n
 
     def import_peft(self, adapter_id: str, adapter_dir: Path) -> None:
         """Serve a PEFT LoRA directory as `adapter_id`, validated against this base (targets, shapes)."""
         try:
             adapter = self._load(adapter_dir)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # sent bytes, not a PEFT config
+            raise RequestError(f"adapter_config.json is not UTF-8 JSON ({exc})", "file") from None
         except RequestError as exc:  # its messages name the directory: the client sent files, not a path
             msg = str(exc.args[0]).replace(f"{adapter_dir}: ", "").replace(str(adapter_dir), "<upload>")
             raise RequestError(msg, "file", code=exc.code) from None
         if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):
             raise RequestError("the adapter holds non-finite weights (inf or NaN)", "file")
-        self.engine.adapters[adapter_id] = adapter
+        self.engine.put_adapter(adapter_id, adapter)
 
     def delete_adapter(self, adapter_id: str) -> None:
-        self.engine.adapters.pop(adapter_id, None)
+        """Stop serving an imported adapter and delete its files (refused while a request uses it)."""
+        self.engine.drop_adapter(adapter_id)
         d = self.store.root / "adapters" / adapter_id
         if d.exists():
             shutil.rmtree(d)
+
+    def delete_job(self, job_id: str) -> None:
+        """A finished job's files and served adapter (refused while a request generates with it)."""
+        self.engine.drop_adapter(job_id, "job_id")
+        self.store.delete_job(job_id)
+
+    # ---- what the loop reports ---------------------------------------------------------------
+    def method_of(self, job_id: str) -> str | None:
+        aj = self.active.get(job_id)
+        return aj.cfg.method if aj else None
+
+    def progress_of(self, job_id: str) -> tuple[float, float | None, float | None] | None:
+        """(fraction of steps done, held-out loss, held-out accuracy) of a job still training, else None."""
+        aj = self.active.get(job_id)
+        if aj is None:
+            return None
+        m = aj.rec.metrics
+        return aj.trainer.step / max(aj.cfg.steps, 1), m.get("eval_loss"), m.get("eval_accuracy")
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def poll(self) -> None:
@@ -198,7 +220,7 @@ class JobRunner:
             return
         self.active[rec.id] = ActiveJob(rec, ses, cfg)
         if tr.adapter is not None:
-            e.adapters[rec.id] = tr.adapter.clone()
+            e.put_adapter(rec.id, tr.adapter.clone())
         if ses.eval_ds is not None and tr.step == 0:
             try:  # the baseline, so the job reports held-out loss/accuracy before and after
                 ses.begin()
@@ -212,8 +234,7 @@ class JobRunner:
         if ses.finished:
             self._complete(rec.id)
             return
-        e.trainers[rec.id] = tr
-        e.scheduler.add_job(rec.id)
+        e.add_job(rec.id, tr)
 
     def after_step(self, job_id: str, result: dict[str, Any] | BaseException) -> None:
         aj = self.active.get(job_id)
@@ -262,7 +283,7 @@ class JobRunner:
         elif kind == "checkpoint":
             aj = self.active.get(rec.id)
             if aj is not None and aj.session.trainer.adapter is not None:
-                self.engine.adapters[rec.id] = aj.session.trainer.adapter.clone()
+                self.engine.put_adapter(rec.id, aj.session.trainer.adapter.clone())
             self.store.event(rec.id, "checkpoint", data.get("message") or data["name"], step)
         elif kind == "best":
             aj = self.active.get(rec.id)
@@ -278,7 +299,7 @@ class JobRunner:
         res = ses.finish()
         assert res is not None
         if res.adapter is not None:
-            self.engine.adapters[job_id] = res.adapter
+            self.engine.put_adapter(job_id, res.adapter)
         self._detach(job_id)
         what = f"exported step {res.step} to {res.path.name}/"
         if ses.stopped:
@@ -297,8 +318,7 @@ class JobRunner:
 
     def _detach(self, job_id: str) -> None:
         aj = self.active.pop(job_id, None)
-        self.engine.trainers.pop(job_id, None)
-        self.engine.scheduler.remove_job(job_id)
+        self.engine.remove_job(job_id)
         if aj is not None:
             aj.session.close()  # its fd and writer lock: one per finished job would leak otherwise
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import LimitsConfig
-from .errors import RequestError, ResourceExhaustedError
+from .errors import RequestError
 from .kv_blocks import BlockAllocator, blocks_for
 
 
@@ -82,13 +82,8 @@ class Scheduler:
             )
 
     def add(self, request_id: str, prompt_len: int, max_new_tokens: int) -> None:
-        self.check_fits(prompt_len, max_new_tokens)
-        if len(self.waiting) >= self.limits.max_waiting:
-            raise ResourceExhaustedError(
-                f"{len(self.waiting)} requests are already waiting; retry later",
-                field="request",
-                reason="QUEUE_FULL",
-            )
+        """Queue an admitted request. Admission (check_fits and the queue bound) is Engine.submit's, once,
+        on the caller's thread: what it let in always fits here."""
         self.waiting.append(request_id)
         self.lengths[request_id] = prompt_len
 

@@ -21,8 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zostream.engine.config import EngineConfig
-from zostream.engine.errors import RequestError
-from zostream.engine.host_tier import process_io
+from zostream.engine.errors import RequestError, ResourceExhaustedError
 from zostream.engine.jobs import JobStore
 from zostream.v1 import (
     adapters_pb2,
@@ -194,6 +193,45 @@ class App:
             )
         return self.engine
 
+    def check_open(self, field: str = "request") -> None:
+        """New work is refused while the server drains (SIGTERM)."""
+        if self.draining:
+            raise RequestError(
+                "the server is shutting down; retry on another replica",
+                field,
+                code="UNAVAILABLE",
+                reason="SERVER_DRAINING",
+                retry_after_s=1.0,
+            )
+
+    def admit(self, reqs: list, track: list[str], field: str = "request", wire=None) -> None:
+        """The one admission of generation requests, gRPC and HTTP alike: draining, the in-flight limit,
+        unique ids (`track`: the ids the caller holds in flight: a gRPC call's request id, or each of an
+        OpenAI call's choices), then Engine.submit's own checks (lengths, adapter, queue) per request.
+        On a refusal the requests already submitted are aborted; `wire` maps the engine's errors."""
+        engine = self.ready_engine()
+        self.check_open(field)
+        if len(self.inflight) + len(track) > self.max_inflight:
+            raise ResourceExhaustedError(
+                f"{len(self.inflight)} requests in flight; retry later", field, reason="TOO_MANY_IN_FLIGHT"
+            )
+        if dup := next((t for t in track if t in self.inflight), None):  # Abort addresses requests by id
+            raise RequestError(
+                f"a request with id {dup[:64]!r} is already in flight; use a unique id",
+                "request_id",
+                code="ALREADY_EXISTS",
+            )
+        submitted: list[str] = []
+        try:
+            for r in reqs:
+                engine.submit(r)
+                submitted.append(r.request_id)
+        except RequestError as exc:
+            for rid in submitted:
+                engine.abort(rid)
+            raise (wire(exc) if wire else exc) from None
+        self.inflight.update(track)
+
     async def on_engine(self, fn):
         """Run fn on the engine thread and await its result."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -222,6 +260,7 @@ class App:
     def _engine_main(self) -> None:
         from zostream.engine.engine import Engine
         from zostream.engine.job_runner import JobRunner
+        from zostream.engine.loop import EngineLoop
 
         try:
             engine = Engine(self.cfg.engine)
@@ -247,56 +286,7 @@ class App:
             self.engine_error = f"{type(exc).__name__}: {exc}"
             log.error("engine failed to start: %s", self.engine_error)
             return
-        self._loop_engine(engine)
-
-    def _loop_engine(self, engine) -> None:
-        codec = self.cfg.engine.codec.name
-        while not self.stopped.is_set():
-            try:
-                self.runner.poll()
-                self.metrics.set_jobs(self.jobs.counts())
-                if not engine.has_work():
-                    engine.wait_for_work(0.05)
-                    continue
-                stats = engine.step()
-                method, train = None, stats.train
-                if stats.train_job:
-                    aj = self.runner.active.get(stats.train_job)
-                    method = aj.cfg.method if aj else None
-                if isinstance(train, BaseException):
-                    stats.train = None
-                # Counted before the runner reports the step (its events, a job's "succeeded"): a reader
-                # that saw the job end then finds every step of it in the metrics.
-                self.metrics.observe_step(
-                    stats,
-                    codec=codec,
-                    running=len(engine.scheduler.running),
-                    waiting=len(engine.scheduler.waiting),
-                    method=method,
-                )
-                if stats.train_job:
-                    self.runner.after_step(stats.train_job, train)
-                aj = self.runner.active.get(stats.train_job) if stats.train_job else None
-                if aj is not None:  # still training: its progress and latest held-out figures
-                    m = aj.rec.metrics
-                    self.metrics.set_job_progress(
-                        aj.trainer.step / max(aj.cfg.steps, 1), m.get("eval_loss"), m.get("eval_accuracy")
-                    )
-                tier = engine.streamer.tier  # host tier: disk counters and measured residency
-                self.metrics.observe_disk(process_io(), tier.ram_bytes() if tier is not None else None)
-                if engine.device.type == "cuda":
-                    import torch
-
-                    self.metrics.set_gpu_memory(
-                        torch.cuda.memory_allocated(engine.device),
-                        torch.cuda.memory_reserved(engine.device),
-                        self.cfg.engine.stream.gpu_memory_bytes,
-                    )
-            except Exception as exc:  # noqa: BLE001 - keep serving; the failing requests get errors
-                self.log_exception(exc)
-                for rid in list(engine.seqs):
-                    engine.abort(rid)
-        self.runner.shutdown()
+        EngineLoop(engine, self.runner, self.metrics).run(self.stopped)
 
 
 async def serve(

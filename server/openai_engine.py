@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from zostream.engine.errors import RequestError, ResourceExhaustedError
 from zostream.engine.generation import FinishReason, GenerateRequest, TokenEvent
 
 API = "http"
@@ -26,34 +25,17 @@ class Run:
 
     def __init__(self, app: Any, reqs: list[GenerateRequest]) -> None:
         self.app, self.reqs = app, reqs
-        self.engine = engine = app.ready_engine()
-        if app.draining:
-            raise RequestError(
-                "the server is shutting down; retry on another replica",
-                "",
-                code="UNAVAILABLE",
-                reason="SERVER_DRAINING",
-                retry_after_s=1.0,
-            )
-        if len(app.inflight) + len(reqs) > app.max_inflight:
-            msg = f"{len(app.inflight)} requests in flight; retry later"
-            raise ResourceExhaustedError(msg, "", reason="TOO_MANY_IN_FLIGHT")
+        self.engine = app.ready_engine()
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.index = {r.request_id: i for i, r in enumerate(reqs)}
-        self.pending: set[str] = set()
         self.first: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
         for r in reqs:
             r.callback = lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-        try:
-            for r in reqs:
-                engine.submit(r)  # RequestError (too long, queue full): abort the ones already in
-                self.pending.add(r.request_id)
-                app.inflight.add(r.request_id)
-        except BaseException:
-            self.close()
-            raise
+        ids = [r.request_id for r in reqs]
+        app.admit(reqs, ids, field="")  # a refusal (too long, queue full) aborts the ones already in
+        self.pending: set[str] = set(ids)
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(index in reqs, event) until every request has finished."""

@@ -126,42 +126,14 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     @rpc
     async def Generate(self, request, context):
         engine = self.app.ready_engine()
-        if self.app.draining:
-            raise RequestError(
-                "the server is shutting down; retry on another replica",
-                "request",
-                code="UNAVAILABLE",
-                reason="SERVER_DRAINING",
-                retry_after_s=1.0,
-            )
         req = C.generate_request(request, engine, context.time_remaining())
-        if len(self.app.inflight) >= self.app.max_inflight:
-            raise ResourceExhaustedError(
-                f"{len(self.app.inflight)} requests in flight; retry later",
-                "request",
-                reason="TOO_MANY_IN_FLIGHT",
-            )
-        if req.request_id in self.app.inflight:  # Abort addresses requests by id: ids must be unique
-            raise RequestError(
-                f"a request with id {req.request_id[:64]!r} is already in flight; use a unique id",
-                "request_id",
-                code="ALREADY_EXISTS",
-            )
         subs = C.completions(req, request.n)  # n > 1: one engine request per completion
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         for i, sub in enumerate(subs):
             sub.callback = lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
-        submitted: list[str] = []
-        try:
-            for sub in subs:
-                engine.submit(sub)
-                submitted.append(sub.request_id)
-        except RequestError as exc:
-            for rid in submitted:
-                engine.abort(rid)
-            raise C.wire_error(exc) from None
-        self.app.inflight.add(req.request_id)
+        self.app.admit(subs, [req.request_id], wire=C.wire_error)
+        submitted = [sub.request_id for sub in subs]
         self.app.groups[req.request_id] = submitted
         # Per completion: first-token latency, and (not streaming) what it produced so far.
         first: list[float | None] = [None] * len(subs)
@@ -314,15 +286,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         if not rec.terminal:
             raise PreconditionError(f"job {rec.id} is {rec.status}; cancel it first", "job_id")
 
-        def delete() -> None:  # on the engine thread, which owns the sequences and the adapter registry
-            if any(seq.req.adapter_id == rec.id for seq in self.app.engine.seqs.values()):
-                raise PreconditionError(
-                    "a request is generating with this job's adapter; retry when it is done", "job_id"
-                )
-            self.app.engine.adapters.pop(rec.id, None)
-            self.jobs.delete_job(rec.id)
-
-        await self.app.on_engine(delete)
+        await self.app.on_engine(lambda: self.app.runner.delete_job(rec.id))  # the engine owns the adapters
         return finetuning_pb2.DeleteJobResponse()
 
     @rpc
@@ -340,14 +304,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
                 self.jobs.dataset_path(spec["validation_dataset"])
             except NotFoundError as exc:
                 raise NotFoundError(str(exc).split(": ", 1)[-1], "validation_dataset") from None
-        if self.app.draining:
-            raise RequestError(
-                "the server is shutting down; retry on another replica",
-                "request",
-                code="UNAVAILABLE",
-                reason="SERVER_DRAINING",
-                retry_after_s=1.0,
-            )
+        self.app.check_open()
         rec, _created = self.jobs.create(spec)
         engine.call_soon(lambda: None)  # wake the engine loop
         return C.job_pb(rec)
@@ -532,14 +489,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             if not rec.terminal:
                 raise PreconditionError("the job is still training; cancel it first", "adapter_id")
 
-        def delete() -> None:  # on the engine thread, which owns the sequences
-            if any(seq.req.adapter_id == aid for seq in self.app.engine.seqs.values()):
-                raise PreconditionError(
-                    "a request is generating with this adapter; retry when it is done", "adapter_id"
-                )
-            self.app.runner.delete_adapter(aid)
-
-        await self.app.on_engine(delete)
+        await self.app.on_engine(lambda: self.app.runner.delete_adapter(aid))  # the engine owns the adapters
         if aid in self.app.jobs.jobs:
             shutil.rmtree(self.app.jobs.job_dir(aid) / "adapter", ignore_errors=True)
         return adapters_pb2.DeleteAdapterResponse()
@@ -591,7 +541,8 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         if not path.exists():
             raise NotFoundError(f"no update log for {ident[:64]!r}", which)
         if request.HasField("upto"):
-            data = await asyncio.to_thread(finetune.log_upto, path, request.upto)
+            out = path.parent / "exports" / f"update-{request.upto:06d}.log"
+            data = await asyncio.to_thread(finetune.log_upto, path, request.upto, out)
         else:
             data = path.read_bytes()
         for i in range(0, max(len(data), 1), CHUNK):
