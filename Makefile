@@ -29,10 +29,10 @@ venv: $(BIN)/python ## create .venv if missing
 # Re-runs only when pyproject.toml changes (or after `make distclean`).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[engine,dev]'
 	touch $@
 
-install: $(STAMP) ## install zostream (editable) with dev extras into .venv
+install: $(STAMP) ## install zostream (editable) with the engine and dev extras into .venv
 
 lint: install ## ruff check + format check
 	$(BIN)/ruff check .

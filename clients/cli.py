@@ -23,6 +23,27 @@ _COMMANDS = (
 )
 
 
+# Top-level modules of the `engine` extra (pyproject.toml): a client-only install has none of them.
+ENGINE_MODULES = frozenset(
+    {
+        "torch",
+        "transformers",
+        "safetensors",
+        "tokenizers",
+        "jinja2",
+        "numpy",
+        "numba",
+        "grpc_reflection",
+        "prometheus_client",
+        "tqdm",
+        "platformdirs",
+        "starlette",
+        "uvicorn",
+        "multipart",
+    }
+)
+
+
 class UsageError(Exception):
     """Bad arguments or input discovered after parsing: exit code 2 with the message."""
 
@@ -57,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ENGINE_MODULES:
+            raise
+        print(
+            f"zostream {args.command}: error: this command runs the model in this process and needs the "
+            f"engine (module {exc.name} is missing): pip install 'zostream[engine]' (torch first, see the "
+            "README); a client-only install talks to a server: the commands with --server",
+            file=sys.stderr,
+        )
+        return 1
     except (ValueError, FileNotFoundError) as exc:
         print(f"zostream {args.command}: error: {exc}", file=sys.stderr)
         return 2
