@@ -15,6 +15,7 @@ scores, logits: emu.EmuDevice.track_compute). Its peak must not grow with the nu
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def run(model: Path, a: argparse.Namespace, root: Path) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         tr.log.close()
     finally:
+        base.close()
         shutil.rmtree(job, ignore_errors=True)
     return {
         "layers": store.num_layers,
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"emu-memory: building {a.shape} with {n} layer(s) under {root}")
         model = make_model(a.shape, n, torch.bfloat16, root)
         rows.append(run(model, a, root))
+        gc.collect()  # the emulated device's buffers of this run are RAM: free them before the next
         log(f"emu-memory: {rows[-1]}")
         if not a.keep:
             shutil.rmtree(model, ignore_errors=True)
