@@ -42,6 +42,83 @@ class Trainable:
     on_written: Callable[[int, int, bool], None]  # (group, step, done) -> persist counters
 
 
+class LoraStrategy:
+    """A LoRA job: the adapter's factors are the trainable tensors (group g > 0: layer g-1's; the outer
+    group has none). They live where compute runs, so an update applied is an update kept."""
+
+    def __init__(self, adapter: LoraAdapter, num_layers: int) -> None:
+        self.adapter, self.num_groups = adapter, num_layers + 1
+
+    def tensors(self, g: int, _w: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Full name -> tensor of group g."""
+        ad = self.adapter
+        return {} if g == 0 else {n: ad.tensors[n] for n in ad.layer_names(g - 1)}
+
+    def counters_move_at_apply(self) -> bool:
+        return True
+
+    def on_written(self, g: int, step: int, done: bool) -> None:
+        pass  # the adapter's state is saved whole at checkpoints
+
+    def applied(self, g: int, upto: int) -> None:
+        pass
+
+    def lora_fn(self) -> Callable[[int], LoraSet | None]:
+        ad = self.adapter
+        return lambda i: {m: [lw] for m, lw in ad.layer(i).items()}
+
+    def unperturbed(self, dtype: torch.dtype):
+        return None, None, self.lora_fn()
+
+    def flush(self, tr: ZOTrainer, upto: int) -> None:
+        for g in range(1, self.num_groups):
+            tr.catch_up(g, None, upto)
+
+
+class FullStrategy:
+    """A full-parameter job: the masters (the working copy's tensors, or the streamer's device copies of
+    them) are trainable. On a copying device an update lands in a device copy: its durable counter moves
+    when the streamer's write-back has landed (finetune's hook), never at apply."""
+
+    def __init__(self, trainable: Trainable, layer_prefix: Callable[[int], str], streamer: LayerStreamer):
+        self.trainable, self.layer_prefix, self.streamer = trainable, layer_prefix, streamer
+        self.num_groups = trainable.num_groups
+
+    def tensors(self, g: int, w: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        tensors = self.trainable.groups(g, w)
+        if g > 0 and tensors:  # block-local names -> full names (the noise is keyed by them)
+            prefix = self.layer_prefix(g - 1)
+            tensors = {prefix + k: v for k, v in tensors.items()}
+        return tensors
+
+    def counters_move_at_apply(self) -> bool:
+        return not self.streamer.copies
+
+    def on_written(self, g: int, step: int, done: bool) -> None:
+        self.trainable.on_written(g, step, done)
+
+    def applied(self, g: int, upto: int) -> None:
+        if self.streamer.mutable:
+            self.streamer.mark_dirty(g, upto)
+
+    def lora_fn(self) -> None:
+        return None
+
+    def unperturbed(self, dtype: torch.dtype):
+        return (
+            lambda outer: {n: t.to(dtype) for n, t in outer.items()},
+            lambda i, w: {k: t.to(dtype) for k, t in w.items()},
+            None,
+        )
+
+    def flush(self, tr: ZOTrainer, upto: int) -> None:
+        if any(a < upto for a in tr.applied[1:]):
+            with torch.inference_mode(), self.streamer.open_pass() as blocks:
+                for i, w in blocks:
+                    tr.catch_up(i + 1, w, upto)
+        self.streamer.flush()  # resident blocks and the outer tensors back to the host copy
+
+
 class LossWorkload:
     """Forward of one batch with given weight transforms. At the end, per example: (NLL sum, target
     count) for a token batch (ids, labels, lens); (candidate CE, 1) for a candidate batch, whose 4th
@@ -200,13 +277,17 @@ class ZOTrainer:
         self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
         self.device = streamer.device
         self.loss = LS.resolve_loss(cfg.loss, train.kind)  # "tokens" | "candidates"
-        self.trainable = trainable or self._lora_trainable()
+        if trainable is not None:
+            self.strategy: LoraStrategy | FullStrategy = FullStrategy(trainable, fam.layer_prefix, streamer)
+        else:
+            assert adapter is not None, "a trainer needs an adapter (LoRA) or trainable masters (full)"
+            self.strategy = LoraStrategy(adapter, spec.num_layers)
         self.steps: list[Step] = log.steps()
         # Per group: the steps in its master as the device holds it (the durable counters are the owner's).
-        self.applied = list(applied) if applied is not None else [0] * self.trainable.num_groups
-        if len(self.applied) != self.trainable.num_groups:
+        self.applied = list(applied) if applied is not None else [0] * self.strategy.num_groups
+        if len(self.applied) != self.strategy.num_groups:
             raise ValueError(
-                f"applied has {len(self.applied)} groups, the job has {self.trainable.num_groups}"
+                f"applied has {len(self.applied)} groups, the job has {self.strategy.num_groups}"
             )
         self.working_copy = working_copy
         # Data parallel (engine/distributed.py): this process is rank shard[0] of shard[1], and `reducer`
@@ -229,15 +310,6 @@ class ZOTrainer:
         return self.step >= self.cfg.steps
 
     # ---- trainable groups ----------------------------------------------------------------------
-    def _lora_trainable(self) -> Trainable:
-        assert self.adapter is not None
-        ad = self.adapter
-
-        def groups(g: int, _w: dict | None) -> dict[str, torch.Tensor]:
-            return {} if g == 0 else {n: ad.tensors[n] for n in ad.layer_names(g - 1)}
-
-        return Trainable(groups, self.spec.num_layers + 1, lambda g, s, done: None)
-
     def perturbers(self, seeds: list[int]) -> PassPerturbation:
         """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction)."""
         return PassPerturbation(
@@ -246,36 +318,23 @@ class ZOTrainer:
 
     def unperturbed(self):
         """(outer_fn, block_fn, lora_fn) of a forward through θ itself (the masters, in compute dtype)."""
-        if self.adapter is not None:
-            ad = self.adapter
-            return None, None, lambda i: {m: [lw] for m, lw in ad.layer(i).items()}
-        dt = self.dtype
-        return (
-            lambda outer: {n: t.to(dt) for n, t in outer.items()},
-            lambda i, w: {k: t.to(dt) for k, t in w.items()},
-            None,
-        )
+        return self.strategy.unperturbed(self.dtype)
 
     def catch_up(self, g: int, w: dict[str, torch.Tensor] | None, upto: int) -> None:
         """Apply logged steps applied[g]..upto-1 to group g's master tensors, in place."""
         if self.applied[g] >= upto:
             return
-        tensors = self.trainable.groups(g, w)
-        if self.adapter is None and g > 0 and tensors:
-            prefix = self.fam.layer_prefix(g - 1)
-            tensors = {prefix + k: v for k, v in tensors.items()}
-        # On a copying device (cuda, emu) the master updated here is a device copy: the host copy and its
-        # durable counter move together when the streamer's write-back lands (finetune's hook), never here.
-        in_place = not (self.adapter is None and self.streamer.copies)
+        st = self.strategy
+        tensors = st.tensors(g, w)
+        in_place = st.counters_move_at_apply()
         for s in range(self.applied[g], upto):
             if in_place:
-                self.trainable.on_written(g, s, False)
+                st.on_written(g, s, False)
             apply_step(tensors, self.steps[s], self.log.header)
             self.applied[g] = s + 1
             if in_place:
-                self.trainable.on_written(g, s, True)
-        if self.adapter is None and self.streamer.mutable:
-            self.streamer.mark_dirty(g, upto)
+                st.on_written(g, s, True)
+        st.applied(g, upto)
 
     # ---- steps ---------------------------------------------------------------------------------
     def batch(self, step: int):
@@ -339,26 +398,14 @@ class ZOTrainer:
     def flush(self) -> None:
         """Apply the pending update everywhere (ZO2 never does: its saves are a step stale)."""
         upto = self.step
-        outer = self.streamer.outer()
-        self.catch_up(0, outer, upto)
-        if self.adapter is not None:
-            for g in range(1, self.trainable.num_groups):
-                self.catch_up(g, None, upto)
-            return
-        if any(a < upto for a in self.applied[1:]):
-            with torch.inference_mode(), self.streamer.open_pass() as blocks:
-                for i, w in blocks:
-                    self.catch_up(i + 1, w, upto)
-        self.streamer.flush()  # resident blocks and the outer tensors back to the host copy
+        self.catch_up(0, self.streamer.outer(), upto)
+        self.strategy.flush(self, upto)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ds: D.Dataset, batch_size: int = 8) -> dict[str, float]:
         """Loss (and multiple-choice accuracy) with the current, flushed weights."""
         self.flush()
-        lora_fn = None
-        if self.adapter is not None:
-            ad = self.adapter
-            lora_fn = lambda i: {m: [lw] for m, lw in ad.layer(i).items()}  # noqa: E731
+        lora_fn = self.strategy.lora_fn()
         return evaluate(self.fam, self.spec, self.streamer, ds, self.pad_id, self.device, lora_fn, batch_size)
 
 
