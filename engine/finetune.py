@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import losses, rng
+from . import estimators, losses, rng, zo
 from .config import StreamConfig, ZOConfig
 from .data import Dataset
 from .errors import PreconditionError, RequestError
@@ -32,9 +32,22 @@ from .working_copy import WorkingCopy
 _CKPT = re.compile(r"^step-(\d{6,})$")
 
 
-def log_header(cfg: ZOConfig, store: WeightStore, master: torch.dtype, rounding: str) -> LogHeader:
+def log_header(
+    cfg: ZOConfig,
+    store: WeightStore,
+    master: torch.dtype,
+    rounding: str,
+    compute_dtype: torch.dtype | None = None,
+) -> LogHeader:
+    """compute_dtype given: the header of a new job, with its update mask (zo.UpdateMask: the dtype of the
+    perturbed copies, float32 for LoRA's work copies; which copies a coordinate must tell apart)."""
     scope: dict[str, Any] = {"kind": "full"}
     extra: dict[str, Any] = {}
+    if compute_dtype is not None:
+        copies = torch.float32 if cfg.method == "lora" else compute_dtype
+        one_sided = all(sign != -1 for _, sign in estimators.forwards(cfg.estimator, cfg.q))  # fzoo: θ+, θ
+        mask = zo.UpdateMask(cfg.epsilon, copies, one_sided)
+        extra["update_mask"] = mask.header_entry()
     if cfg.micro_batch_size != cfg.batch_size:  # only when set: logs of one-slice jobs keep their header
         extra["micro_batch"] = cfg.micro_batch_size
     # Also only when not what every log before them used (tokens, mezo): those logs keep their header.
@@ -106,14 +119,18 @@ def open_trainer(
     cfg = resolve_objective(cfg, train, logged)
     job.mkdir(parents=True, exist_ok=True)
     master, rounding = master_dtype_for(cfg, store.dtype)
-    header = log_header(cfg, store, master, rounding)
+    header = log_header(cfg, store, master, rounding, compute_dtype)
     if logged is not None:
         try:
             rng.check_replayable(logged.generator_version, logged.noise)
         except ValueError as err:
             raise PreconditionError(f"cannot resume {job}: {err}", "generator_version") from None
-        # A version-1 Rademacher log continues under its own header: its noise bits are unchanged.
-        header = dataclasses.replace(header, generator_version=logged.generator_version)
+        # A version-1 Rademacher log continues under its own header: its noise bits are unchanged. A log
+        # keeps the update mask it started with (none before masks existed): its steps replay that way.
+        extra = {k: v for k, v in header.extra.items() if k != "update_mask"}
+        if "update_mask" in logged.extra:
+            extra["update_mask"] = logged.extra["update_mask"]
+        header = dataclasses.replace(header, generator_version=logged.generator_version, extra=extra)
         log = UpdateLog.open(log_path, expect=header)
     else:
         log = UpdateLog.create(log_path, header)

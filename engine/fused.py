@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import rng
+
+if TYPE_CHECKING:
+    from . import zo
 
 try:  # numba is a pinned dependency; a platform without its wheels still trains, slower
     from . import noise_cpu
@@ -112,24 +116,34 @@ def update(
     kind: str,
     stochastic: bool,
     sr_seed: int | None,
+    mask: zo.UpdateMask | None = None,
 ) -> bool:
-    """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay); False: no kernel here."""
+    """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay; mask: zo.UpdateMask);
+    False: no kernel here."""
     if triton_ready(theta) and not (stochastic and theta.dtype == torch.float16):
         _triton().update(
-            theta, name, coefs, lr, wd, kind, stochastic and theta.dtype == torch.bfloat16, sr_seed
+            theta, name, coefs, lr, wd, kind, stochastic and theta.dtype == torch.bfloat16, sr_seed, mask
         )
         return True
-    if not _cpu_ready(theta):
+    if not _cpu_ready(theta) or (mask is not None and mask.dtype not in _CPU_DTYPES):
         return False
+    mode, mask_dt, eps = noise_cpu.MASK_NONE, noise_cpu.F32, 1.0
+    if mask is not None:
+        mode = noise_cpu.MASK_ONE_SIDED if mask.one_sided else noise_cpu.MASK_PAIR
+        mask_dt, eps = (noise_cpu.BF16 if mask.dtype == torch.bfloat16 else noise_cpu.F32), mask.eps
     keys = np.array([rng.tensor_key(s, name, 0) for s, _ in coefs], dtype=np.uint64)
     gs = np.array([g for _, g in coefs], dtype=np.float32)
     stochastic = stochastic and theta.dtype == torch.bfloat16  # a float32 master rounds to nearest
     sr = rng.tensor_key(sr_seed, name, 1) if stochastic and sr_seed is not None else (0, 0)
     th, code, lr32, wd32 = _array(theta), noise_cpu.KIND_CODES[kind], np.float32(lr), np.float32(wd)
-    _split(
-        theta.numel(),
-        lambda lo, hi: noise_cpu.update(th, code, keys, gs, lr32, wd32, stochastic, sr[0], sr[1], lo, hi),
-    )
+    eps32 = np.float32(eps)
+
+    def kernel(lo: int, hi: int) -> None:
+        noise_cpu.update(
+            th, code, keys, gs, lr32, wd32, stochastic, sr[0], sr[1], lo, hi, mode, mask_dt, eps32
+        )
+
+    _split(theta.numel(), kernel)
     return True
 
 

@@ -7,7 +7,8 @@ once, so z is never materialised:
 
   perturb_pair:  out+ = (θ + εz).to(dt), out- = (θ - εz).to(dt)   one read of θ, one z
   update:        θ ← round(θ - lr (Σ_d g_d z_d [/ q] + wd θ))      one read-modify-write, all q
-                 directions and the stochastic-rounding uniforms drawn in the same counter loop
+                 directions and the stochastic-rounding uniforms drawn in the same counter loop;
+                 with a mask, g_d z_d only where θ's perturbed copies differ (zo.UpdateMask)
 
 Why this keeps the bits: numba compiles without fastmath, so LLVM never contracts a*b+c into an
 FMA nor reassociates; error_model="numpy" makes x/0 IEEE (inf/nan, as torch) instead of a raised
@@ -325,19 +326,54 @@ def _stochastic_bf16(x, u):
     return np.uint16(0x7FC0) if x != x else np.uint16(out & _U(0xFFFF))
 
 
+# Update masks (zo.UpdateMask): which perturbed copies a coordinate must tell apart to take a direction's
+# update. MASK_NONE: every coordinate (logs written before masks); MASK_PAIR: θ+εz vs θ-εz (mezo);
+# MASK_ONE_SIDED: θ+εz vs θ itself (fzoo's unperturbed pass), all rounded to the compute dtype.
+MASK_NONE, MASK_PAIR, MASK_ONE_SIDED = 0, 1, 2
+
+
+@nb.njit(inline="always", error_model="numpy")
+def _as_computed(dt, v):
+    """float32 v as the forwards saw it: rounded to the compute dtype (BF16 or F32) and widened back."""
+    return _bf16_to_f32(_f32_to_bf16(v)) if dt == BF16 else v
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _add_direction(th, m, z, g, upd, first, mask, mask_dt, eps32):
+    """upd[j] (= if first) += z[j] g where coordinate j's perturbed copies differ (all j without a mask).
+    A separate function, compiled on its own, like the write-back loops below."""
+    if mask == MASK_NONE:
+        if first:
+            for j in range(m):
+                upd[j] = z[j] * g
+        else:
+            for j in range(m):
+                upd[j] = upd[j] + z[j] * g
+        return
+    for j in range(m):
+        x = _load(th, j)
+        dz = z[j] * eps32
+        a = _as_computed(mask_dt, x + dz)
+        b = _as_computed(mask_dt, x - dz) if mask == MASK_PAIR else _as_computed(mask_dt, x)
+        term = z[j] * g if a != b else _ZERO  # a NaN copy differs from everything: kept
+        upd[j] = term if first else upd[j] + term
+
+
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1, lo, hi):
+def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1, lo, hi, mask, mask_dt, eps):
     """θ ← θ - lr (mean_d g_d z_d + wd θ) in place, then round (nearest, or stochastic for bf16 bits).
 
     keys: uint64 [q, 2] Philox keys of the directions' z; gs: float32 [q]; wd = 0 means no decay;
-    stochastic only for a bfloat16 θ (uint16 bits).
+    stochastic only for a bfloat16 θ (uint16 bits). mask (MASK_*), mask_dt (BF16/F32), eps: a direction's
+    term is 0 where the coordinate's perturbed copies (θ ± eps z, computed from this θ before the update)
+    round to the same value in mask_dt.
     Per element, in zo.apply_update's order: u = g_0 z_0, u = u + g_d z_d, u = u / q (q > 1),
     u = u + θ wd (wd != 0), new = θ - u lr. Only elements [lo, hi) (lo a multiple of 4)."""
     n = theta.shape[0]
     q = keys.shape[0]
     if n == 0:
         return
-    lr32, wd32, qf = _F(lr), _F(wd), _F(q)
+    lr32, wd32, qf, eps32 = _F(lr), _F(wd), _F(q), _F(eps)
     sk0, sk1 = _U(sr_k0) & _MASK, _U(sr_k1) & _MASK
     hi = min(hi, n)
     upd = np.empty(_BLOCK, np.float32)
@@ -346,15 +382,10 @@ def update(theta, kind, keys, gs, lr, wd, stochastic, sr_k0, sr_k1, lo, hi):
     for b in range(lo, hi, _BLOCK):
         m = min(_BLOCK, hi - b)
         c0, nc = b // 4, (m + 3) // 4
-        _gen(kind, c0, nc, keys[0, 0] & _MASK, keys[0, 1] & _MASK, upd)
-        g = gs[0]
-        for j in range(m):
-            upd[j] = upd[j] * g
-        for d in range(1, q):
+        th = theta[b : b + m]
+        for d in range(q):
             _gen(kind, c0, nc, keys[d, 0] & _MASK, keys[d, 1] & _MASK, z)
-            g = gs[d]
-            for j in range(m):
-                upd[j] = upd[j] + z[j] * g
+            _add_direction(th, m, z, gs[d], upd, d == 0, mask, mask_dt, eps32)
         if q > 1:
             for j in range(m):
                 upd[j] = upd[j] / qf

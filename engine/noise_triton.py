@@ -23,6 +23,7 @@ or stores of a program touch the same cache lines, so memory traffic stays one p
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import torch
 import triton
@@ -37,6 +38,7 @@ def _f32(x: float) -> float:
 
 GAUSSIAN, RADEMACHER, UNIFORM = 0, 1, 2
 KIND_CODES = {"gaussian": GAUSSIAN, "rademacher": RADEMACHER}
+MASK_DT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # update_kernel's MASK_DT
 # θ and output dtypes the kernels read and write (widening to float32 is exact; narrowing rounds
 # to nearest even, as torch's .to()).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -268,6 +270,30 @@ def _update_lane(theta, i, n, upd, u, lr, wd, DECAY: tl.constexpr, STOCHASTIC: t
 
 
 @triton.jit
+def _as_computed(x, DT: tl.constexpr):
+    """float32 x rounded to the compute dtype (MASK_DT_CODES) and widened back."""
+    if DT == 1:
+        return _widen(_narrow(x, tl.bfloat16))
+    elif DT == 2:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _term(x, z, g, eps, MASK: tl.constexpr, MASK_DT: tl.constexpr):
+    """g z, or +0 where the coordinate's perturbed copies are equal in the compute dtype (zo.UpdateMask;
+    MASK 1: θ+εz vs θ-εz, 2: θ+εz vs θ)."""
+    t = z * g
+    if MASK != 0:
+        dz = z * eps
+        a = _as_computed(x + dz, MASK_DT)
+        b = _as_computed(x - dz, MASK_DT) if MASK == 1 else _as_computed(x, MASK_DT)
+        t = tl.where(a != b, t, 0.0)
+    return t
+
+
+@triton.jit
 def update_kernel(
     theta,
     keys,
@@ -278,23 +304,39 @@ def update_kernel(
     wd,
     sk0,
     sk1,
+    eps,
     KIND: tl.constexpr,
     DECAY: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    MASK: tl.constexpr,
+    MASK_DT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place over θ [n], in zo._update_torch's order:
     u = g_0 z_0, u = u + g_d z_d, u = u / q (q > 1), step = u + θ wd (DECAY), new = θ - step lr.
     keys: int64 [q, 2] Philox keys of the directions' z; gs: float32 [q]; (sk0, sk1): key of the
-    stochastic-rounding uniforms (stream 1), used when STOCHASTIC (bfloat16 θ only)."""
+    stochastic-rounding uniforms (stream 1), used when STOCHASTIC (bfloat16 θ only). MASK (0 none,
+    1 pair, 2 one-sided), MASK_DT (0 float32, 1 bfloat16, 2 float16), eps: zo.UpdateMask."""
     c, i = _counters(0, n, BLOCK)
     g = tl.load(gs)
     z0, z1, z2, z3 = _four(c, tl.load(keys), tl.load(keys + 1), KIND)
-    u0, u1, u2, u3 = z0 * g, z1 * g, z2 * g, z3 * g
+    x0, x1, x2, x3 = z0, z1, z2, z3  # θ before the update, read only with a mask
+    if MASK != 0:
+        x0 = _widen(tl.load(theta + i, mask=i < n, other=0.0))
+        x1 = _widen(tl.load(theta + i + 1, mask=i + 1 < n, other=0.0))
+        x2 = _widen(tl.load(theta + i + 2, mask=i + 2 < n, other=0.0))
+        x3 = _widen(tl.load(theta + i + 3, mask=i + 3 < n, other=0.0))
+    u0 = _term(x0, z0, g, eps, MASK, MASK_DT)
+    u1 = _term(x1, z1, g, eps, MASK, MASK_DT)
+    u2 = _term(x2, z2, g, eps, MASK, MASK_DT)
+    u3 = _term(x3, z3, g, eps, MASK, MASK_DT)
     for d in range(1, q):
         g = tl.load(gs + d)
         z0, z1, z2, z3 = _four(c, tl.load(keys + 2 * d), tl.load(keys + 2 * d + 1), KIND)
-        u0, u1, u2, u3 = u0 + z0 * g, u1 + z1 * g, u2 + z2 * g, u3 + z3 * g
+        u0 = u0 + _term(x0, z0, g, eps, MASK, MASK_DT)
+        u1 = u1 + _term(x1, z1, g, eps, MASK, MASK_DT)
+        u2 = u2 + _term(x2, z2, g, eps, MASK, MASK_DT)
+        u3 = u3 + _term(x3, z3, g, eps, MASK, MASK_DT)
     if q > 1:
         qf = q.to(tl.float32)  # exact for any realistic direction count (< 2**24)
         u0, u1, u2, u3 = tl.div_rn(u0, qf), tl.div_rn(u1, qf), tl.div_rn(u2, qf), tl.div_rn(u3, qf)
@@ -375,10 +417,11 @@ def update(
     kind: str,
     stochastic: bool,
     sr_seed: int | None,
+    mask: Any = None,
 ) -> None:
     """θ ← round(θ - lr (mean_d g_d z_d + wd θ)) in place (wd 0: no decay) for a contiguous θ of
     DTYPES; stochastic rounding only for bfloat16 (engine/fused.py sends float16 to the torch path).
-    coefs: (step seed, g) with g, lr and wd float32 values (zo.f32)."""
+    coefs: (step seed, g) with g, lr and wd float32 values (zo.f32); mask: a zo.UpdateMask or None."""
     n = theta.numel()
     if n == 0:
         return
@@ -397,9 +440,12 @@ def update(
         wd,
         sk0,
         sk1,
+        _f32(mask.eps) if mask is not None else 1.0,
         KIND=KIND_CODES[kind],
         DECAY=wd != 0.0,
         STOCHASTIC=stochastic,
+        MASK=0 if mask is None else (2 if mask.one_sided else 1),
+        MASK_DT=0 if mask is None else MASK_DT_CODES[mask.dtype],
         BLOCK=BLOCK,
         enable_fp_fusion=False,
     )

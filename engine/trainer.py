@@ -415,6 +415,7 @@ def apply_step(tensors: dict[str, torch.Tensor], step: Step, h: LogHeader) -> No
         return
     dirs = [(rng.step_seed(h.job_seed, step.step, d), g) for d, g in enumerate(step.directions)]
     sr_seed = rng.step_seed(h.job_seed, step.step, SR_DIRECTION)
+    mask = zo.UpdateMask.from_header(h.extra.get("update_mask"), h.eps)  # None: a log from before masks
     for name, t in tensors.items():
         zo.apply_update(
             t,
@@ -426,6 +427,7 @@ def apply_step(tensors: dict[str, torch.Tensor], step: Step, h: LogHeader) -> No
             decay=zo.is_decayed(name),
             rounding=h.rounding,
             sr_seed=sr_seed,
+            mask=mask,
         )
 
 

@@ -46,6 +46,41 @@ class NoiseStats:
 NOISE = NoiseStats()
 
 
+@dataclass(frozen=True)
+class UpdateMask:
+    """Which coordinates take a direction's update: those whose perturbed copies the forwards could tell
+    apart. With bf16 compute, θ ± εz rounds back to θ for many coordinates (30 % of SmolLM2's matrix
+    coordinates at ε 1e-3, bench/RESULTS.md): they play no part in L+ - L-, and giving them lr·g·z anyway
+    is a random walk. A direction's term g_d z_d is 0 where
+
+        one_sided False (mezo):  (θ + εz).to(dtype) == (θ - εz).to(dtype)
+        one_sided True  (fzoo):  (θ + εz).to(dtype) == θ.to(dtype)          (its unperturbed pass)
+
+    with θ the master before the update (what the step's forwards perturbed), εz in float32 as
+    `perturbed` computes it, and == a comparison of numbers (a NaN copy differs from everything). A pure
+    function of θ, ε, z and dtype: replay reproduces it. The log header records it (header_entry);
+    logs without the entry were trained, and replay, without a mask."""
+
+    eps: float
+    dtype: torch.dtype  # the dtype of the perturbed copies (compute dtype; float32 for LoRA)
+    one_sided: bool
+
+    def header_entry(self) -> dict[str, str]:
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "copies": "one-sided" if self.one_sided else "pair",
+        }
+
+    @staticmethod
+    def from_header(entry: dict | None, eps: float) -> UpdateMask | None:
+        if entry is None:
+            return None
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if entry.get("dtype") not in dtypes or entry.get("copies") not in ("pair", "one-sided"):
+            raise ValueError(f"update_mask: unknown entry {entry!r} (a log from a newer build?)")
+        return UpdateMask(eps, dtypes[entry["dtype"]], entry["copies"] == "one-sided")
+
+
 def f32(x: float) -> float:
     """Round a Python float to the nearest float32 value (overflow → ±inf, nan stays nan)."""
     try:
@@ -193,6 +228,7 @@ def apply_update(
     decay: bool,
     rounding: str = "nearest",
     sr_seed: int | None = None,
+    mask: UpdateMask | None = None,
     chunk: int = 1 << 22,
 ) -> None:
     """θ ← θ - lr (mean_d g_d z_d + wd θ [if decay]) IN PLACE, chunk by chunk.
@@ -201,6 +237,7 @@ def apply_update(
     their count. Math is float32 (float64 for a float64 master). Write-back: round to nearest, or
     for rounding="stochastic" into a bf16/fp16 master, stochastic rounding driven by
     uniform(sr_seed, name, ...) on stream 1, so a replay reproduces it (invariant 5).
+    mask: g_d z_d counts only where the coordinate's perturbed copies differ (UpdateMask).
     """
     if not theta.is_floating_point():
         raise ValueError(f"{name}: apply_update needs a floating-point tensor, got {theta.dtype}")
@@ -219,8 +256,10 @@ def apply_update(
     coefs = [(seed, f32(g)) for seed, g in directions]
     t0 = time.perf_counter()
     NOISE.elements += theta.numel() * (len(coefs) + int(stochastic))
-    if not fused.update(theta, name, coefs, lr32, wd32 if decay else 0.0, kind, stochastic, sr_seed):
-        _update_torch(theta, name, coefs, lr32, wd32, kind, decay, stochastic, sr_seed, chunk)
+    if mask is not None:
+        _check_eps(mask.eps)
+    if not fused.update(theta, name, coefs, lr32, wd32 if decay else 0.0, kind, stochastic, sr_seed, mask):
+        _update_torch(theta, name, coefs, lr32, wd32, kind, decay, stochastic, sr_seed, chunk, mask)
     NOISE.seconds += time.perf_counter() - t0
 
 
@@ -235,6 +274,7 @@ def _update_torch(
     stochastic: bool,
     sr_seed: int | None,
     chunk: int,
+    mask: UpdateMask | None = None,
 ) -> None:
     """apply_update's chunked torch path (the specification of the fused kernel)."""
     work = torch.float64 if theta.dtype == torch.float64 else torch.float32
@@ -246,8 +286,15 @@ def _update_torch(
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         upd = None  # float32 [count]
+        x = flat[start : start + count].float() if mask is not None else None
         for seed, g in coefs:
-            term = noise(kind, seed, name, n, start, count, device=theta.device) * g
+            z = noise(kind, seed, name, n, start, count, device=theta.device)
+            term = z * g
+            if mask is not None:
+                dz = z * f32(mask.eps)  # perturbed's ε z: θ + εz and θ + (-ε)z = θ - εz
+                a = (x + dz).to(mask.dtype)
+                b = x.to(mask.dtype) if mask.one_sided else (x - dz).to(mask.dtype)
+                term = torch.where(a != b, term, torch.zeros_like(term))
             upd = term if upd is None else upd + term
         if len(coefs) > 1:
             upd = upd / count_q

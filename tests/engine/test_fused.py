@@ -169,3 +169,26 @@ def test_thread_count_does_not_change_bits():
         torch.set_num_threads(n)
     for a, b in zip(*outs, strict=True):
         assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (BF16, "stochastic")])
+@pytest.mark.parametrize("mask_dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("one_sided", [False, True])
+@pytest.mark.parametrize("q", [1, 3])
+def test_masked_update_matches_torch_path(torch_path, dtype, rounding, mask_dtype, one_sided, q):
+    """The update mask (zo.UpdateMask) in the kernel against the torch path, specials included; ε large
+    enough against |θ| ~ 1 that some coordinates keep their term and small enough that others lose it."""
+    n = 4099
+    dirs = [(rng.step_seed(3, 11, d), g) for d, g in enumerate([0.75, -2.5, 1e3][:q])]
+    mask = zo.UpdateMask(4e-3, mask_dtype, one_sided)
+    kw = dict(decay=True, rounding=rounding, sr_seed=rng.step_seed(3, 11, 0xFFFF), mask=mask)
+    got = theta_with_specials(n, dtype, seed=q)
+    want, unmasked = got.clone(), got.clone()
+    zo.apply_update(got, "blk.w", dirs, 1e-2, 0.1, "gaussian", **kw)
+    with torch_path:
+        zo.apply_update(want, "blk.w", dirs, 1e-2, 0.1, "gaussian", **kw)
+        zo.apply_update(unmasked, "blk.w", dirs, 1e-2, 0.1, "gaussian", **{**kw, "mask": None})
+    assert torch.equal(bits(got), bits(want))
+    changed = int((bits(got) != bits(unmasked)).sum())
+    if mask_dtype == BF16:
+        assert changed > n // 10  # the mask is not vacuous

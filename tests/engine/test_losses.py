@@ -191,16 +191,15 @@ class TextbookFZOO(TextbookMeZO):
             return self.loss(w, None, batch) if cfg.method == "full" else self.loss(self.base, w, batch)
 
         losses = [loss(self.master)]
+        differ = []  # per direction: the coordinates whose θ + εz differs from θ (only they move)
         for d in range(cfg.q):
             seed = rng.step_seed(cfg.seed, t, d)
-            losses.append(
-                loss(
-                    {
-                        n: zo.perturbed(v, cfg.noise, seed, n, cfg.epsilon, 1, v.dtype)
-                        for n, v in self.master.items()
-                    }
-                )
-            )
+            plus = {
+                n: zo.perturbed(v, cfg.noise, seed, n, cfg.epsilon, 1, v.dtype)
+                for n, v in self.master.items()
+            }
+            losses.append(loss(plus))
+            differ.append({n: plus[n] != v for n, v in self.master.items()})
         ls = losses[1:]
         mean = sum(ls) / len(ls)
         sigma = math.sqrt(sum((x - mean) ** 2 for x in ls) / len(ls))
@@ -212,6 +211,7 @@ class TextbookFZOO(TextbookMeZO):
             upd = None
             for d, c in enumerate(cs):
                 z = rng.noise(cfg.noise, rng.step_seed(cfg.seed, t, d), name, n, 0, n) * c
+                z = torch.where(differ[d][name].reshape(-1), z, torch.zeros(n))
                 upd = z if upd is None else upd + z
             step = upd / q
             if zo.is_decayed(name) and cfg.weight_decay:

@@ -248,15 +248,16 @@ class TextbookMeZO:
     def step(self, t: int) -> None:
         cfg = self.cfg
         batch = self.batch(t)
-        losses, gs = [], []
+        losses, gs, differ = [], [], []
         for d in range(cfg.q):
             seed = rng.step_seed(cfg.seed, t, d)
-            pair = []
+            pair, copies = [], []
             for sign in (1, -1):
                 pert = {
                     n: zo.perturbed(v, cfg.noise, seed, n, cfg.epsilon, sign, torch.float32)
                     for n, v in self.master.items()
                 }
+                copies.append(pert)
                 pair.append(
                     self.loss(pert, None, batch)
                     if cfg.method == "full"
@@ -264,20 +265,26 @@ class TextbookMeZO:
                 )
             losses.append((pair[0], pair[1]))
             gs.append(zo.projected_grad(pair[0], pair[1], cfg.epsilon))
+            # The coordinates this direction's forwards could tell apart (θ+ != θ-): only they move.
+            differ.append({n: copies[0][n] != copies[1][n] for n in self.master})
         lr = self.schedule.lr_at(t)
-        dirs = [(rng.step_seed(cfg.seed, t, d), g) for d, g in enumerate(gs)]
+        lr32, q = torch.tensor(lr, dtype=torch.float32), torch.tensor(float(cfg.q))
+        sr_seed = rng.step_seed(cfg.seed, t, SR_DIRECTION)
         for name, theta in self.master.items():
-            zo.apply_update(
-                theta,
-                name,
-                dirs,
-                lr,
-                cfg.weight_decay,
-                cfg.noise,
-                decay=zo.is_decayed(name),
-                rounding=self.rounding,
-                sr_seed=rng.step_seed(cfg.seed, t, SR_DIRECTION),
-            )
+            n = theta.numel()
+            x = theta.reshape(-1).float()
+            upd = None
+            for d, g in enumerate(gs):
+                z = rng.noise(cfg.noise, rng.step_seed(cfg.seed, t, d), name, n, 0, n)
+                term = torch.where(differ[d][name].reshape(-1), z * zo.f32(g), torch.zeros(n))
+                upd = term if upd is None else upd + term
+            step = upd / q if cfg.q > 1 else upd
+            if zo.is_decayed(name) and cfg.weight_decay:
+                step = step + x * zo.f32(cfg.weight_decay)
+            new = x - step * lr32
+            if self.rounding == "stochastic":
+                new = zo.stochastic_round(new, theta.dtype, rng.uniform(sr_seed, name, 0, n, CPU, stream=1))
+            theta.view(-1).copy_(new)
         self.history.append((losses, gs, lr))
 
     def run(self, steps: int) -> TextbookMeZO:
@@ -500,8 +507,9 @@ def test_master_only_ever_receives_the_update(models, tmp_path, monkeypatch, bud
         want = load_file(wc)  # a copy of the file as it is now
         prev = tr.log.steps()[k - 1]
         dirs = [(rng.step_seed(cfg.seed, k - 1, d), g) for d, g in enumerate(prev.directions)]
+        mask = zo.UpdateMask.from_header(tr.log.header.extra["update_mask"], cfg.epsilon)
         for n, t in want.items():
-            real(t, n, dirs, prev.lr, cfg.weight_decay, cfg.noise, decay=zo.is_decayed(n))
+            real(t, n, dirs, prev.lr, cfg.weight_decay, cfg.noise, decay=zo.is_decayed(n), mask=mask)
         calls.clear()
         tr.run_step()
         assert_same_tensors(load_file(wc), want)

@@ -148,13 +148,29 @@ def _compile_cases():
         "lr": "fp32",
         "wd": "fp32",
     }
-    upd_sig |= {"sk0": "i64", "sk1": "i64"}
+    upd_sig |= {"sk0": "i64", "sk1": "i64", "eps": "fp32"}
     for kind in (nt.GAUSSIAN, nt.RADEMACHER):
-        constexprs = {"KIND": kind, "DECAY": True, "STOCHASTIC": True, "BLOCK": nt.BLOCK}
+        constexprs = {
+            "KIND": kind,
+            "DECAY": True,
+            "STOCHASTIC": True,
+            "MASK": 0,
+            "MASK_DT": 0,
+            "BLOCK": nt.BLOCK,
+        }
         yield f"update-{kind}", nt.update_kernel, upd_sig, constexprs
+    for mask, mask_dt in ((1, 1), (2, 2)):  # pair in bf16, one-sided in fp16
+        constexprs = {
+            "KIND": nt.GAUSSIAN,
+            "DECAY": True,
+            "STOCHASTIC": True,
+            "MASK": mask,
+            "MASK_DT": mask_dt,
+        }
+        yield f"update-mask-{mask}", nt.update_kernel, upd_sig, {**constexprs, "BLOCK": nt.BLOCK}
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_kernels_compile_for_sm90_without_fma(case):
     """Each kernel builds a cubin for sm_90 with no GPU present; with fusion off its PTX holds no
     fused multiply-add (an fma would round a*b+c once, the reference rounds twice) and its division
@@ -241,4 +257,22 @@ def test_interpreted_update_matches_torch_path(interp, case):
         zo._update_torch(want, name, coefs, lr, zo.f32(wd), kind, wd != 0.0, stochastic, sr_seed, 1000)  # noqa: SLF001
         interp.update(theta, name, coefs, lr, zo.f32(wd), kind, stochastic, sr_seed)
     assert (bits_t(want) != bits_t(before)).sum() > 1000  # the step moved most elements
+    np.testing.assert_array_equal(bits(bits_t(theta)), bits(bits_t(want)))
+
+
+@pytest.mark.parametrize("dtype,stochastic", [(torch.bfloat16, True), (torch.float32, False)])
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_interpreted_masked_update_matches_torch_path(interp, dtype, stochastic, mask_dtype, one_sided):
+    """The update mask (zo.UpdateMask) in the Triton kernel against zo.py's torch path, q = 2."""
+    name, lr, sr_seed = "model.layers.1.mlp.down_proj.weight", zo.f32(0.02), 77
+    coefs = [(11, zo.f32(0.5)), (12, zo.f32(-1.25))]
+    mask = zo.UpdateMask(1e-3, mask_dtype, one_sided)
+    theta = (theta_with_specials(2053, torch.float32) * 20).to(dtype)  # |θ| ~ 1: ε z vanishes for some
+    want = theta.clone()
+    with np.errstate(invalid="ignore", over="ignore"):
+        zo._update_torch(
+            want, name, coefs, lr, zo.f32(0.01), "gaussian", True, stochastic, sr_seed, 1000, mask
+        )  # noqa: SLF001
+        interp.update(theta, name, coefs, lr, zo.f32(0.01), "gaussian", stochastic, sr_seed, mask)
     np.testing.assert_array_equal(bits(bits_t(theta)), bits(bits_t(want)))

@@ -398,3 +398,69 @@ def test_cuda_matches_cpu_bitwise():
         for t in (a, b):
             zo.apply_update(t, "w", dirs, 1e-3, 0.1, kind, decay=True, rounding="stochastic", sr_seed=6)
         assert torch.equal(_bits(a), _bits(b.cpu()))
+
+
+# ---------------------------------------------------------------- update mask
+
+
+def _np_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest even on the bits) -> float32, in numpy (finite x)."""
+    b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return r.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_update_matches_reference_loop(one_sided: bool, dtype: torch.dtype):
+    """A direction's term counts only where the perturbed copies differ once rounded to bf16: the
+    textbook loop spells the copies out in numpy (θ ± ε z, one float32 rounding each, then bf16)."""
+    theta = (_theta((40, 50), torch.float32, seed=5) * 2).to(dtype)
+    x = theta.float().numpy().reshape(-1).copy()
+    dirs = [(rng.step_seed(9, 4, d), g) for d, g in enumerate([0.75, -2.5])]
+    eps, lr, wd, f = 2e-3, 1e-2, 0.1, np.float32
+    zo.apply_update(
+        theta, "w", dirs, lr, wd, "gaussian", decay=True, mask=zo.UpdateMask(eps, torch.bfloat16, one_sided)
+    )
+    zs = [rng.noise("gaussian", s, "w", x.size).numpy() for s, _ in dirs]
+    kept = []
+    for z in zs:
+        dz = (z * f(eps)).astype(np.float32)
+        plus = _np_bf16((x + dz).astype(np.float32))
+        other = _np_bf16(x) if one_sided else _np_bf16((x - dz).astype(np.float32))
+        kept.append(np.where(plus != other, z, f(0)).astype(np.float32))
+    ref = reference_update(x, kept, [g for _, g in dirs], lr, wd, True)
+    assert torch.equal(_bits(theta.view(-1)), _bits(torch.from_numpy(ref).to(dtype)))
+    share = 1 - np.mean([np.mean(k != 0) for k in kept])
+    assert 0.1 < share < 0.9, share  # both kinds of coordinate occur
+
+
+def test_logs_without_a_mask_replay_unmasked():
+    """apply_step follows the log header: a log from before masks (no update_mask entry) applies every
+    coordinate's term, as it was trained; one with the entry masks."""
+    from zostream.engine.trainer import apply_step
+    from zostream.engine.update_log import LogHeader, Step
+
+    old = LogHeader(
+        "fp", {"kind": "full"}, "gaussian", rng.GENERATOR_VERSION, "bfloat16", "stochastic", 2e-3, 0.0, [], 3
+    )
+    new = dataclasses.replace(
+        old, extra={"update_mask": zo.UpdateMask(2e-3, torch.bfloat16, False).header_entry()}
+    )
+    step = Step(0, 1e-2, (1.5,))
+    theta = (_theta((1000,), torch.float32, seed=6) * 2).to(torch.bfloat16)
+    got_old, got_new, plain, masked = (theta.clone() for _ in range(4))
+    apply_step({"w": got_old}, step, old)
+    apply_step({"w": got_new}, step, new)
+    dirs, kw = (
+        [(rng.step_seed(3, 0, 0), 1.5)],
+        dict(decay=False, rounding="stochastic", sr_seed=rng.step_seed(3, 0, 0xFFFF)),
+    )
+    zo.apply_update(plain, "w", dirs, 1e-2, 0.0, "gaussian", **kw)
+    zo.apply_update(
+        masked, "w", dirs, 1e-2, 0.0, "gaussian", mask=zo.UpdateMask(2e-3, torch.bfloat16, False), **kw
+    )
+    assert torch.equal(_bits(got_old), _bits(plain)) and torch.equal(_bits(got_new), _bits(masked))
+    assert not torch.equal(_bits(plain), _bits(masked))
+    with pytest.raises(ValueError, match="update_mask"):
+        zo.UpdateMask.from_header({"dtype": "int8", "copies": "pair"}, 1e-3)
