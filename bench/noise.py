@@ -12,6 +12,7 @@ seconds (steady on a shared machine; with --threads > 1 it sums the threads' tim
   fused perturb pair       bf16 θ -> bf16 θ + εz and θ - εz, one z (zo.perturbed_pair)
   randn perturb pair       the peer's equivalent: z = torch.randn, then θ + εz and θ - εz
   fused update q=1 SR      bf16 θ <- SR(θ - lr (g z + wd θ)) in place (zo.apply_update)
+  ... masked               the same with the update mask (zo.UpdateMask: bf16 copies θ ± εz compared)
   randn update             the peer's equivalent: z = torch.randn, θ.add_(z, alpha=-lr g)
 
 elements/s counts θ elements (n per call) per CPU second; "x randn" is the row's rate over
@@ -72,6 +73,21 @@ def main(argv: list[str] | None = None) -> None:
             "fused update q=1 SR",
             lambda: zo.apply_update(
                 theta, "w", [(seed, g)], lr, 0.01, "gaussian", decay=True, rounding="stochastic", sr_seed=7
+            ),
+        ),
+        (
+            "fused update q=1 SR masked",
+            lambda: zo.apply_update(
+                theta,
+                "w",
+                [(seed, g)],
+                lr,
+                0.01,
+                "gaussian",
+                decay=True,
+                rounding="stochastic",
+                sr_seed=7,
+                mask=zo.UpdateMask(eps, torch.bfloat16, one_sided=False),
             ),
         ),
         ("randn update", randn_update),

@@ -897,3 +897,23 @@ def test_cuda_full_job_export_matches_cpu_replay(models, tmp_path, budget):
     for n in want:
         assert not torch.equal(want[n], base[n]), n
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6)
+
+
+def test_embedding_noise_covers_every_row(models, tmp_path):
+    """Embedding rows: perturbed and updated all of them, as MeZO does, not only the rows a batch gathers
+    (engine/perturb.py says why). With an untied embedding, rows of tokens absent from the batch still
+    take the step's update: every row moves after one step."""
+    model = models("llama")
+    cfg = base_cfg("full", steps=1)
+    tr = open_job(model, tmp_path / "job", cfg)
+    ids = tr.batches(0)[0][0]
+    before = load_file(model / "model.safetensors")["model.embed_tokens.weight"]
+    tr.run_step()
+    tr.flush()
+    after = tr.working_copy.store.outer()["model.embed_tokens.weight"]
+    absent = torch.ones(before.shape[0], dtype=torch.bool)
+    absent[ids.unique()] = False
+    assert 0 < int(absent.sum()) < before.shape[0]
+    moved = (after != before).any(dim=1)
+    assert bool(moved[absent].all()) and bool(moved[~absent].all())
+    tr.log.close()
