@@ -15,7 +15,8 @@ compute, so that a missing wait shows up as a wrong result or a recorded violati
 Checks a GPU cannot make, recorded in `violations` (the tests assert it stays empty):
 - a region in use by compute (between `begin_use` and `end_use`) is written by a copy;
 - compute starts using a region while a copy into it is still queued or running.
-The copy timeline (stream, tag, bytes, start, end) shows what overlapped.
+The copy timeline (stream, tag, bytes, start, end) shows what overlapped; it also holds the spans
+during which compute used a block ("kernels") and those during which the host waited ("host-wait").
 
 Compute memory: inside `track_compute()` (the streamer opens it around every pass on emu) each tensor a
 torch operation creates on the compute thread is device memory until its storage dies: activations,
@@ -100,9 +101,10 @@ class EmuEvent:
             return self.completed >= self.recorded
 
     def synchronize(self) -> None:
+        """The host waits (recorded in the timeline as "host-wait" when it had to)."""
         with self.dev.cond:
             gen = self.recorded
-            self.dev.cond.wait_for(lambda: self.completed >= gen or self.dev.stopped())
+            self.dev._host_wait(lambda: self.completed >= gen or self.dev.stopped(), "synchronize")
         self.dev.raise_errors()
 
     def _complete(self, gen: int) -> None:
@@ -161,7 +163,11 @@ class EmuStream:
         elif kind == "wait":
             ev, gen = op[1], op[2]
             with self.dev.cond:
-                self.dev.cond.wait_for(lambda: ev.completed >= gen or self.dev.stopped())
+                done = lambda: ev.completed >= gen or self.dev.stopped()  # noqa: E731
+                if self.host:
+                    self.dev._host_wait(done, "wait_event")
+                else:
+                    self.dev.cond.wait_for(done)
             if self.host:
                 self.dev.raise_errors()
         else:
@@ -311,6 +317,14 @@ class EmuDevice:
         for s in streams:
             s.synchronize()
 
+    def _host_wait(self, done, what: str) -> None:  # noqa: ANN001 - a predicate; called holding cond
+        """The host (compute) blocks until done(): a "host-wait" span in the timeline if it had to."""
+        if done():
+            return
+        t0 = time.perf_counter()
+        self.cond.wait_for(done)
+        self.timeline.append(CopyRecord("host-wait", what, 0, t0 - self._t0, time.perf_counter() - self._t0))
+
     def kill(self) -> None:
         """The process dies: queued copies never run, waiting threads are released."""
         with self.cond:
@@ -404,6 +418,13 @@ def overlapped(timeline: list[CopyRecord], a: str, b: str, tag_b: str = "") -> f
     xs = [r for r in timeline if r.stream == a]
     ys = [r for r in timeline if r.stream == b and r.tag.startswith(tag_b)]
     return sum(max(0.0, min(x.end, y.end) - max(x.start, y.start)) for x in xs for y in ys)
+
+
+def overlapped_with_compute(timeline: list[CopyRecord], stream: str, tag: str = "") -> tuple[float, float]:
+    """(seconds copies on stream with tags starting with tag ran, of them while the host computed): the
+    host computes except in its "host-wait" spans (waiting on an event or a stream)."""
+    busy = sum(r.end - r.start for r in timeline if r.stream == stream and r.tag.startswith(tag))
+    return busy, busy - overlapped(timeline, "host-wait", stream, tag)
 
 
 _STREAMS: weakref.WeakSet[EmuStream] = weakref.WeakSet()
