@@ -27,7 +27,14 @@ from tests.engine.test_trainer import (
     run_job,
 )
 from zostream.engine.config import EngineConfig, StreamConfig
-from zostream.engine.emu import EmuCopyError, EmuDevice, EmuOptions, overlapped
+from zostream.engine.emu import (
+    CopyRecord,
+    EmuCopyError,
+    EmuDevice,
+    EmuOptions,
+    overlapped,
+    overlapped_with_compute,
+)
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer, slot_layout
 from zostream.engine.working_copy import WorkingCopy
@@ -170,6 +177,31 @@ def test_emu_counts_kv_pools_and_activations_of_a_pass(models):
     assert dev.peak - (before + kv + slots + outer) >= hidden
     dev.sweep()
     assert dev.allocated - before == kv + slots + outer  # nothing compute made outlives the passes
+
+
+def test_host_waits_are_spans_in_the_timeline():
+    """The host blocking on an unfinished copy leaves a "host-wait" span that ends after the copy; waiting
+    on a finished one leaves none. Copy time while the host was not waiting is what overlapped compute."""
+    dev = emu(delay=0.05)
+    s = dev.stream("h2d")
+    dst, src = torch.empty(1000), torch.ones(1000)
+    dev.copy(dst, src, s, "kv h2d 0")
+    ev = dev.event()
+    ev.record(s)
+    dev.compute.wait_event(ev)
+    copy = next(r for r in dev.timeline if r.stream == "h2d")
+    waits = [r for r in dev.timeline if r.stream == "host-wait"]
+    assert len(waits) == 1 and waits[0].end >= copy.end and torch.equal(dst, src)
+    ev.synchronize()  # already complete: no new span
+    assert len([r for r in dev.timeline if r.stream == "host-wait"]) == 1
+    # By hand: a copy over [0, 4] while the host waited over [1, 2] and [3, 5]: 4 s busy, 2 s with compute.
+    tl = [
+        CopyRecord("d2h", "kv d2h 1", 8, 0.0, 4.0),
+        CopyRecord("d2h", "d2h 1", 8, 0.0, 9.0),  # another tag: not counted
+        CopyRecord("host-wait", "wait_event", 0, 1.0, 2.0),
+        CopyRecord("host-wait", "synchronize", 0, 3.0, 5.0),
+    ]
+    assert overlapped_with_compute(tl, "d2h", "kv ") == (4.0, 2.0)
 
 
 def test_emu_is_accepted_as_a_device():
