@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-RUNS = ("fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
+RUNS = ("grzo-candidates", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
 
 
 def forwards_per_step(run: str) -> int:
-    return 5 if run.startswith("fzoo") else 2  # fzoo: q=4 directions + θ; mezo / peer: one ± pair
+    return 5 if run.startswith("fzoo") else 2  # fzoo: q=4 directions + θ; grzo, mezo, peer: one ± pair
 
 
 def make_task(task: str, out: Path, n_train: int, n_eval: int) -> Path:

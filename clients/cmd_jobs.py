@@ -89,12 +89,19 @@ def _register_create(jobs_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=positive_float, metavar="EPS", help="perturbation scale epsilon")
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per step")
     p.add_argument(
-        "--q", type=positive_int, metavar="Q", help="directions per step (default: 4 fzoo, 1 mezo)"
+        "--q",
+        type=positive_int,
+        metavar="Q",
+        help="directions per step (default: 4 fzoo, 1 mezo, grzo one per record up to 16)",
     )
     p.add_argument(
         "--loss", choices=("auto", "candidates", "tokens"), help="default: auto (candidates for choice data)"
     )
-    p.add_argument("--estimator", choices=("auto", "fzoo", "mezo"), help="default: auto (fzoo unless --q 1)")
+    p.add_argument(
+        "--estimator",
+        choices=("auto", "grzo", "fzoo", "mezo"),
+        help="default: the server's (mezo when unset)",
+    )
     p.add_argument("--seed", type=seed_int, metavar="S", help="job seed (default: the server picks one)")
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help="default: constant")
     p.add_argument("--warmup-steps", type=nonneg_int, metavar="N", help="linear warmup steps")

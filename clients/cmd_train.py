@@ -99,8 +99,10 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--estimator",
         choices=ESTIMATORS,
         default=d["estimator"],
-        help="fzoo: q one-sided directions sharing one unperturbed pass, steps normalised by the spread "
-        "of their losses; mezo: q +/- pairs (default: auto, fzoo unless --q 1)",
+        help="grzo (lora): one +/- pair of forwards, each group of batch-size/q records on its own "
+        "direction, steps normalised by the RMS of the groups' differences; fzoo: q one-sided directions "
+        "sharing one unperturbed pass, steps normalised by the spread of their losses; mezo: q +/- pairs "
+        "(default: auto, fzoo unless --q 1)",
     )
     p.add_argument(
         "--batch-size",

@@ -132,11 +132,18 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 NOISE = ("gaussian", "rademacher")
 MASTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("auto", "tokens", "candidates")
-ESTIMATORS = ("auto", "mezo", "fzoo")
+ESTIMATORS = ("auto", "mezo", "fzoo", "grzo")
 # Defaults of the fzoo estimator (bench/finetune.py measures them on two tasks): LoRA factors are O(1e-2)
 # and move ~lr per step; full-parameter steps stay below the bf16 spacing of typical weights.
 FZOO_LR = {"lora": 5e-3, "full": 2e-5}
 FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
+# grzo (LoRA only): unit-scale coefficients like fzoo, q directions per ± pair.
+GRZO_LR, GRZO_EPS, GRZO_MAX_Q = 5e-3, 1e-2, 16
+
+
+def grzo_q(batch_size: int) -> int:
+    """grzo's default q: one direction per record, at most GRZO_MAX_Q groups (a divisor of the batch)."""
+    return max(d for d in range(1, min(batch_size, GRZO_MAX_Q) + 1) if batch_size % d == 0)
 
 
 @dataclass(frozen=True)
@@ -193,11 +200,21 @@ class ZOConfig:
         if self.estimator == "auto":
             object.__setattr__(self, "estimator", "mezo" if self.q == 1 else "fzoo")
         if self.q is None:
-            object.__setattr__(self, "q", 4 if self.estimator == "fzoo" else D.Q)
+            q = {"fzoo": 4, "grzo": grzo_q(self.batch_size)}.get(self.estimator, D.Q)
+            object.__setattr__(self, "q", q)
         if not isinstance(self.q, int) or not 1 <= self.q <= 64:
             bad("q", f"must be an integer in 1..64, got {self.q!r}")
         if self.estimator == "fzoo" and self.q < 2:
             bad("q", f"fzoo normalises by the spread of q one-sided losses and needs q >= 2, got {self.q}")
+        if self.estimator == "grzo":
+            if self.method != "lora":
+                bad(
+                    "estimator",
+                    "grzo runs each group of records with its own LoRA direction and needs method lora; "
+                    "use fzoo or mezo for full-parameter jobs",
+                )
+            if self.q < 2 or self.batch_size % self.q:
+                bad("q", f"grzo needs q >= 2 groups dividing batch_size ({self.batch_size}), got {self.q}")
         if self.loss not in LOSSES:
             bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.choice_score not in ("mean", "sum"):
@@ -230,6 +247,8 @@ class ZOConfig:
             return self.lr
         if self.estimator == "fzoo":  # unit-scale coefficients: the lr is the step per coordinate
             return FZOO_LR[self.method]
+        if self.estimator == "grzo":
+            return GRZO_LR
         return D.LR[self.method]
 
     @property
@@ -240,4 +259,6 @@ class ZOConfig:
     def epsilon(self) -> float:
         if self.eps is not None:
             return self.eps
+        if self.estimator == "grzo":
+            return GRZO_EPS
         return FZOO_EPS[self.method] if self.estimator == "fzoo" else D.EPS

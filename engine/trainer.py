@@ -12,7 +12,7 @@ step counts as done. `flush()` brings every group up to date (checkpoint, eval, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -185,14 +185,45 @@ class ZOStepWorkload:
         self.plan = E.forwards(cfg.estimator, cfg.q)
         # One z per direction, shared by every micro-batch and both signs (engine/perturb.py).
         self.perturbation = tr.perturbers([rng.step_seed(cfg.seed, step, d) for d in range(cfg.q)])
+        # grzo: per micro-batch, each record's direction (its group in the global batch).
+        rank, world = tr.shard
+        first = rank * (cfg.batch_size // world)  # global position of this process's first record
+        self.groups: list[list[int]] = []
         # micro-batch-major, each in plan order: mezo [m0 +d0, m0 -d0, m0 +d1, ..., m1 +d0, ...]
         self.subs: list[LossWorkload] = []
         for batch in micro:
+            records = batch_records(batch)
+            self.groups.append([E.group_of(first + j, cfg.batch_size, cfg.q) for j in range(records)])
+            first += records
             for d, sign in self.plan:
-                fns = tr.unperturbed() if sign == E.UNPERTURBED else self.perturbation.functions(d, sign)
+                if d == E.GROUPED:
+                    fns = (None, None, self._grouped_lora(batch, self.groups[-1], sign))
+                elif sign == E.UNPERTURBED:
+                    fns = tr.unperturbed()
+                else:
+                    fns = self.perturbation.functions(d, sign)
                 self.subs.append(LossWorkload(fam, spec, batch, *fns))
                 self.subs[-1].choice_score = cfg.choice_score
         self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
+
+    def _grouped_lora(self, batch, groups: list[int], sign: int) -> Callable[[int], LoraSet]:
+        """lora_fn of a grzo forward: the rows of group d's records run with direction d's ± copies."""
+        rows_of = record_rows(batch)  # per record, its rows of the collated batch
+        rows: dict[int, list[int]] = {}
+        for j, d in enumerate(groups):
+            rows.setdefault(d, []).extend(rows_of[j])
+        device = batch[0].device
+        index = {d: torch.tensor(r, dtype=torch.int64, device=device) for d, r in rows.items()}
+        pert = self.perturbation
+
+        def lora_fn(i: int) -> LoraSet:
+            out: LoraSet = {}
+            for d, r in index.items():
+                for m, (lw,) in pert.lora(d, sign, i).items():
+                    out.setdefault(m, []).append(replace(lw, rows=r))
+            return out
+
+        return lora_fn
 
     def begin(self, outer: dict[str, torch.Tensor]) -> None:
         self.tr.catch_up(0, outer, self.step)
@@ -212,20 +243,73 @@ class ZOStepWorkload:
         """[micro-batches, k+1] float64 (k forwards per micro-batch): per micro-batch, the loss sum of each
         forward in plan order and its target count (tokens, or records for candidates; exact below 2^53)."""
         k = len(self.plan)
+        if self.plan[0][0] == E.GROUPED:
+            return self._group_partials()
         rows = [
             [float(s.sums.double().sum()) for s in self.subs[i : i + k]] + [int(self.subs[i].counts.sum())]
             for i in range(0, len(self.subs), k)
         ]
         return torch.tensor(rows, dtype=torch.float64)
 
+    def _group_partials(self) -> torch.Tensor:
+        """grzo: [micro-batches, 3q] float64: per micro-batch, the loss sums of its records in each group
+        on the + forward (q columns), on the - forward (q), and their target counts (q); a group absent
+        from the micro-batch holds zeros. Sums run over the records in batch order."""
+        q = self.tr.cfg.q
+        rows = []
+        for m, groups in enumerate(self.groups):
+            plus, minus = self.subs[2 * m], self.subs[2 * m + 1]
+            row = [0.0] * (3 * q)
+            sp, sm, c = plus.sums.double().tolist(), minus.sums.double().tolist(), plus.counts.tolist()
+            for j, d in enumerate(groups):
+                row[d] += sp[j]
+                row[q + d] += sm[j]
+                row[2 * q + d] += c[j]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.float64)
+
     def losses(self) -> list[tuple[float, float]]:
         """(L+, L_ref) per direction over the global batch (estimators.pairs: mezo (L+, L-), fzoo (L_d,
-        L_0)); data-parallel ranks gather the partials first."""
+        L_0), grzo (L+_d, L-_d) of group d); data-parallel ranks gather the partials first."""
         rows = self.partials()
         if self.tr.reducer is not None:
             rows = self.tr.reducer(rows, self.step)
-        losses, self.tokens = reduce_forwards(rows, len(self.plan))
+        if self.plan[0][0] == E.GROUPED:
+            losses, self.tokens = reduce_groups(rows, self.tr.cfg.q)
+        else:
+            losses, self.tokens = reduce_forwards(rows, len(self.plan))
         return E.pairs(self.tr.cfg.estimator, losses)
+
+
+def batch_records(batch) -> int:
+    """Records in a collated micro-batch: rows of a token batch, records of a candidate batch."""
+    return len(batch[3].per_record) if len(batch) > 3 else int(batch[0].shape[0])
+
+
+def record_rows(batch) -> list[list[int]]:
+    """Per record of a collated micro-batch, its rows: one for a token batch; for a candidate batch one
+    (single-token candidates) or one per candidate (losses.candidate_rows)."""
+    if len(batch) <= 3:
+        return [[j] for j in range(int(batch[0].shape[0]))]
+    index = batch[3]
+    first_row = index.rows[index.slots[:, 0]].tolist()  # [N] row of each candidate's first token
+    out, n = [], 0
+    for k in index.per_record:
+        out.append(sorted(set(first_row[n : n + k])))
+        n += k
+    return out
+
+
+def reduce_groups(rows: torch.Tensor, q: int) -> tuple[list[float], int]:
+    """grzo rows [M, 3q] (see ZOStepWorkload._group_partials) -> ([L+_0..L+_{q-1}, L-_0..L-_{q-1}],
+    count): float64 column sums over the micro-batches in global order, one division per group."""
+    sums = [0.0] * (3 * q)
+    for row in rows.tolist():
+        for j in range(3 * q):
+            sums[j] += row[j]
+    counts = [max(int(c), 1) for c in sums[2 * q :]]
+    losses = [sums[d] / counts[d] for d in range(q)] + [sums[q + d] / counts[d] for d in range(q)]
+    return losses, int(sum(sums[2 * q :]))
 
 
 def reduce_partials(rows: torch.Tensor, q: int) -> tuple[list[tuple[float, float]], int]:
@@ -371,8 +455,11 @@ class ZOTrainer:
         gs = E.coefficients(cfg.estimator, losses, cfg.epsilon)
         reason = None
         if cfg.divergence_guard:
+            # grzo's coefficients are scaled to unit RMS (its step has a fixed size), and one record's
+            # group often carries most of it: only non-finite losses are outliers there.
+            history = [] if cfg.estimator == "grzo" else self.g_history
             for (lp, lm), g in zip(losses, gs, strict=True):
-                reason = reason or zo.divergence_check(g, lp, lm, self.g_history)
+                reason = reason or zo.divergence_check(g, lp, lm, history)
         lr = self.schedule.lr_at(wl.step)
         step = Step(wl.step, lr, tuple(gs), skipped=reason is not None)
         self.log.append(step)

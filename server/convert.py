@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zostream import defaults as D
-from zostream.engine.config import FZOO_EPS, FZOO_LR, ZOConfig
+from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.engine.generation import FinishReason, GenerateRequest, StopParams, TokenEvent
 from zostream.engine.jobs import JobRecord, check_name
@@ -280,7 +280,7 @@ def job_spec(
     fields: dict[str, Any] = {
         "steps": int(hp.steps),
         "batch_size": int(hp.batch_size) or D.BATCH_SIZE,
-        "q": int(hp.q) or (None if hp.estimator == "fzoo" else D.Q),
+        "q": int(hp.q) or (None if hp.estimator in ("fzoo", "grzo") else D.Q),
         "seed": int(hp.seed) if hp.HasField("seed") else None,
         "lr_schedule": SCHEDULE[hp.lr_schedule],
         "warmup_steps": int(hp.warmup_steps),
@@ -395,9 +395,10 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
     # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.
-    fzoo = hp.get("estimator") == "fzoo"
-    h.learning_rate = hp["lr"] if hp.get("lr") is not None else (FZOO_LR if fzoo else D.LR)[spec["method"]]
-    h.eps = hp["eps"] if hp.get("eps") is not None else (FZOO_EPS[spec["method"]] if fzoo else D.EPS)
+    est = hp.get("estimator", "mezo")
+    defaults = ZOConfig(method=spec["method"], estimator=est, q=hp["q"] or None, batch_size=hp["batch_size"])
+    h.learning_rate = hp["lr"] if hp.get("lr") is not None else defaults.learning_rate
+    h.eps = hp["eps"] if hp.get("eps") is not None else defaults.epsilon
     job = finetuning_pb2.Job(
         id=rec.id,
         display_name=spec.get("display_name", ""),
