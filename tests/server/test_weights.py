@@ -317,3 +317,51 @@ def load_peft_tensors(d: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(d / "adapter_model.safetensors")
+
+
+def test_a_server_job_and_zostream_train_run_one_lifecycle(
+    client: ZostreamClient, server: ThreadServer, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The same job through the API and through `zostream train` (one lifecycle, engine/session.py):
+    the same update-log records, the same held-out evaluations, the same best step and the same
+    exported adapter bits."""
+    from safetensors.torch import load_file
+
+    from zostream.clients import cli
+
+    recs = [{"prompt": f"{i} {i + 1}", "candidates": [" 3", " 4"], "answer": i % 2} for i in range(1, 13)]
+    data = "".join(json.dumps(r) + "\n" for r in recs).encode()
+    client.upload_dataset("same", data)
+    (tmp_path / "same.jsonl").write_bytes(data)
+    hp = dict(batch_size=2, learning_rate=0.5, eps=0.05, seed=3, eval_every=2, keep_best=True, q=1)
+    job = client.create_job("lora", "same", validation_dataset="same", steps=6, estimator="mezo", **hp)
+    assert wait_job(client, job["id"])["status"] == "JOB_STATUS_SUCCEEDED"
+    argv = [
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        tmp_path / "same.jsonl",
+        "--eval",
+        tmp_path / "same.jsonl",
+    ]
+    argv += ["--method", "lora", "--out", tmp_path / "cli", "--steps", 6, "--batch-size", 2, "--lr", 0.5]
+    argv += ["--eps", 0.05, "--seed", 3, "--eval-every", 2, "--keep-best", "--q", 1, "--estimator", "mezo"]
+    argv += ["--device", "cpu", "--dtype", "float32", "--json"]
+    assert cli.main([str(a) for a in argv]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    server_log = (server.app.jobs.job_dir(job["id"]) / "update.log").read_bytes()
+    cli_log = (tmp_path / "cli" / "update.log").read_bytes()
+    assert server_log[-16 * 6 :] == cli_log[-16 * 6 :]  # the six steps' records
+    events = list(client.job_events(job["id"]))
+    server_evals = [(e["step"], e["metrics"]["eval_accuracy"]) for e in events if e["type"] == "eval"]
+    rows = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    cli_evals = [(r["step"], r["accuracy"]) for r in rows if r["type"] == "eval"]
+    assert [s for s, _ in server_evals] == [s for s, _ in cli_evals] == [0, 2, 4, 6]
+    assert server_evals == cli_evals
+    best = [e["step"] for e in events if e["type"] == "best"][-1]
+    assert summary["best_step"] == summary["output_step"] == best  # (step 4 of 6 on the CI machine)
+    client.download_weights(tmp_path / "srv", job_id=job["id"])
+    a = load_file(tmp_path / "srv" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cli" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
