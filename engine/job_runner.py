@@ -300,6 +300,7 @@ class JobRunner:
         assert res is not None
         if res.adapter is not None:
             self.engine.put_adapter(job_id, res.adapter)
+        aj.rec.metrics["result_step"] = res.step
         self._detach(job_id)
         what = f"exported step {res.step} to {res.path.name}/"
         if ses.stopped:

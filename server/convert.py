@@ -422,6 +422,9 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     m = rec.metrics
     job.metrics.step = int(m.get("step", 0))
     job.metrics.eval_step = int(m.get("eval_step", 0))
+    for k in ("best_step", "result_step"):
+        if m.get(k) is not None:
+            setattr(job.metrics, k, int(m[k]))
     for k in (
         "train_loss",
         "loss_plus",

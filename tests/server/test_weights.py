@@ -361,6 +361,8 @@ def test_a_server_job_and_zostream_train_run_one_lifecycle(
     assert server_evals == cli_evals
     best = [e["step"] for e in events if e["type"] == "best"][-1]
     assert summary["best_step"] == summary["output_step"] == best  # (step 4 of 6 on the CI machine)
+    metrics = client.get_job(job["id"])["metrics"]
+    assert int(metrics["best_step"]) == int(metrics["result_step"]) == best
     client.download_weights(tmp_path / "srv", job_id=job["id"])
     a = load_file(tmp_path / "srv" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cli" / "adapter" / "adapter_model.safetensors")

@@ -197,7 +197,7 @@ class JobProgress(_message.Message):
     def __init__(self, steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("step", "train_loss", "loss_plus", "loss_minus", "projected_grad", "learning_rate", "eval_step", "eval_loss", "eval_accuracy")
+    __slots__ = ("step", "train_loss", "loss_plus", "loss_minus", "projected_grad", "learning_rate", "eval_step", "eval_loss", "eval_accuracy", "best_step", "result_step")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     LOSS_PLUS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,8 @@ class JobMetrics(_message.Message):
     EVAL_STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESULT_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     train_loss: float
     loss_plus: float
@@ -216,7 +218,9 @@ class JobMetrics(_message.Message):
     eval_step: int
     eval_loss: float
     eval_accuracy: float
-    def __init__(self, step: _Optional[int] = ..., train_loss: _Optional[float] = ..., loss_plus: _Optional[float] = ..., loss_minus: _Optional[float] = ..., projected_grad: _Optional[float] = ..., learning_rate: _Optional[float] = ..., eval_step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ...) -> None: ...
+    best_step: int
+    result_step: int
+    def __init__(self, step: _Optional[int] = ..., train_loss: _Optional[float] = ..., loss_plus: _Optional[float] = ..., loss_minus: _Optional[float] = ..., projected_grad: _Optional[float] = ..., learning_rate: _Optional[float] = ..., eval_step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., best_step: _Optional[int] = ..., result_step: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "display_name", "status", "method", "hyperparameters", "training_dataset", "validation_dataset", "created_at", "started_at", "finished_at", "progress", "metrics", "error", "adapter_id", "update_log", "idempotency_key")
