@@ -117,6 +117,18 @@ def _register_create(jobs_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codec", choices=CODECS, help="transfer codec of the frozen base")
     p.add_argument("--eval-every", type=nonneg_int, metavar="N", help="steps between evaluations")
     p.add_argument("--checkpoint-every", type=nonneg_int, metavar="N", help="steps between checkpoints")
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="the result holds the best evaluated step's weights (held-out accuracy, else loss); "
+        "needs --eval",
+    )
+    p.add_argument(
+        "--early-stopping-patience",
+        type=nonneg_int,
+        metavar="N",
+        help="stop after N evaluations without a better held-out metric; needs --eval and --eval-every",
+    )
     p.add_argument("--max-len", type=positive_int, metavar="N", help="longest example in tokens")
     p.add_argument("--name", default="", metavar="TEXT", help="display name")
     p.add_argument("--idempotency-key", default="", metavar="KEY", help="makes retrying this command safe")
@@ -184,6 +196,8 @@ def _create(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             max_len=args.max_len,
+            keep_best=args.keep_best or None,
+            early_stopping_patience=args.early_stopping_patience,
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_target_modules=targets,

@@ -452,6 +452,13 @@ def test_cli_jobs_create_uploads_then_creates(
             "q_proj,o_proj",
             "--idempotency-key",
             "key-1",
+            "--eval-dataset",
+            "held-out",
+            "--eval-every",
+            "5",
+            "--keep-best",
+            "--early-stopping-patience",
+            "3",
         ]
     )
     assert rc == 0 and capsys.readouterr().out == "job-new\n"
@@ -461,6 +468,13 @@ def test_cli_jobs_create_uploads_then_creates(
     (req,) = fake[1].got("CreateJob")
     assert (req.training_dataset, req.hyperparameters.steps, req.idempotency_key) == (name, 7, "key-1")
     assert list(req.hyperparameters.lora.target_modules) == ["q_proj", "o_proj"]
+    hp = req.hyperparameters
+    assert (req.validation_dataset, hp.eval_every, hp.keep_best, hp.early_stopping_patience) == (
+        "held-out",
+        5,
+        True,
+        3,
+    )
 
 
 def _generate_args(addr: str, **kw: Any) -> argparse.Namespace:
