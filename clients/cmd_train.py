@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from zostream.clients import train_launch as launch
 from zostream.clients.cli import UsageError
 from zostream.clients.common import (
     add_json_arg,
@@ -318,7 +319,7 @@ def train(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: judges held-out evaluations; give --eval FILE (and --eval-every N)")
     if args.early_stopping_patience and not args.eval_every:
         raise UsageError("--early-stopping-patience: counts evaluations during training; give --eval-every N")
-    env = _launch_env(args)
+    env = launch.env_of(args)
     if env is None:
         return _train(args, cfg, None)
     from zostream.engine.distributed import Distributed, DistributedError
@@ -328,7 +329,7 @@ def train(args: argparse.Namespace) -> int:
             f"--batch-size: the global batch of {cfg.batch_size} examples does not split over "
             f"{env.world_size} ranks; use a multiple of {env.world_size}"
         )
-    _rank_device(args, env.local_rank)
+    launch.rank_device(args, env.local_rank)
     try:
         dist = Distributed(env, timeout_s=args.dist_timeout)
     except DistributedError as exc:
@@ -341,60 +342,6 @@ def train(args: argparse.Namespace) -> int:
         return 1
     finally:
         dist.close()
-
-
-def _launch_env(args: argparse.Namespace) -> Any:
-    """torchrun's environment when --distributed is given or the variables are set; None: one process."""
-    from zostream.engine.distributed import launch_env
-
-    try:
-        env = launch_env()
-    except ValueError as exc:
-        raise UsageError(f"--distributed: {exc}") from None
-    if args.distributed and env is None:
-        raise UsageError(
-            "--distributed: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set; launch every rank "
-            "with torchrun, e.g. `torchrun --nproc-per-node 2 --no-python zostream train ...` "
-            "(docs/SCALE_OUT.md)"
-        )
-    return env
-
-
-def _rank_device(args: argparse.Namespace, local_rank: int) -> None:
-    """Under torchrun, --device auto / cuda means this rank's GPU: cuda:LOCAL_RANK."""
-    import torch
-
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        args.device = f"cuda:{local_rank}"
-
-
-def _micro_batch(args: argparse.Namespace, cfg: Any, world: int, log_path: Path) -> Any:
-    """cfg with its micro-batch: --micro-batch; else the job's own when resuming (so a relaunch on another
-    number of ranks continues the same job bitwise); else --batch-size / ranks under torchrun."""
-    from zostream.engine.distributed import micro_per_rank
-    from zostream.engine.update_log import LogCorruptError, read_header
-
-    mb = args.micro_batch
-    if mb is None and log_path.exists():
-        with contextlib.suppress(LogCorruptError, OSError):  # resume_config reports a bad log
-            extra = read_header(log_path).extra
-            if extra.get("batch_size") == cfg.batch_size:  # else resume_config names --batch-size
-                mb = int(extra.get("micro_batch", cfg.batch_size))
-    if mb is None and world > 1:
-        if cfg.batch_size % world:
-            raise UsageError(
-                f"--batch-size: the global batch of {cfg.batch_size} examples does not split over {world} "
-                f"ranks; use a multiple of {world}"
-            )
-        mb = cfg.batch_size // world
-    if mb is None:
-        return cfg
-    try:
-        micro_per_rank(cfg.batch_size, mb, world)
-        return dataclasses.replace(cfg, micro_batch=mb)
-    except ValueError as exc:
-        what = str(exc).removeprefix("batch_size: ").removeprefix("micro_batch: ")
-        raise UsageError(f"--micro-batch: {what}") from None
 
 
 def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
@@ -429,7 +376,7 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
             dist.sync_log(log_path)  # a rank killed mid-step may be a step behind (or ahead of) the others
         except LogCorruptError as exc:
             raise UsageError(f"--out: {exc}") from None
-    cfg = _micro_batch(args, cfg, 1 if dist is None else dist.world_size, log_path)
+    cfg = launch.micro_batch(args, cfg, 1 if dist is None else dist.world_size, log_path)
     resuming = log_path.exists()
     ds = load_data(args.data, tok, cfg.max_len, "--data")
     try:
