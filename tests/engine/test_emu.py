@@ -8,6 +8,7 @@ checks can fail."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -164,6 +165,8 @@ def test_emu_counts_kv_pools_and_activations_of_a_pass(models):
     from zostream.engine.emu import shared_device
 
     dev = shared_device()
+    gc.collect()  # earlier tests' engines and tensors on this shared device die now, not mid-test
+    dev.sweep()
     before = dev.allocated
     eng = make_engine(models("llama"), "emu", gpu_memory_bytes=0)
     kv = eng.cache.nbytes()
