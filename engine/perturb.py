@@ -9,7 +9,8 @@ read the same copies); a block's pairs are dropped when the pass moves on to the
 The master is never written (invariant 2).
 
 Memory: 2q work copies of one group at a time (plus the outer group's), where the per-forward
-scheme held one; q is small (1-4) and a block is a small part of a model.
+scheme held one; q is small (1-4) and a block is a small part of a model. One-sided estimators (fzoo)
+make only the θ + εz copies (pair=False): q copies, and half the writes.
 
 Embedding rows: every row is perturbed (and updated), as MeZO does, not only the rows a batch gathers.
 With tied embeddings (SmolLM2, small Llama 3 / Qwen, OPT) the head reads every row in every forward, so
@@ -42,20 +43,25 @@ class PassPerturbation:
         dtype: torch.dtype,
         layer_prefix: Callable[[int], str],
         adapter: Any = None,
+        pair: bool = True,
     ) -> None:
+        """pair False: only θ + εz is made (one-sided estimators such as fzoo never run θ - εz)."""
         self.seeds, self.kind, self.eps, self.dtype = seeds, kind, eps, dtype
-        self.layer_prefix, self.adapter = layer_prefix, adapter
+        self.layer_prefix, self.adapter, self.pair = layer_prefix, adapter, pair
         self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
         self._block: tuple[int, object, Pairs] | None = None  # (block index, its dict, its pairs)
 
     def _pairs(self, named: dict[str, torch.Tensor], out_dtype: torch.dtype) -> Pairs:
         """named: full tensor name -> master tensor; one draw of z per direction and tensor."""
-        out: Pairs = [({}, {}) for _ in self.seeds]
+        out: Pairs = [({}, {}) for _ in self.seeds]  # without pair, the θ - εz dicts stay empty
         for name, t in named.items():
             for d, seed in enumerate(self.seeds):
-                out[d][0][name], out[d][1][name] = zo.perturbed_pair(
-                    t, self.kind, seed, name, self.eps, out_dtype
-                )
+                if self.pair:
+                    out[d][0][name], out[d][1][name] = zo.perturbed_pair(
+                        t, self.kind, seed, name, self.eps, out_dtype
+                    )
+                else:
+                    out[d][0][name] = zo.perturbed(t, self.kind, seed, name, self.eps, 1, out_dtype)
         return out
 
     def outer(self, d: int, sign: int, outer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,7 +74,7 @@ class PassPerturbation:
             self._block = None  # free the previous block's copies first
             prefix = self.layer_prefix(i)
             pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype)
-            local = [({k: p[prefix + k] for k in w}, {k: m[prefix + k] for k in w}) for p, m in pairs]
+            local = [({k: p[prefix + k] for k in w}, {k: m[prefix + k] for k in w if m}) for p, m in pairs]
             self._block = (i, w, local)
         return self._block[2][d][0 if sign > 0 else 1]
 

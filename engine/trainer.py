@@ -184,7 +184,8 @@ class ZOStepWorkload:
         micro = batches if isinstance(batches, list) else [batches]  # one (ids, labels, lens) or a list
         self.plan = E.forwards(cfg.estimator, cfg.q)
         # One z per direction, shared by every micro-batch and both signs (engine/perturb.py).
-        self.perturbation = tr.perturbers([rng.step_seed(cfg.seed, step, d) for d in range(cfg.q)])
+        pair = any(sign == -1 for _, sign in self.plan)  # fzoo runs θ + εz only
+        self.perturbation = tr.perturbers([rng.step_seed(cfg.seed, step, d) for d in range(cfg.q)], pair)
         # grzo: per micro-batch, each record's direction (its group in the global batch).
         rank, world = tr.shard
         first = rank * (cfg.batch_size // world)  # global position of this process's first record
@@ -394,10 +395,11 @@ class ZOTrainer:
         return self.step >= self.cfg.steps
 
     # ---- trainable groups ----------------------------------------------------------------------
-    def perturbers(self, seeds: list[int]) -> PassPerturbation:
-        """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction)."""
+    def perturbers(self, seeds: list[int], pair: bool = True) -> PassPerturbation:
+        """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction);
+        pair False: θ + ε z only."""
         return PassPerturbation(
-            seeds, self.cfg.noise, self.cfg.epsilon, self.dtype, self.fam.layer_prefix, self.adapter
+            seeds, self.cfg.noise, self.cfg.epsilon, self.dtype, self.fam.layer_prefix, self.adapter, pair
         )
 
     def unperturbed(self):

@@ -95,3 +95,33 @@ def test_ops_per_block_and_noise_draws(tmp_path, monkeypatch, method):
     assert {n for kind, n in draws if kind == "pair"} == trainable
     assert {n for kind, n in draws if kind == "update"} == trainable
     assert all(v == 1 for v in draws.values()), [k for k, v in draws.items() if v != 1]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_one_sided_estimator_draws_plus_copies_only(tmp_path, monkeypatch, method):
+    """fzoo runs θ and θ + εz_d: each tensor gets one θ + εz copy per direction per step (zo.perturbed,
+    sign +1), never a ± pair whose θ - εz half no forward would read."""
+    torch.set_num_threads(1)
+    model = make_tiny_model(tmp_path, "llama")
+    store = WeightStore(model)
+    cfg = ZOConfig(method=method, steps=2, batch_size=4, micro_batch=2, seed=3, q=3, estimator="fzoo")
+    sc = StreamConfig(gpu_memory_bytes=None)
+    base = LayerStreamer(store, CPU, torch.float32, sc)
+    tr = open_trainer(cfg, tmp_path / "job", store, dataset(), 0, CPU, torch.float32, base, sc)
+    draws: Counter[tuple[str, int]] = Counter()
+    real = zo.perturbed
+
+    def plus(t, kind, seed, name, eps, sign, *a, **kw):
+        draws[(name, sign)] += 1
+        return real(t, kind, seed, name, eps, sign, *a, **kw)
+
+    def no_pair(*a, **kw):
+        raise AssertionError("a one-sided step drew a ± pair")
+
+    monkeypatch.setattr(zo, "perturbed", plus)
+    monkeypatch.setattr(zo, "perturbed_pair", no_pair)
+    tr.run_step()
+    trainable = (
+        set(tr.adapter.tensors) if method == "lora" else set(store.family.expected_tensors(store.spec))
+    )
+    assert draws == Counter({(n, 1): cfg.q for n in trainable})
