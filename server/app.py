@@ -33,7 +33,9 @@ from zostream.v1 import (
 )
 
 from . import status as S
-from .servicers import Adapters, FineTuning, TextGeneration
+from .adapters_service import Adapters
+from .finetuning_service import FineTuning
+from .generation_service import TextGeneration
 
 log = logging.getLogger("zostream.server")
 SERVICES = ("zostream.v1.TextGeneration", "zostream.v1.FineTuning", "zostream.v1.Adapters")

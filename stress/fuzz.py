@@ -773,14 +773,14 @@ def greedy(stubs: Any) -> list[int]:
 
 @contextmanager
 def lowered_limits(limit: int):
-    from zostream.server import servicers
+    from zostream.server import adapters_service, finetuning_service
 
-    saved = servicers.MAX_DATASET_BYTES, servicers.MAX_LOG_BYTES
-    servicers.MAX_DATASET_BYTES = servicers.MAX_LOG_BYTES = limit
+    saved = finetuning_service.MAX_DATASET_BYTES, adapters_service.MAX_LOG_BYTES
+    finetuning_service.MAX_DATASET_BYTES = adapters_service.MAX_LOG_BYTES = limit
     try:
         yield
     finally:
-        servicers.MAX_DATASET_BYTES, servicers.MAX_LOG_BYTES = saved
+        finetuning_service.MAX_DATASET_BYTES, adapters_service.MAX_LOG_BYTES = saved
 
 
 def run(n: int, seed: int, workdir: Path, audit: Audit | None = None) -> dict[str, Any]:

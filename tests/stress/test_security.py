@@ -220,10 +220,10 @@ def test_names_never_reach_outside_the_data_dir(srv: ThreadServer, s: Stubs, ada
 def test_uploads_and_imports_are_size_limited(
     s: Stubs, adapter: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zostream.server import servicers
+    from zostream.server import adapters_service, finetuning_service
 
-    monkeypatch.setattr(servicers, "MAX_DATASET_BYTES", 1000)
-    monkeypatch.setattr(servicers, "MAX_LOG_BYTES", 1000)
+    monkeypatch.setattr(finetuning_service, "MAX_DATASET_BYTES", 1000)
+    monkeypatch.setattr(adapters_service, "MAX_LOG_BYTES", 1000)
     line = b'{"text": "1 2 3"}\n'
     parts = [F.UploadDatasetRequest(metadata=F.DatasetMetadata(name="big"))]
     parts += [F.UploadDatasetRequest(chunk=line * 5)] * 20  # 1900 bytes in 20 messages
