@@ -4,6 +4,9 @@ Every adapter has a host (CPU) copy; device copies are kept least-recently-used 
 when a pass needs room (reloaded from the host copy on demand). A pass whose batch uses more
 adapters than the limit holds all of them for that pass, then the registry shrinks back to the
 limit. Only the engine thread touches it (the engine's inbox serialises the job runner and servicers).
+
+Cached adapters (`cache`: checkpoints the engine can rebuild from a job's log) also leave the host when
+more than `max_cached` of them exist, least recently used first, unless a request is using them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 
 CPU = torch.device("cpu")
+MAX_CACHED = 8  # rebuildable (cached) adapters kept on the host; each costs one LoRA's bytes
 
 
 def _same(a: torch.device, b: torch.device) -> bool:
@@ -28,6 +32,8 @@ class AdapterRegistry:
         self.device, self.max_resident = device, max_resident
         self._host: dict[str, Any] = {}  # id -> LoraAdapter on the host
         self._resident: OrderedDict[str, Any] = OrderedDict()  # id -> LoraAdapter on the device, LRU first
+        self._cached: OrderedDict[str, None] = OrderedDict()  # rebuildable ids, least recently used first
+        self.max_cached = MAX_CACHED
         self.loads = 0  # host -> device copies made on demand
         self.evictions = 0  # device copies dropped for room
 
@@ -49,11 +55,30 @@ class AdapterRegistry:
         """Register or replace `aid`; `adapter` (on any device) becomes its most recently used copy."""
         self._host[aid] = adapter if _same(adapter.device, CPU) else adapter.to(CPU)
         self._resident.pop(aid, None)
+        self._cached.pop(aid, None)
         self._resident[aid] = adapter if _same(adapter.device, self.device) else adapter.to(self.device)
         self._shrink(keep=(aid,))
 
+    def cache(self, aid: str, adapter: Any, in_use: Iterable[str] = ()) -> None:
+        """Register a rebuildable adapter; the least recently used cached ones beyond `max_cached` that
+        no request uses (`in_use`) are dropped whole (their owner rebuilds them on the next use)."""
+        self[aid] = adapter
+        self._cached[aid] = None
+        busy = set(in_use) | {aid}
+        for old in list(self._cached):
+            if len(self._cached) <= self.max_cached:
+                break
+            if old not in busy:
+                self.pop(old)
+                self.evictions += 1
+
+    @property
+    def cached(self) -> list[str]:
+        return list(self._cached)
+
     def pop(self, aid: str, default: Any = None) -> Any:
         self._resident.pop(aid, None)
+        self._cached.pop(aid, None)
         return self._host.pop(aid, default)
 
     def keys(self) -> list[str]:
@@ -69,6 +94,8 @@ class AdapterRegistry:
         `pinned`: adapters the current pass also uses, never evicted to make room."""
         if aid not in self._host:
             return None
+        if aid in self._cached:
+            self._cached.move_to_end(aid)
         if aid in self._resident:
             self._resident.move_to_end(aid)
             return self._resident[aid]

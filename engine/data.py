@@ -227,10 +227,16 @@ def _chat(rec: dict[str, Any], ctx: _Ctx) -> tuple[list[int], list[int]]:
             if k not in m:
                 raise ctx.error(f"{name}.{k}", "missing; a message has exactly 'role', 'content'")
             _str(m, k, ctx, f"{name}.{k}")
-        if extra := sorted(set(m) - {"role", "content"}):
-            raise ctx.error(f"{name}.{extra[0]}", "unexpected; a message has exactly 'role', 'content'")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ctx.error("messages", "no 'assistant' message: nothing to train on")
+        if extra := sorted(set(m) - {"role", "content", "weight"}):
+            what = "unexpected; a message has 'role', 'content' and (assistant turns) an optional 'weight'"
+            raise ctx.error(f"{name}.{extra[0]}", what)
+        if "weight" in m:  # OpenAI's chat fine-tuning format: weight 0 = an assistant turn not trained on
+            if m["role"] != "assistant":
+                raise ctx.error(f"{name}.weight", "only assistant messages take a weight")
+            if type(m["weight"]) is not int or m["weight"] not in (0, 1):
+                raise ctx.error(f"{name}.weight", f"expected 0 (not trained on) or 1, got {m['weight']!r}")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in msgs):
+        raise ctx.error("messages", "no 'assistant' message with weight 1: nothing to train on")
     if not getattr(ctx.tok, "chat_template", None):
         raise ctx.error("messages", "the model's tokenizer has no chat_template; use completion records")
     # Render each prefix and cut the text into alternating context / assistant segments; tokenising the
@@ -239,8 +245,10 @@ def _chat(rec: dict[str, Any], ctx: _Ctx) -> tuple[list[int], list[int]]:
     labels: list[int] = []
     seen = ""  # rendered text already tokenised
     eos_text = ctx.tok.eos_token or ""
+    weights = [m.get("weight", 1) for m in msgs]
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]  # what the template renders
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or weights[i] == 0:  # a weight-0 turn is context for the next one
             continue
         before = _render(msgs[:i], True, ctx)
         upto = _render(msgs[: i + 1], False, ctx)

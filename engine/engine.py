@@ -124,6 +124,9 @@ class Engine:
         )
         self.seqs: dict[str, Sequence] = {}
         self.adapters = AdapterRegistry(self.device, lim.max_resident_adapters)  # id -> peft.LoraAdapter
+        # Adapters built on first use (checkpoints.CheckpointSource: `<job_id>:ckpt-step-<N>`); the job
+        # runner sets it. check(aid, field) raises RequestError; build(aid) runs on the engine thread.
+        self.adapter_source: Any = None
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
         self._inbox: list[Callable[[], None]] = []
         self._admitting = 0  # submitted requests still in the inbox: they count against max_waiting
@@ -244,8 +247,8 @@ class Engine:
     # ---- requests (any thread) ---------------------------------------------------------------
     def submit(self, req: GenerateRequest) -> int:
         """Validate and enqueue; returns the seed the request will use. Raises RequestError."""
-        if req.adapter_id and req.adapter_id not in self.adapters:
-            raise NotFoundError(f"no adapter {req.adapter_id!r}; list them with ListAdapters", "adapter_id")
+        if req.adapter_id:
+            self.check_adapter(req.adapter_id)
         if any(not 0 <= t < self.spec.vocab for t in req.prompt_ids):
             raise RequestError(f"token ids must be in [0, {self.spec.vocab})", "prompt_token_ids")
         self.scheduler.check_fits(len(req.prompt_ids), req.stopping.max_new_tokens)
@@ -279,6 +282,15 @@ class Engine:
     def remove_job(self, job_id: str) -> None:
         self.trainers.pop(job_id, None)
         self.scheduler.remove_job(job_id)
+
+    def check_adapter(self, adapter_id: str, field: str = "adapter_id") -> None:
+        """NotFoundError naming `field` unless adapter_id is served or can be built (a checkpoint id)."""
+        if adapter_id in self.adapters:
+            return
+        if self.adapter_source is not None and ":" in adapter_id:
+            self.adapter_source.check(adapter_id, field)
+            return
+        raise NotFoundError(f"no adapter {adapter_id[:128]!r}; list them with ListAdapters", field)
 
     def put_adapter(self, adapter_id: str, adapter: Any) -> None:
         """Serve `adapter` (a peft.LoraAdapter) as adapter_id, replacing what was served under it."""
@@ -314,6 +326,8 @@ class Engine:
         try:
             if req.request_id in self.seqs:  # a second sequence under one id would leak its KV slot
                 raise RequestError(f"request {req.request_id!r} is already in flight", "request_id")
+            if req.adapter_id and req.adapter_id not in self.adapters and ":" in req.adapter_id:
+                self._build_adapter(req.adapter_id)
             if req.adapter_id and req.adapter_id not in self.adapters:  # deleted since submit()
                 raise NotFoundError(
                     f"no adapter {req.adapter_id!r}; list them with ListAdapters", "adapter_id"
@@ -328,6 +342,22 @@ class Engine:
             )
             return
         self.seqs[req.request_id] = new_sequence(req, -1, seed, self.tokenizer, self.device)
+
+    def _build_adapter(self, adapter_id: str) -> None:
+        """A checkpoint adapter on its first use: rebuilt here, on the engine thread (the pass waits for
+        the replay: steps x LoRA tensors), then cached like any adapter (evicted by the registry's limits)."""
+        if self.adapter_source is None:
+            return
+        try:
+            adapter = self.adapter_source.build(adapter_id)
+        except RequestError:
+            raise
+        except (OSError, ValueError) as exc:  # a damaged or unreadable log: this request fails, not the loop
+            why = type(exc).__name__  # its message may name server paths
+            raise RequestError(
+                f"the checkpoint could not be rebuilt from its job's log ({why})", "adapter_id"
+            ) from None
+        self.adapters.cache(adapter_id, adapter, in_use=(s.req.adapter_id for s in self.seqs.values()))
 
     # ---- one pass -----------------------------------------------------------------------------
     def _workloads(self, plan: PassPlan) -> list[tuple[str, Workload]]:

@@ -15,6 +15,7 @@ import torch
 
 from . import data as D
 from . import rng, session
+from .checkpoints import SUFFIX, CheckpointSource
 from .config import ZOConfig
 from .engine import Engine
 from .errors import PreconditionError, RequestError
@@ -79,6 +80,7 @@ class JobRunner:
             store.save(rec)
         self.imported: dict[str, LoraAdapter] = {}
         self._load_adapters()
+        engine.adapter_source = CheckpointSource(store, engine)  # `<job_id>:ckpt-step-<N>` on first use
 
     # ---- adapters -----------------------------------------------------------------------------
     def _load_adapters(self) -> None:
@@ -147,7 +149,9 @@ class JobRunner:
 
     def delete_job(self, job_id: str) -> None:
         """A finished job's files and served adapter (refused while a request generates with it)."""
-        self.engine.drop_adapter(job_id, "job_id")
+        cached = [a for a in self.engine.adapters.cached if a.startswith(job_id + SUFFIX)]
+        for aid in (job_id, *cached):
+            self.engine.drop_adapter(aid, "job_id")
         self.store.delete_job(job_id)
 
     # ---- what the loop reports ---------------------------------------------------------------

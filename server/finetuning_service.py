@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from zostream.engine import data as D
+from zostream.engine.checkpoints import checkpoint_id
 from zostream.engine.errors import NotFoundError, PreconditionError, RequestError
 from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
 from zostream.v1 import finetuning_pb2, finetuning_pb2_grpc
@@ -171,6 +172,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
                     size_bytes=size,
                     created_at=C.ts(p.stat().st_mtime),
                     metrics=at_step.get(step, {}),
+                    adapter_id=checkpoint_id(rec.id, step) if rec.spec["method"] == "lora" else "",
                 )
             )
         items, token = C.page(cps, request.page_size, request.page_token, "ListCheckpoints")

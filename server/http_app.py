@@ -108,7 +108,7 @@ class Guard:
 
 def build(app: Any) -> Any:
     """The ASGI application over the shared App."""
-    from . import openai_api, openai_files, openai_jobs
+    from . import openai_api, openai_checkpoints, openai_files, openai_jobs
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})  # liveness: the process answers
@@ -132,6 +132,7 @@ def build(app: Any) -> Any:
         *openai_api.routes(app),
         *openai_files.routes(app),
         *openai_jobs.routes(app),
+        *openai_checkpoints.routes(app),
     ]
 
     async def refused(request: Request, exc: Exception) -> Response:

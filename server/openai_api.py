@@ -38,8 +38,19 @@ def routes(app: Any) -> list[Route]:
         for m in _models(app):
             if m["id"] == mid:
                 return JSONResponse(m)
-        P.resolve_model(app.ready_engine(), mid)  # raises the 404
-        raise AssertionError("unreachable")
+        P.resolve_model(app.ready_engine(), mid)  # raises the 404 unless a checkpoint id
+        job_id = mid.split(":", 1)[0]  # `<job_id>:ckpt-step-<N>`, not listed: any step of the job answers
+        created = int(app.jobs.get(job_id).created_at)
+        return JSONResponse(
+            {
+                "id": mid,
+                "object": "model",
+                "created": created,
+                "owned_by": "zostream",
+                "root": P.base_model_id(app.ready_engine()),
+                "parent": job_id,
+            }  # fmt: skip
+        )
 
     async def chat(request: Request) -> Response:
         body = await read_json(request)
@@ -63,7 +74,7 @@ def _models(app: Any) -> list[dict]:
     out = [
         {"id": base, "object": "model", "created": 0, "owned_by": "zostream", "root": base, "parent": None}
     ]
-    for aid in sorted(list(e.adapters)):
+    for aid in sorted(a for a in list(e.adapters) if ":" not in a):  # cached checkpoints come and go
         rec = app.jobs.jobs.get(aid)
         created = int(rec.created_at) if rec else 0
         out.append(

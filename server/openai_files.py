@@ -46,19 +46,16 @@ def normalise_line(line: str, lineno: int) -> str:
     for i, m in enumerate(rec["messages"]):
         if not isinstance(m, dict):
             return line
-        if m.get("weight", 1) != 1:
-            raise RequestError(
-                f"line {lineno}: messages[{i}].weight 0 (a turn not to learn from) is not supported; "
-                "drop the weight or the turn",
-                "file",
-            )
         if m.get("tool_calls") or m.get("function_call"):
             raise RequestError(f"line {lineno}: messages[{i}]: tool calls are not supported", "file")
         role = "system" if m.get("role") == "developer" else m.get("role")
         content = m.get("content")
         if isinstance(content, list):  # text parts
             content = "".join(p.get("text", "") if isinstance(p, dict) else "" for p in content)
-        msgs.append({"role": role, "content": "" if content is None else content})
+        msg = {"role": role, "content": "" if content is None else content}
+        if "weight" in m:  # 0: an assistant turn not trained on (checked by the dataset loader)
+            msg["weight"] = m["weight"]
+        msgs.append(msg)
     return json.dumps({"messages": msgs})
 
 

@@ -55,6 +55,9 @@ def resolve_model(engine: Any, model: Any) -> str:
         return ""
     if model in engine.adapters:
         return model
+    if ":" in model:  # a checkpoint, `<job_id>:ckpt-step-<N>` (GET /v1/fine_tuning/jobs/{id}/checkpoints)
+        engine.check_adapter(model, "model")
+        return model
     raise NotFoundError(f"the model {model[:128]!r} does not exist; GET /v1/models lists them", "model")
 
 

@@ -31,6 +31,8 @@ MAX_N = 16  # completions from one prompt
 
 # ---- names and pages --------------------------------------------------------------------------------
 NAME_MAX_CHARS = 128
+# A LoRA job's step N as an adapter / OpenAI model id: "<job_id>:ckpt-step-<N>" (names never hold ':').
+CHECKPOINT_SUFFIX = ":ckpt-step-"
 # Datasets and adapters are named, never addressed by path: no separators, no leading '.'.
 NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}")
 MAX_PAGE_SIZE = 1000
@@ -97,6 +99,8 @@ DOCUMENTED: dict[str, str] = {
     "Hyperparameters.seed": "Unset: the server picks one",
     "Hyperparameters.keep_best": f"{str(KEEP_BEST).lower()} (default): the last step's",
     "Hyperparameters.early_stopping_patience": f"{EARLY_STOPPING_PATIENCE} (default): off",
+    "GenerateRequest.adapter_id": f'"<job_id>{CHECKPOINT_SUFFIX}<N>"',
+    "Checkpoint.adapter_id": f'"<job_id>{CHECKPOINT_SUFFIX}<N>" for a LORA job',
     "DownloadWeightsRequest.upto": "Unset (default): the result or the checkpoint",
     "ExportUpdateLogRequest.upto": "Unset (default): every step logged",
     "LoraConfig.r": f"0: {LORA_R}",

@@ -90,3 +90,24 @@ def test_pinned_adapters_are_not_evicted() -> None:
     assert sorted(reg.resident) == ["a", "b"]
     reg.shrink()
     assert len(reg.resident) == 1 and "a" in reg and "b" in reg
+
+
+def test_cached_adapters_beyond_the_cap_leave_the_host_unless_in_use() -> None:
+    class Fake:
+        device = torch.device("cpu")
+
+        def to(self, device):
+            return self
+
+    reg = AdapterRegistry(torch.device("cpu"), None)
+    reg.max_cached = 2
+    reg["served"] = Fake()  # a registered adapter is never dropped by the cache
+    reg.cache("c1", Fake())
+    reg.cache("c2", Fake())
+    reg.acquire("c1")  # c1 used more recently than c2
+    reg.cache("c3", Fake(), in_use=())
+    assert reg.cached == ["c1", "c3"] and "c2" not in reg and "served" in reg
+    reg.cache("c4", Fake(), in_use=["c1"])  # c1 is generating: c3 goes instead
+    assert reg.cached == ["c1", "c4"] and "c3" not in reg
+    reg["c4"] = Fake()  # registered for good: no longer cached
+    assert reg.cached == ["c1"] and "c4" in reg

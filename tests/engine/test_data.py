@@ -154,6 +154,24 @@ def test_chat_mask_two_turns(tok, tmp_path):
     assert targets(ex) == enc(tok, "Hi, how can I help?") + [eos] + enc(tok, "Paris.") + [eos]
 
 
+def test_chat_weight_0_turn_is_context_not_target(tok, tmp_path):
+    """OpenAI's chat fine-tuning `weight`: 0 keeps the assistant turn as context, untrained."""
+    msgs = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi, how can I help?", "weight": 0},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris.", "weight": 1},
+    ]
+    ex = load_dataset(write(tmp_path, [{"messages": msgs}]), tok).examples[0]
+    tgt, ctx = spans(ex, tok)
+    assert tgt == ["Paris.<|im_end|>"]
+    assert ctx == [
+        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\nHi, how can I help?<|im_end|>\n"
+        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ]
+    assert targets(ex) == enc(tok, "Paris.") + [tok.eos_token_id]
+
+
 def test_chat_without_template_or_assistant(tmp_path):
     plain = _make_tokenizer(template=False)
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
@@ -244,6 +262,10 @@ ERRORS = [  # (records, line, field, part of the message)
     ([{"messages": [{"content": "Hi"}, A]}], 1, "messages[0].role", "missing"),
     ([{"messages": [U, {**A, "name": "bot"}]}], 1, "messages[1].name", "unexpected"),
     ([{"messages": [U]}], 1, "messages", "no 'assistant'"),
+    ([{"messages": [U, {**A, "weight": 0}]}], 1, "messages", "no 'assistant' message with weight 1"),
+    ([{"messages": [{**U, "weight": 1}, A]}], 1, "messages[0].weight", "only assistant"),
+    ([{"messages": [U, {**A, "weight": 0.5}]}], 1, "messages[1].weight", "expected 0"),
+    ([{"messages": [U, {**A, "weight": True}]}], 1, "messages[1].weight", "expected 0"),
     ([{**Q, "prompt": ""}], 1, "prompt", "non-empty"),
     ([{**Q, "candidates": []}], 1, "candidates", "empty array"),
     ([{**Q, "candidates": " b"}], 1, "candidates", "non-empty array"),

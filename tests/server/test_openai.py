@@ -193,8 +193,11 @@ def test_upload_fine_tune_and_chat_with_the_result(client: openai.OpenAI, base: 
         {"messages": [{"role": "system", "content": "You answer with one word."},
                       {"role": "user", "content": f"What is {a} plus {b}?"},
                       {"role": "assistant", "content": str(a + b), "weight": 1}]}
-        for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]
-    ]  # fmt: skip
+        for a, b in [(1, 2), (3, 4), (2, 2)]
+    ] + [{"messages": [{"role": "user", "content": "What is 5 plus 1?"},
+                       {"role": "assistant", "content": "7", "weight": 0},  # context only, not trained on
+                       {"role": "user", "content": "Again?"},
+                       {"role": "assistant", "content": "6"}]}]  # fmt: skip
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     f = client.files.create(file=path.open("rb"), purpose="fine-tune")
@@ -221,3 +224,14 @@ def test_upload_fine_tune_and_chat_with_the_result(client: openai.OpenAI, base: 
         model=job.fine_tuned_model, messages=QUESTION, temperature=0, max_tokens=8
     )
     assert r.model == job.fine_tuned_model and r.choices[0].message.content
+    # Its checkpoints: the result's step (no checkpoint_every); each answers as a chat model, and any step.
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [(c.step_number, c.fine_tuned_model_checkpoint) for c in ckpts] == [(2, f"{job.id}:ckpt-step-2")]
+    last = client.chat.completions.create(
+        model=ckpts[0].fine_tuned_model_checkpoint, messages=QUESTION, temperature=0, max_tokens=8
+    )
+    assert last.choices[0].message.content == r.choices[0].message.content  # the same weights
+    first = client.chat.completions.create(
+        model=f"{job.id}:ckpt-step-1", messages=QUESTION, temperature=0, max_tokens=8
+    )
+    assert first.model == f"{job.id}:ckpt-step-1" and first.choices[0].message.content
