@@ -169,6 +169,23 @@ def test_completions_prompts_n_echo_and_stop(client: openai.OpenAI, model: str) 
     assert ids.choices[0].text == full  # the WordLevel tokenizer: text "i" is token i
 
 
+def test_logprobs_after_a_stop_cut_cover_every_generated_token(client: openai.OpenAI, model: str) -> None:
+    """As vLLM: the stop sequence is cut from the text, not from the logprobs, which cover every token
+    generated (usage.completion_tokens), up to the one that completed the stop sequence."""
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1)
+    words = full.choices[0].text.split()
+    stop = " " + words[1]
+    k = words.index(words[1]) + 1  # the WordLevel tokenizer: the k-th generated token completes the stop
+    kw: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stop": stop}
+    cut = client.completions.create(**kw, logprobs=1)
+    lp, want = cut.choices[0].logprobs, full.choices[0].logprobs
+    assert cut.choices[0].text == full.choices[0].text[: full.choices[0].text.index(stop)]
+    assert cut.usage.completion_tokens == k and lp.tokens == want.tokens[:k]
+    assert lp.token_logprobs == want.token_logprobs[:k]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, logprobs=1, stream=True)]
+    assert [t for x in streamed if x for t in x.tokens] == lp.tokens
+
+
 def test_client_going_away_aborts_the_request(server: ThreadServer, url: str, model: str) -> None:
     labels = {"finish_reason": "cancelled", "api": "http"}
     before = server.app.metrics.registry.get_sample_value("zostream_requests_total", labels)
