@@ -78,10 +78,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: fzoo 5e-3 lora, 2e-5 full; mezo 1e-4 lora, 1e-6 full)",
+        help="learning rate (default: grzo 2e-2 (lora only); fzoo 5e-3 lora, 2e-5 full; "
+        "mezo 1e-4 lora, 1e-6 full)",
     )
     p.add_argument(
-        "--eps", type=float, default=None, help="perturbation scale (default: fzoo 1e-2 lora, else 1e-3)"
+        "--eps",
+        type=float,
+        default=None,
+        help="perturbation scale (default: grzo, fzoo 1e-2 lora, else 1e-3)",
     )
     p.add_argument(
         "--loss",
@@ -103,7 +107,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         help="grzo (lora): one +/- pair of forwards, each group of batch-size/q records on its own "
         "direction, steps normalised by the RMS of the groups' differences; fzoo: q one-sided directions "
         "sharing one unperturbed pass, steps normalised by the spread of their losses; mezo: q +/- pairs "
-        "(default: auto, fzoo unless --q 1)",
+        "(default: auto: mezo with --q 1, else grzo for lora (fzoo when q groups do not divide the batch) "
+        "and fzoo for full)",
     )
     p.add_argument(
         "--batch-size",
@@ -113,10 +118,19 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         help=f"examples per step (default: {d['batch_size']})",
     )
     p.add_argument(
-        "--q", type=int, default=None, metavar="Q", help="directions per step (default: 4 fzoo, 1 mezo)"
+        "--q",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="directions per step (default: grzo one per record up to 16, fzoo 4, mezo 1)",
     )
     p.add_argument("--seed", type=int, default=d["seed"], help="job seed: noise, batch order, LoRA init")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d["lr_schedule"], help="default: constant")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("auto", *LR_SCHEDULES),
+        default=d["lr_schedule"],
+        help="default: auto (cosine for grzo, else constant)",
+    )
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"], metavar="N", help="default: 0")
     p.add_argument(
         "--min-lr-ratio",

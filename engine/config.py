@@ -137,13 +137,23 @@ ESTIMATORS = ("auto", "mezo", "fzoo", "grzo")
 # and move ~lr per step; full-parameter steps stay below the bf16 spacing of typical weights.
 FZOO_LR = {"lora": 5e-3, "full": 2e-5}
 FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
-# grzo (LoRA only): unit-scale coefficients like fzoo, q directions per ± pair.
-GRZO_LR, GRZO_EPS, GRZO_MAX_Q = 5e-3, 1e-2, 16
+# grzo (LoRA only, the LoRA default): unit-RMS coefficients, q directions per ± pair, and by default a
+# cosine decay of the lr over the job (a fixed-size step otherwise keeps the loss at its noise floor).
+# bench/finetune.py measures them (bench/RESULTS.md).
+GRZO_LR, GRZO_EPS, GRZO_MAX_Q = 2e-2, 1e-2, 16
 
 
 def grzo_q(batch_size: int) -> int:
     """grzo's default q: one direction per record, at most GRZO_MAX_Q groups (a divisor of the batch)."""
     return max(d for d in range(1, min(batch_size, GRZO_MAX_Q) + 1) if batch_size % d == 0)
+
+
+def _auto_estimator(method: str, q: int | None, batch_size: int) -> str:
+    if q == 1:
+        return "mezo"
+    groups = grzo_q(batch_size) if q is None else q
+    ok = isinstance(batch_size, int) and batch_size >= 1 and groups >= 2 and batch_size % groups == 0
+    return "grzo" if method == "lora" and ok else "fzoo"
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ class ZOConfig:
     batch_size: int = D.BATCH_SIZE
     q: int | None = None  # directions per step; None: defaults.Q for mezo, 4 for fzoo
     seed: int = 0
-    lr_schedule: str = "constant"
+    lr_schedule: str = "auto"  # auto: cosine for grzo, else constant (the `schedule` property)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -176,7 +186,8 @@ class ZOConfig:
     # equals a single process with the same micro_batch (docs/SCALE_OUT.md).
     micro_batch: int | None = None
     # What a step minimises and how it estimates the gradient (engine/losses.py, engine/estimators.py).
-    # loss auto: candidates for choice data, else tokens. estimator auto: fzoo, or mezo when q = 1.
+    # loss auto: candidates for choice data, else tokens. estimator auto: mezo when q = 1; grzo for LoRA
+    # when q (or its default) makes >= 2 groups of the batch; else fzoo.
     loss: str = "auto"
     choice_score: str = "mean"  # candidates loss: length-normalised (mean) or summed log-likelihood
     estimator: str = "auto"
@@ -198,7 +209,7 @@ class ZOConfig:
         if self.estimator not in ESTIMATORS:
             bad("estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.estimator == "auto":
-            object.__setattr__(self, "estimator", "mezo" if self.q == 1 else "fzoo")
+            object.__setattr__(self, "estimator", _auto_estimator(self.method, self.q, self.batch_size))
         if self.q is None:
             q = {"fzoo": 4, "grzo": grzo_q(self.batch_size)}.get(self.estimator, D.Q)
             object.__setattr__(self, "q", q)
@@ -221,8 +232,8 @@ class ZOConfig:
             bad("choice_score", f"must be mean or sum, got {self.choice_score!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             bad("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("auto", *LR_SCHEDULES):
+            bad("lr_schedule", f"must be auto or one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.warmup_steps <= self.steps:
             bad("warmup_steps", f"must be in 0..steps, got {self.warmup_steps!r}")
         if not 0 <= self.weight_decay < 1:
@@ -250,6 +261,13 @@ class ZOConfig:
         if self.estimator == "grzo":
             return GRZO_LR
         return D.LR[self.method]
+
+    @property
+    def schedule(self) -> str:
+        """The lr schedule the job runs: lr_schedule, with auto resolved by the estimator."""
+        if self.lr_schedule != "auto":
+            return self.lr_schedule
+        return "cosine" if self.estimator == "grzo" else "constant"
 
     @property
     def micro_batch_size(self) -> int:

@@ -73,7 +73,7 @@ def log_header(
         q=cfg.q,
         extra={
             "lr": cfg.learning_rate,
-            "lr_schedule": cfg.lr_schedule,
+            "lr_schedule": cfg.schedule,
             "warmup_steps": cfg.warmup_steps,
             "min_lr_ratio": cfg.min_lr_ratio,
             "steps": cfg.steps,

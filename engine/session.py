@@ -337,9 +337,9 @@ def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig
     old_steps = old.extra.get("steps", cfg.steps)
     if old_steps == cfg.steps:
         return cfg
-    if cfg.lr_schedule != "constant":
+    if cfg.schedule != "constant":
         raise RequestError(
-            f"{where} steps={old_steps} and a {cfg.lr_schedule} lr schedule, which depends on the total; "
+            f"{where} steps={old_steps} and a {cfg.schedule} lr schedule, which depends on the total; "
             f"resume with steps {old_steps} or choose another job directory",
             "steps",
         )

@@ -380,7 +380,7 @@ class ZOTrainer:
         self.shard: tuple[int, int] = (0, 1)
         self.reducer: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.schedule = zo.LRSchedule(
-            cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
+            cfg.schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
         )
         # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
         accepted = [abs(g) for s in self.steps if not s.skipped for g in s.directions]

@@ -43,7 +43,7 @@ STATUS_NAME = {v: k for k, v in JOB_STATUS.items()}
 METHOD = {common_pb2.TUNING_METHOD_FULL: "full", common_pb2.TUNING_METHOD_LORA: "lora"}
 METHOD_PB = {v: k for k, v in METHOD.items()}
 SCHEDULE = {
-    finetuning_pb2.LR_SCHEDULE_UNSPECIFIED: "constant",
+    finetuning_pb2.LR_SCHEDULE_UNSPECIFIED: "auto",  # resolved by the estimator (ZOConfig.schedule)
     finetuning_pb2.LR_SCHEDULE_CONSTANT: "constant",
     finetuning_pb2.LR_SCHEDULE_LINEAR: "linear",
     finetuning_pb2.LR_SCHEDULE_COSINE: "cosine",
@@ -323,7 +323,12 @@ def job_spec(
     except ValueError as exc:
         name, _, msg = str(exc).partition(": ")
         raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
-    fields["q"], fields["estimator"] = resolved.q, resolved.estimator  # the job reports what it runs
+    # The job reports what it runs.
+    fields["q"], fields["estimator"], fields["lr_schedule"] = (
+        resolved.q,
+        resolved.estimator,
+        resolved.schedule,
+    )
     # The lifecycle's knobs (engine/session.py): they judge held-out evaluations, so they need some.
     fields["keep_best"], fields["early_stopping_patience"] = (
         bool(hp.keep_best),

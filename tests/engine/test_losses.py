@@ -105,7 +105,9 @@ def peft_model(model_dir: Path, cfg: ZOConfig):
 def test_candidates_loss_matches_transformers(models, tmp_path, score):
     """The step's fzoo losses (θ, θ + εz_d) equal a cross-entropy over candidates on transformers' logits."""
     model = models("llama")
-    cfg = ZOConfig(method="lora", steps=2, batch_size=4, seed=5, eps=0.05, q=2, choice_score=score)
+    cfg = ZOConfig(
+        method="lora", steps=2, batch_size=4, seed=5, eps=0.05, q=2, choice_score=score, estimator="fzoo"
+    )
     tr = open_job(model, tmp_path / "job", cfg, CHOICES)
     assert tr.loss == "candidates" and tr.cfg.estimator == "fzoo"
     hf = peft_model(model, cfg)
@@ -256,7 +258,7 @@ def test_fzoo_candidates_replay_is_bitwise(models, tmp_path):
     from zostream.engine.update_log import UpdateLog
 
     model = models("llama")
-    cfg = ZOConfig(method="lora", steps=4, batch_size=4, seed=3)
+    cfg = ZOConfig(method="lora", steps=4, batch_size=4, seed=3, estimator="fzoo")
     tr = open_job(model, tmp_path / "job", cfg, CHOICES)
     for _ in range(cfg.steps):
         tr.run_step()
@@ -281,7 +283,12 @@ def test_coefficients_by_hand():
 
 
 def test_config_resolution_and_errors(models, tmp_path):
-    assert (ZOConfig().estimator, ZOConfig().q) == ("fzoo", 4)
+    # auto: grzo for LoRA (one group per record up to 16), fzoo for full or when no q groups fit
+    assert (ZOConfig().estimator, ZOConfig().q, ZOConfig().schedule) == ("grzo", 8, "cosine")
+    assert (ZOConfig(method="full").estimator, ZOConfig(method="full").q) == ("fzoo", 4)
+    assert (ZOConfig(batch_size=1).estimator, ZOConfig(batch_size=6, q=4).estimator) == ("fzoo", "fzoo")
+    assert ZOConfig(batch_size=16, q=4).estimator == "grzo"
+    assert ZOConfig(method="full").schedule == ZOConfig(lr_schedule="constant").schedule == "constant"
     assert (ZOConfig(q=1).estimator, ZOConfig(q=1).learning_rate) == ("mezo", 1e-4)
     with pytest.raises(ValueError, match="q: fzoo"):
         ZOConfig(estimator="fzoo", q=1)
