@@ -9,7 +9,7 @@ set -euo pipefail
 MODEL="${1:?usage: demo.sh MODEL_DIR}"
 WORK="${ZOSTREAM_DEMO_DIR:-$(mktemp -d -t zostream-demo.XXXXXX)}"
 PORT="${ZOSTREAM_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
-STEPS="${ZOSTREAM_DEMO_STEPS:-30}"
+STEPS="${ZOSTREAM_DEMO_STEPS:-100}"
 SERVER="127.0.0.1:$PORT"
 echo "== work dir $WORK, server $SERVER"
 
@@ -33,10 +33,10 @@ echo "== 1. generate (base model)"
 zostream generate --server "$SERVER" --chat --temperature 0 --max-new-tokens 32 "What is the capital of France?"
 echo
 
-echo "== 2. fine-tune: LoRA, zeroth-order, $STEPS steps on a sentiment task (labels A/B), default hyperparameters"
+echo "== 2. fine-tune: LoRA, zeroth-order (grzo: one +/- pair of forwards per step), $STEPS steps on a sentiment task (labels A/B), its default hyperparameters"
 python3 bench/sentiment_task.py "$WORK/task" --train 128 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
-      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 --estimator fzoo \
+      --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 --estimator grzo \
       --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "job $JOB (eval events show held-out loss/accuracy before training and after)"
 zostream jobs events --server "$SERVER" "$JOB" --follow

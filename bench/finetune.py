@@ -4,15 +4,18 @@ For each task (bench/sentiment_task.py, bench/topic_task.py), run and seed, a jo
 --forwards batch forwards with DEFAULT hyperparameters (no lr / eps flags: what a new user gets) and is
 evaluated on the held-out set every --evals-th of the budget. Runs:
 
-  fzoo-candidates  the default: FZOO (q=4 one-sided directions + one shared unperturbed pass, steps
-                   normalised by the spread of their losses), cross-entropy over the candidates
+  default          no estimator / loss flags: grzo (one ± pair of forwards per step, the batch in q = 4
+                   groups each on its own direction, steps normalised by the RMS of the groups' loss
+                   differences, lr 1e-2 with a cosine decay), cross-entropy over the candidates
+  fzoo-candidates  FZOO (q=4 one-sided directions + one shared unperturbed pass, steps normalised by
+                   the spread of their losses), cross-entropy over the candidates
   mezo-candidates  MeZO SPSA (q=1 ± pair) on the candidate loss, its default lr/eps
   fzoo-tokens      FZOO on the answer's token NLL over the whole vocabulary
   mezo-tokens      MeZO on token NLL: what every job ran before there was a choice
   peer             plain MeZO-LoRA on transformers + peft (fp32, torch.manual_seed noise, candidates CE),
                    lr 1e-3, eps 1e-2: the loop of the MeZO paper, in this script
 
-A forward is one pass of the batch (B records); a MeZO step costs 2, an FZOO step q+1. Output: a table
+A forward is one pass of the batch (B records); a grzo or MeZO step costs 2, an FZOO step q+1. Output: a table
 per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
 
   python bench/finetune.py --model DIR --out DIR [--method lora] [--seeds 0,1,2] [--forwards 1200]
@@ -29,13 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-RUNS = ("grzo-candidates", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
+RUNS = ("default", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
 
 
-def forwards_per_step(run: str) -> int:
-    return 5 if run.startswith("fzoo") else 2  # fzoo: q=4 directions + θ; grzo, mezo, peer: one ± pair
+def forwards_per_step(run: str, method: str = "lora") -> int:
+    """fzoo: q=4 directions + θ; grzo, mezo, peer: one ± pair. The default is grzo for LoRA, fzoo for full."""
+    if run == "default":
+        return 2 if method == "lora" else 5
+    return 5 if run.startswith("fzoo") else 2
 
 
 def make_task(task: str, out: Path, n_train: int, n_eval: int) -> Path:
@@ -51,14 +57,16 @@ def make_task(task: str, out: Path, n_train: int, n_eval: int) -> Path:
 
 def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: Path) -> list[dict]:
     """(forwards, accuracy, candidate loss) at every evaluation of a `zostream train` job."""
-    estimator, loss = run.split("-")
-    per = forwards_per_step(run)
+    estimator, loss = run.split("-") if run != "default" else ("auto", "auto")
+    per = forwards_per_step(run, a.method)
     steps = a.forwards // per
     every = max(1, steps // a.evals)
     cmd = [sys.executable, "-m", "zostream", "train", "--model", a.model, "--method", a.method]
     cmd += ["--data", str(task_dir / "train.jsonl"), "--eval", str(task_dir / "eval.jsonl")]
     cmd += ["--out", str(job), "--steps", str(steps), "--batch-size", str(a.batch), "--seed", str(seed)]
-    cmd += ["--eval-every", str(every), "--estimator", estimator, "--loss", loss, "--device", "cpu"]
+    cmd += ["--eval-every", str(every), "--device", "cpu"]
+    if run != "default":
+        cmd += ["--estimator", estimator, "--loss", loss]
     cmd += ["--eval-batch-size", "32", "--json"]
     if estimator == "mezo":
         cmd += ["--q", "1"]

@@ -92,7 +92,7 @@ def _register_create(jobs_sub: argparse._SubParsersAction) -> None:
         "--q",
         type=positive_int,
         metavar="Q",
-        help="directions per step (default: 4 fzoo, 1 mezo, grzo one per record up to 16)",
+        help="directions per step (default: 4 fzoo and grzo, 1 mezo)",
     )
     p.add_argument(
         "--loss", choices=("auto", "candidates", "tokens"), help="default: auto (candidates for choice data)"

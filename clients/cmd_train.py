@@ -78,7 +78,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: grzo 2e-2 (lora only); fzoo 5e-3 lora, 2e-5 full; "
+        help="learning rate (default: grzo 1e-2 (lora only); fzoo 5e-3 lora, 2e-5 full; "
         "mezo 1e-4 lora, 1e-6 full)",
     )
     p.add_argument(
@@ -122,7 +122,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="Q",
-        help="directions per step (default: grzo one per record up to 16, fzoo 4, mezo 1)",
+        help="directions per step (default: grzo 4 groups of the batch, fzoo 4, mezo 1)",
     )
     p.add_argument("--seed", type=int, default=d["seed"], help="job seed: noise, batch order, LoRA init")
     p.add_argument(

@@ -158,8 +158,8 @@ def test_coefficients_and_config():
     assert E.coefficients("grzo", [(1.0, 1.0), (2.0, 2.0)], 1e-2) == [0.0, 0.0]
     assert all(math.isnan(c) for c in E.coefficients("grzo", [(math.nan, 1.0), (2.0, 1.0)], 1e-2))
     assert [E.group_of(p, 16, 4) for p in (0, 3, 4, 15)] == [0, 0, 1, 3]
-    assert ZOConfig(estimator="grzo", batch_size=16).q == 16
-    assert ZOConfig(estimator="grzo", batch_size=24).q == 12
+    assert ZOConfig(estimator="grzo", batch_size=16).q == 4
+    assert ZOConfig(estimator="grzo", batch_size=9).q == 3
     with pytest.raises(ValueError, match="^estimator: grzo .* method lora"):
         ZOConfig(method="full", estimator="grzo")
     with pytest.raises(ValueError, match="^q: grzo"):

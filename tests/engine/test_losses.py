@@ -283,8 +283,9 @@ def test_coefficients_by_hand():
 
 
 def test_config_resolution_and_errors(models, tmp_path):
-    # auto: grzo for LoRA (one group per record up to 16), fzoo for full or when no q groups fit
-    assert (ZOConfig().estimator, ZOConfig().q, ZOConfig().schedule) == ("grzo", 8, "cosine")
+    # auto: grzo for LoRA (4 groups of the batch), fzoo for full or when no q groups fit
+    assert (ZOConfig().estimator, ZOConfig().q, ZOConfig().schedule) == ("grzo", 4, "cosine")
+    assert (ZOConfig(batch_size=6).q, ZOConfig(batch_size=2).q) == (3, 2)
     assert (ZOConfig(method="full").estimator, ZOConfig(method="full").q) == ("fzoo", 4)
     assert (ZOConfig(batch_size=1).estimator, ZOConfig(batch_size=6, q=4).estimator) == ("fzoo", "fzoo")
     assert ZOConfig(batch_size=16, q=4).estimator == "grzo"

@@ -198,7 +198,7 @@ class TextbookMeZO:
             self.base = {n: t.float() for n, t in self.base.items()}
             self.master = lora_init(self.base, self.fam.layer_prefix, self.spec.num_layers, cfg)
         self.schedule = zo.LRSchedule(
-            cfg.lr_schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
+            cfg.schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
         )
         self.initial = {n: t.clone() for n, t in self.master.items()}
         self.history: list[tuple[list[tuple[float, float]], list[float], float]] = []
