@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--adapter-id",
         metavar="ID",
         default="",
-        help="with --server: an adapter the server holds (a LoRA job's id, or an imported one)",
+        help="with --server: an adapter the server holds (a LoRA job's id, or an imported one), or "
+        "JOB_ID:ckpt-step-N for step N of a LoRA job",
     )
     from zostream.clients.remote import add_connection_args
 

@@ -81,11 +81,30 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         for a in self._all():
             if a.id == request.adapter_id:
                 return a
+        if ":" in request.adapter_id:  # a checkpoint id: served on first use, not listed
+            return self._checkpoint(request.adapter_id)
         raise NotFoundError(f"no adapter {request.adapter_id[:64]!r}", "adapter_id")
+
+    def _checkpoint(self, aid: str) -> adapters_pb2.Adapter:
+        """`<job_id>:ckpt-step-<N>` (engine/checkpoints.py): step N of a LoRA job, rebuilt from its log."""
+        e = self.app.ready_engine()
+        job_id, step = e.adapter_source.check(aid, "adapter_id")
+        rec, log = self.app.jobs.get(job_id), self.app.jobs.job_dir(job_id) / "update.log"
+        if not log.exists():
+            raise NotFoundError(f"job {job_id!r} has no update log", "adapter_id")
+        h = read_header(log)
+        lora = {k: h.scope[k] for k in ("r", "alpha", "targets")}
+        size = log.stat().st_size  # nothing stored but the job's log
+        ready = adapters_pb2.ADAPTER_STATUS_READY
+        return C.adapter_pb(
+            aid, "lora", h.base_fingerprint, step, job_id, rec.created_at, size, ready, lora, size
+        )
 
     @rpc
     async def DeleteAdapter(self, request, context):
         aid = request.adapter_id
+        if ":" in aid:
+            raise PreconditionError("a checkpoint id names a step of a job, not stored files", "adapter_id")
         await self.GetAdapter(request, context)
         if aid in self.app.jobs.jobs:
             rec = self.app.jobs.get(aid)

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.server.conftest import ThreadServer, server_config, thread_server
+from zostream.v1 import adapters_pb2 as A
 from zostream.v1 import finetuning_pb2 as F
 from zostream.v1 import generation_pb2 as G
 
@@ -151,3 +152,19 @@ def test_grpc_generate_and_list_checkpoints(server: ThreadServer, client: openai
             )
         )
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND and "adapter_id" in exc.value.details()
+    ad = s.ad.GetAdapter(A.GetAdapterRequest(adapter_id=f"{job.id}:ckpt-step-3"), metadata=AUTH)
+    assert (ad.id, ad.steps, ad.source_job_id, ad.status) == (
+        f"{job.id}:ckpt-step-3",
+        3,
+        job.id,
+        A.ADAPTER_STATUS_READY,
+    )
+    assert ad.lora.r == s.ad.GetAdapter(A.GetAdapterRequest(adapter_id=job.id), metadata=AUTH).lora.r
+    listed = s.ad.ListAdapters(A.ListAdaptersRequest(), metadata=AUTH).adapters
+    assert [a.id for a in listed if a.source_job_id == job.id] == [job.id]
+    with pytest.raises(grpc.RpcError) as exc:
+        s.ad.GetAdapter(A.GetAdapterRequest(adapter_id=f"{job.id}:ckpt-step-99"), metadata=AUTH)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as exc:  # nothing stored under a checkpoint id
+        s.ad.DeleteAdapter(A.DeleteAdapterRequest(adapter_id=f"{job.id}:ckpt-step-2"), metadata=AUTH)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION

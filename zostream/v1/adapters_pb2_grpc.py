@@ -77,14 +77,15 @@ class AdaptersServicer:
     """
 
     def ListAdapters(self, request, context):
-        """Lists adapters, newest first.
+        """Lists adapters, newest first. Checkpoint ids ("<job_id>:ckpt-step-<N>", any logged step of a LoRA
+        job) are not listed: ListCheckpoints names those a job wrote (Checkpoint.adapter_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAdapter(self, request, context):
-        """Gets one adapter.
+        """Gets one adapter, or a checkpoint id's step (steps = N, source_job_id = the job).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +93,8 @@ class AdaptersServicer:
 
     def DeleteAdapter(self, request, context):
         """Deletes an adapter and its files. FAILED_PRECONDITION while its job is still running or a
-        request is generating with it. The job record, if any, stays.
+        request is generating with it, or for a checkpoint id (nothing stored: delete the job). The job
+        record, if any, stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
