@@ -168,3 +168,22 @@ def test_grpc_generate_and_list_checkpoints(server: ThreadServer, client: openai
     with pytest.raises(grpc.RpcError) as exc:  # nothing stored under a checkpoint id
         s.ad.DeleteAdapter(A.DeleteAdapterRequest(adapter_id=f"{job.id}:ckpt-step-2"), metadata=AUTH)
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_full_parameter_job_has_no_servable_checkpoints(
+    server: ThreadServer, client: openai.OpenAI
+) -> None:
+    from zostream.clients.client import ZostreamClient
+
+    with ZostreamClient(f"127.0.0.1:{server.port}", api_key=KEY) as c:
+        c.upload_dataset("full-pairs", b"".join(b'{"prompt": "%d", "completion": " %d"}\n' % (i, i + 1)
+                                                for i in range(1, 9)))  # fmt: skip
+        job = c.create_job("full", "full-pairs", steps=2, batch_size=2, seed=1, checkpoint_every=1)
+        deadline = time.monotonic() + 120
+        while (rec := c.get_job(job["id"]))["status"] != "JOB_STATUS_SUCCEEDED":
+            assert "FAILED" not in rec["status"] and time.monotonic() < deadline, rec
+            time.sleep(0.1)
+    assert client.fine_tuning.jobs.checkpoints.list(job["id"]).data == []
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.completions.create(model=f"{job['id']}:ckpt-step-1", prompt="1", max_tokens=1)
+    assert exc.value.body["param"] == "model" and "DownloadWeights" in exc.value.body["message"]
