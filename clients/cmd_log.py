@@ -17,7 +17,7 @@ from typing import Any
 from zostream.clients.cli import UsageError
 from zostream.clients.common import add_json_arg, nonneg_int, print_json, usage_error, warn
 
-_PREFIX = struct.Struct("<6sHI")  # magic, format version, header JSON length (engine/update_log.py)
+_PREFIX = struct.Struct("<6sHI")  # magic, format version, header JSON length (engine/update_log_format.py)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,8 +83,8 @@ def header_bytes(path: str) -> int:
 
 
 def summarize(path: str) -> dict[str, Any]:
-    """What `log info` shows, from update_log.export_json (read-only)."""
-    from zostream.engine.update_log import export_json
+    """What `log info` shows, from update_log_tools.export_json (read-only)."""
+    from zostream.engine.update_log_tools import export_json
 
     d = export_json(path)
     steps = d["steps"]
@@ -154,7 +154,7 @@ def log_info(args: argparse.Namespace) -> int:
 
 
 def log_verify(args: argparse.Namespace) -> int:
-    from zostream.engine.update_log import verify
+    from zostream.engine.update_log_tools import verify
 
     _exists(args.log)
     rep = verify(args.log)
@@ -178,7 +178,8 @@ def log_verify(args: argparse.Namespace) -> int:
 def log_replay(args: argparse.Namespace) -> int:
     from zostream.engine.errors import ModelError
     from zostream.engine.replay import replay
-    from zostream.engine.update_log import LogCorruptError, export_json
+    from zostream.engine.update_log_format import LogCorruptError
+    from zostream.engine.update_log_tools import export_json
 
     _exists(args.log)
     if not os.path.isdir(args.base):
@@ -211,7 +212,7 @@ def log_replay(args: argparse.Namespace) -> int:
 
 
 def log_compact(args: argparse.Namespace) -> int:
-    from zostream.engine.update_log import compact, export_json
+    from zostream.engine.update_log_tools import compact, export_json
 
     _exists(args.src, "SRC")
     if os.path.lexists(args.dst):

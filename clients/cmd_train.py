@@ -289,7 +289,7 @@ def resume_config(cfg: Any, store: Any, log_path: Path) -> Any:
     is a UsageError naming it."""
     from zostream.engine.errors import RequestError
     from zostream.engine.session import resume_config as resolve
-    from zostream.engine.update_log import LogCorruptError
+    from zostream.engine.update_log_format import LogCorruptError
 
     try:
         return resolve(cfg, store, log_path)
@@ -364,7 +364,8 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
     from zostream.engine.errors import RequestError
     from zostream.engine.finetune import resolve_objective, validate_dataset
     from zostream.engine.session import Policy, TrainingSession
-    from zostream.engine.update_log import LogCorruptError, read_header
+    from zostream.engine.update_log import read_header
+    from zostream.engine.update_log_format import LogCorruptError
 
     if cfg.method == "full" and args.codec != "none":
         raise UsageError(

@@ -41,7 +41,8 @@ def micro_batch(args: argparse.Namespace, cfg: Any, world: int, log_path: Path) 
     """cfg with its micro-batch: --micro-batch; else the job's own when resuming (so a relaunch on another
     number of ranks continues the same job bitwise); else --batch-size / ranks under torchrun."""
     from zostream.engine.distributed import micro_per_rank
-    from zostream.engine.update_log import LogCorruptError, read_header
+    from zostream.engine.update_log import read_header
+    from zostream.engine.update_log_format import LogCorruptError
 
     mb = args.micro_batch
     if mb is None and log_path.exists():

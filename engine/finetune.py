@@ -26,7 +26,8 @@ from .peft import LoraAdapter, LoraSpec
 from .store import WeightStore
 from .streamer import LayerStreamer
 from .trainer import Trainable, ZOTrainer, master_dtype_for
-from .update_log import LogHeader, UpdateLog, read_header
+from .update_log import UpdateLog, read_header
+from .update_log_format import LogHeader
 from .working_copy import WorkingCopy
 
 _CKPT = re.compile(r"^step-(\d{6,})$")

@@ -14,7 +14,8 @@ from .errors import PreconditionError
 from .peft import LoraAdapter, LoraSpec
 from .store import WeightStore
 from .trainer import apply_step
-from .update_log import LogHeader, UpdateLog
+from .update_log import UpdateLog
+from .update_log_format import LogHeader
 from .working_copy import WorkingCopy
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -36,7 +36,8 @@ from typing import Any
 import grpc
 
 from stress.common import ServerProc, markdown_table, report, tiny_model
-from zostream.engine.update_log import UpdateLog, verify
+from zostream.engine.update_log import UpdateLog
+from zostream.engine.update_log_tools import verify
 from zostream.v1 import common_pb2 as Cm
 from zostream.v1 import finetuning_pb2 as F
 from zostream.v1 import generation_pb2 as G

@@ -34,7 +34,8 @@ from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
 from zostream.engine.trainer import reduce_partials
-from zostream.engine.update_log import LogHeader, Step, UpdateLog
+from zostream.engine.update_log import UpdateLog
+from zostream.engine.update_log_format import LogHeader, Step
 
 CORPUS = [
     "the cat sat on the mat",
@@ -251,7 +252,8 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 from zostream.engine.distributed import Distributed, DistributedError, LaunchEnv
-from zostream.engine.update_log import LogHeader, Step, UpdateLog
+from zostream.engine.update_log import UpdateLog
+from zostream.engine.update_log_format import LogHeader, Step
 
 rank, port, tmp = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

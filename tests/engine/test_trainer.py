@@ -24,7 +24,8 @@ from zostream.engine.finetune import checkpoint, export, open_trainer
 from zostream.engine.models.attention import AttentionBatch, LoraWeights
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer, slot_layout
-from zostream.engine.update_log import LogHeader, Step, UpdateLog, read_header
+from zostream.engine.update_log import UpdateLog, read_header
+from zostream.engine.update_log_format import LogHeader, Step
 
 CPU = torch.device("cpu")
 PAD = 0

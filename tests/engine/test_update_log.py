@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from zostream.engine import update_log as ul
-from zostream.engine.update_log import LogHeader, Step, UpdateLog
+from zostream.engine import update_log_tools as ult
+from zostream.engine.update_log import UpdateLog
+from zostream.engine.update_log_format import LogHeader, Step
 
 
 def make_header(**kw: object) -> LogHeader:
@@ -152,7 +154,7 @@ def test_torn_tail_is_truncated_to_last_step(tmp_path: Path, no_fsync: None) -> 
     good = p.read_bytes()
     with open(p, "ab") as f:
         f.write(random.Random(0).randbytes(7))
-    rep = ul.verify(p)
+    rep = ult.verify(p)
     assert (rep.ok, rep.steps, rep.stops_at) == (False, 5, 5) and p.read_bytes()[:-7] == good
     log = UpdateLog.open(p)
     assert len(log) == 5 and p.read_bytes() == good
@@ -200,7 +202,7 @@ def test_every_bit_flip_in_a_middle_record_stops_there(tmp_path: Path, no_fsync:
         raw = bytearray(clean)
         raw[rec0 + bit // 8] ^= 1 << (bit % 8)
         p.write_bytes(bytes(raw))
-        rep = ul.verify(p)
+        rep = ult.verify(p)
         assert (rep.ok, rep.steps, rep.stops_at) == (False, 2, 2), bit
         assert p.read_bytes() == bytes(raw)  # verify never modifies
     log = UpdateLog.open(p)
@@ -215,7 +217,7 @@ def test_record_copied_to_wrong_place_is_rejected(tmp_path: Path, no_fsync: None
     o = header_len(p)
     raw[o + 4 * 16 : o + 5 * 16] = raw[o + 1 * 16 : o + 2 * 16]
     p.write_bytes(bytes(raw))
-    assert ul.verify(p).stops_at == 4
+    assert ult.verify(p).stops_at == 4
 
 
 def test_missing_direction_at_tail(tmp_path: Path, no_fsync: None) -> None:
@@ -240,7 +242,7 @@ def test_repair_false_leaves_file_and_refuses_append(tmp_path: Path, no_fsync: N
     with pytest.raises(ValueError, match="repair"):
         log.append(Step(3, 1e-4, (1.0,)))
     assert p.read_bytes() == before
-    exported = ul.export_json(p)
+    exported = ult.export_json(p)
     assert exported["num_steps"] == 3 and exported["damage"] and p.read_bytes() == before
 
 
@@ -260,7 +262,7 @@ def test_misuse_raises(tmp_path: Path, no_fsync: None) -> None:
         assert len(log) == 2
     back = UpdateLog.open(p).steps()[1]
     assert back.skipped and math.isnan(back.directions[0]) and back.directions[1] == math.inf
-    assert json.dumps(ul.export_json(p), allow_nan=False)  # NaN exported as null
+    assert json.dumps(ult.export_json(p), allow_nan=False)  # NaN exported as null
     with pytest.raises(FileExistsError):
         UpdateLog.create(p, make_header(q=2))
     assert len(UpdateLog.open(p)) == 2  # the existing log is untouched
@@ -291,7 +293,7 @@ def test_bad_header_errors_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=what) as e:
             UpdateLog.open(p)
         assert str(p) in str(e.value)
-        rep = ul.verify(p)
+        rep = ult.verify(p)
         assert not rep.ok and rep.reason is not None and what in rep.reason
 
 
@@ -332,8 +334,8 @@ def test_compaction_preserves_steps_and_shrinks(tmp_path: Path, no_fsync: None) 
             log.append(Step(t, lr, (rng.gauss(0, 1), rng.gauss(0, 1)), skipped=t % 11 == 0))
     with open(src, "ab") as f:
         f.write(b"torn")  # compaction drops a torn tail and leaves src alone
-    size = ul.compact(src, dst)
-    assert size == os.path.getsize(dst) and ul.verify(src).stops_at == len(lrs)
+    size = ult.compact(src, dst)
+    assert size == os.path.getsize(dst) and ult.verify(src).stops_at == len(lrs)
     runs = [4096, 904, 700, 1, 1, 1]
     hdr = header_len(dst)
     assert size == hdr + sum(16 + (n + 7) // 8 + 4 * q * n for n in runs) < os.path.getsize(src) / 3
@@ -347,14 +349,14 @@ def test_compaction_preserves_steps_and_shrinks(tmp_path: Path, no_fsync: None) 
     raw = bytearray(dst.read_bytes())
     raw[hdr + 16 + 512 + 4 * q * 4096 + 16 + 3] ^= 4  # inside the second run's payload
     dst.write_bytes(bytes(raw))
-    assert ul.verify(dst).stops_at == 4096
+    assert ult.verify(dst).stops_at == 4096
     assert len(UpdateLog.open(dst)) == 4096 and os.path.getsize(dst) == hdr + 16 + 512 + 8 * 4096
 
 
 def test_export_json(tmp_path: Path, no_fsync: None) -> None:
     p = tmp_path / "a.zolog"
     steps = write_log(p, 4, q=2)
-    d = ul.export_json(p)
+    d = ult.export_json(p)
     assert d["header"] == json.loads(make_header(q=2).to_json()) and d["num_steps"] == 4
     assert d["steps"][3] == {
         "step": 3,
@@ -362,4 +364,4 @@ def test_export_json(tmp_path: Path, no_fsync: None) -> None:
         "g": [f32(g) for g in steps[3].directions],
         "skipped": True,
     }
-    assert ul.verify(p) == ul.VerifyReport(True, 4, None, None)
+    assert ult.verify(p) == ult.VerifyReport(True, 4, None, None)

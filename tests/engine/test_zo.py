@@ -439,7 +439,7 @@ def test_logs_without_a_mask_replay_unmasked():
     """apply_step follows the log header: a log from before masks (no update_mask entry) applies every
     coordinate's term, as it was trained; one with the entry masks."""
     from zostream.engine.trainer import apply_step
-    from zostream.engine.update_log import LogHeader, Step
+    from zostream.engine.update_log_format import LogHeader, Step
 
     old = LogHeader(
         "fp", {"kind": "full"}, "gaussian", rng.GENERATOR_VERSION, "bfloat16", "stochastic", 2e-3, 0.0, [], 3

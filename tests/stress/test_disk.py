@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.server.conftest import Stubs, server_config, thread_server
 from zostream.engine.jobs import JobStore
-from zostream.engine.update_log import verify
+from zostream.engine.update_log_tools import verify
 from zostream.server.app import start_in_thread
 from zostream.v1 import common_pb2 as Cm
 from zostream.v1 import finetuning_pb2 as F
