@@ -8,7 +8,6 @@ checks can fail."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from pathlib import Path
@@ -158,28 +157,25 @@ def test_compute_memory_counts_what_compute_allocates_until_it_dies():
     assert dev.allocated == 80 and e.numel() == f.numel()
 
 
-def test_emu_counts_kv_pools_and_activations_of_a_pass(models):
+def test_emu_counts_kv_pools_and_activations_of_a_pass(models, monkeypatch):
     """An engine on emu: the KV pools are device memory from the start, and a generation pass's
     activations raise the peak by at least the prompt's hidden states (B x S x hidden, fp32)."""
     from tests.engine.test_generation import greedy, make_engine
-    from zostream.engine.emu import shared_device
+    from zostream.engine import engine as E
 
-    dev = shared_device()
-    gc.collect()  # earlier tests' engines and tensors on this shared device die now, not mid-test
-    dev.sweep()
-    before = dev.allocated
+    dev = emu()  # its own device: the process-wide one carries other tests' buffers
+    monkeypatch.setattr(E, "emu_device", lambda name: dev if name == "emu" else None)
     eng = make_engine(models("llama"), "emu", gpu_memory_bytes=0)
     kv = eng.cache.nbytes()
     slots = eng.streamer.depth * eng.streamer.plan.slot_bytes
     outer = sum(t.numel() * t.element_size() for t in eng.streamer.outer().values())
-    assert dev.allocated - before == kv + slots + outer
-    dev.peak = dev.allocated
+    assert dev.allocated == kv + slots + outer
     prompt = list(range(1, 41))
     eng.generate([greedy(str(i), prompt, 2) for i in range(3)])
     hidden = 3 * len(prompt) * eng.spec.hidden * 4
-    assert dev.peak - (before + kv + slots + outer) >= hidden
+    assert dev.peak - (kv + slots + outer) >= hidden
     dev.sweep()
-    assert dev.allocated - before == kv + slots + outer  # nothing compute made outlives the passes
+    assert dev.allocated == kv + slots + outer  # nothing compute made outlives the passes
 
 
 def test_host_waits_are_spans_in_the_timeline():
