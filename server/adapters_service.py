@@ -16,6 +16,7 @@ from zostream.engine.update_log import UpdateLog, read_header
 from zostream.v1 import adapters_pb2, adapters_pb2_grpc
 
 from . import convert as C
+from . import convert_adapters as CA
 from . import weights as W
 from .rpc import read_upload, rpc
 
@@ -57,7 +58,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         lora = {"r": ad.spec.r, "alpha": ad.spec.alpha, "targets": list(ad.spec.targets)}
         # An imported PEFT adapter has no log: it was validated against this base on import.
         fp = read_header(log).base_fingerprint if log.exists() else self.app.ready_engine().store.fingerprint
-        return C.adapter_pb(
+        return CA.adapter_pb(
             aid,
             "lora",
             fp,
@@ -96,7 +97,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         lora = {k: h.scope[k] for k in ("r", "alpha", "targets")}
         size = log.stat().st_size  # nothing stored but the job's log
         ready = adapters_pb2.ADAPTER_STATUS_READY
-        return C.adapter_pb(
+        return CA.adapter_pb(
             aid, "lora", h.base_fingerprint, step, job_id, rec.created_at, size, ready, lora, size
         )
 

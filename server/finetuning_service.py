@@ -13,6 +13,7 @@ from zostream.engine.jobs import MAX_DATASET_BYTES, check_name
 from zostream.v1 import finetuning_pb2, finetuning_pb2_grpc
 
 from . import convert as C
+from . import convert_jobs as CJ
 from .rpc import read_upload, rpc
 
 
@@ -88,7 +89,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
     @rpc
     async def CreateJob(self, request, context):
         engine = self.app.ready_engine()
-        spec = C.job_spec(
+        spec = CJ.job_spec(
             request,
             engine.cfg.codec.name,
             engine.family.module_names(engine.spec),
@@ -103,20 +104,20 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         self.app.check_open()
         rec, _created = self.jobs.create(spec)
         engine.call_soon(lambda: None)  # wake the engine loop
-        return C.job_pb(rec)
+        return CJ.job_pb(rec)
 
     @rpc
     async def GetJob(self, request, context):
-        return C.job_pb(self.jobs.get(request.job_id))
+        return CJ.job_pb(self.jobs.get(request.job_id))
 
     @rpc
     async def ListJobs(self, request, context):
-        bad = [s for s in request.statuses if s not in C.STATUS_NAME]
+        bad = [s for s in request.statuses if s not in CJ.STATUS_NAME]
         if bad:
             raise RequestError(f"unknown status value {bad[0]}", "statuses")
-        recs = self.jobs.list(tuple(C.STATUS_NAME[s] for s in request.statuses))[::-1]  # newest first
+        recs = self.jobs.list(tuple(CJ.STATUS_NAME[s] for s in request.statuses))[::-1]  # newest first
         items, token = C.page(recs, request.page_size, request.page_token, "ListJobs")
-        return finetuning_pb2.ListJobsResponse(jobs=[C.job_pb(r) for r in items], next_page_token=token)
+        return finetuning_pb2.ListJobsResponse(jobs=[CJ.job_pb(r) for r in items], next_page_token=token)
 
     @rpc
     async def CancelJob(self, request, context):
@@ -124,7 +125,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         # documented: cancelling a finished job changes nothing
         if self.jobs.request_cancel(rec):
             self.app.ready_engine().call_soon(lambda: None)
-        return C.job_pb(rec)
+        return CJ.job_pb(rec)
 
     @rpc
     async def ListJobEvents(self, request, context):
@@ -133,7 +134,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
             self.jobs.events(request.job_id), request.page_size, request.page_token, "ListJobEvents"
         )
         return finetuning_pb2.ListJobEventsResponse(
-            events=[C.event_pb(e) for e in items], next_page_token=token
+            events=[CJ.event_pb(e) for e in items], next_page_token=token
         )
 
     @rpc
@@ -145,7 +146,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         while True:
             for ev in self.jobs.events(rec.id, last):
                 last = ev["id"]
-                yield C.event_pb(ev)
+                yield CJ.event_pb(ev)
             if rec.terminal and not self.jobs.events(rec.id, last):
                 return
             await asyncio.to_thread(self.jobs.wait_for_change, 0.5)
@@ -158,7 +159,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         at_step: dict[int, dict[str, float]] = {}
         for ev in self.jobs.events(rec.id):
             if ev["type"] in ("step", "eval"):
-                at_step.setdefault(ev["step"], {}).update(C.event_metrics(ev))
+                at_step.setdefault(ev["step"], {}).update(CJ.event_metrics(ev))
         cps = []
         for p in sorted(d.glob("step-*")) if d.exists() else []:
             if p.name.endswith(".tmp"):

@@ -10,6 +10,7 @@ from zostream.engine.errors import RequestError
 from zostream.v1 import generation_pb2, generation_pb2_grpc
 
 from . import convert as C
+from . import convert_generation as CG
 from .model_info import model_info
 from .rpc import rpc
 
@@ -38,8 +39,8 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     @rpc
     async def Generate(self, request, context):
         engine = self.app.ready_engine()
-        req = C.generate_request(request, engine, context.time_remaining())
-        subs = C.completions(req, request.n)  # n > 1: one engine request per completion
+        req = CG.generate_request(request, engine, context.time_remaining())
+        subs = CG.completions(req, request.n)  # n > 1: one engine request per completion
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         for i, sub in enumerate(subs):
@@ -68,11 +69,11 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
                     done[i] = True
                     self.app.request_done(sub, ev, first[i])
                 if request.stream:
-                    yield C.generate_response(ev, request_id=req.request_id, index=i)
+                    yield CG.generate_response(ev, request_id=req.request_id, index=i)
                     continue
                 a.add(ev)
                 if ev.finish_reason is not None:  # the final event may carry text held back for a stop
-                    yield C.generate_response(
+                    yield CG.generate_response(
                         ev, "".join(a.texts), a.ids, a.lps, a.plps, request_id=req.request_id, index=i
                     )
         finally:
@@ -100,7 +101,7 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         engine = self.app.ready_engine()
         if request.WhichOneof("input") is None:
             raise RequestError("set text or chat", "input")
-        ids = C.prompt_ids(request, engine)
+        ids = CG.prompt_ids(request, engine)
         return generation_pb2.TokenizeResponse(
             token_ids=ids, tokens=engine.tokenizer.convert_ids_to_tokens(ids)
         )

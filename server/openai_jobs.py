@@ -20,7 +20,7 @@ from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.v1 import common_pb2, finetuning_pb2
 
-from . import convert as C
+from . import convert_jobs as CJ
 from .http_app import read_json
 from .openai_files import Files, page
 from .openai_params import base_model_id
@@ -151,7 +151,7 @@ class Jobs:
         )
         _hyperparameters(pb.hyperparameters, hp, body.get("seed"), train["num_records"])
         try:
-            spec = C.job_spec(pb, engine.cfg.codec.name, engine.family.module_names(engine.spec))
+            spec = CJ.job_spec(pb, engine.cfg.codec.name, engine.family.module_names(engine.spec))
         except RequestError as exc:
             f = _FIELDS.get(exc.field, exc.field)
             msg = str(exc.args[0]).removeprefix(f"{exc.field}: ")

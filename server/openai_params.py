@@ -1,7 +1,7 @@
 """OpenAI request bodies -> engine requests. Every error names the OpenAI parameter (`param`).
 
 The body becomes a zostream.v1.GenerateRequest and goes through the same conversion as gRPC
-(convert.generate_request): one set of limits and defaults for both front ends. What the gRPC
+(convert_generation.generate_request): one set of limits and defaults for both front ends. What the gRPC
 conversion reports under its own field names is renamed to the OpenAI parameter here.
 """
 
@@ -20,7 +20,7 @@ from zostream.engine.generation import GenerateRequest
 from zostream.engine.sampling import MAX_SEED
 from zostream.v1 import generation_pb2
 
-from . import convert as C
+from . import convert_generation as CG
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions call
 MAX_TOP_LOGPROBS = 20
@@ -245,7 +245,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
         req = _convert(pb, engine, max_name)
         req.logprobs = top
         # the n choices as gRPC makes them: choice i samples with seed + i (one seed picked if unset)
-        reqs.extend(C.completions(req, n))
+        reqs.extend(CG.completions(req, n))
     include_usage = bool(stream and opts and opts.get("include_usage"))
     return GenPlan(str(model), reqs, n, stream, include_usage, top, max_name=max_name)
 
@@ -285,6 +285,6 @@ def rename(exc: RequestError, max_name: str) -> RequestError:
 
 def _convert(pb: generation_pb2.GenerateRequest, engine: Any, max_name: str) -> GenerateRequest:
     try:
-        return C.generate_request(pb, engine, None)
+        return CG.generate_request(pb, engine, None)
     except RequestError as exc:
         raise rename(exc, max_name) from None

@@ -1,6 +1,6 @@
 """The API's documented defaults and limits, in one place.
 
-The server (server/convert.py), the engine's configs, the CLI and the Python client read these
+The server (server/convert*.py), the engine's configs, the CLI and the Python client read these
 values; the proto comments state them, and tests/server/test_contract.py checks that each comment
 says what `DOCUMENTED` below says and that a live server does it. Change a default here, then the
 comment it names, then regenerate the stubs.
