@@ -918,3 +918,29 @@ def test_embedding_noise_covers_every_row(models, tmp_path):
     moved = (after != before).any(dim=1)
     assert bool(moved[absent].all()) and bool(moved[~absent].all())
     tr.log.close()
+
+
+def test_log_from_before_masks_resumes_unmasked(models, tmp_path, monkeypatch):
+    """A job whose log has no update_mask entry (written before masks) resumes under its own header:
+    its later steps are applied unmasked too, so the whole log replays one way. A new job gets the entry."""
+    from zostream.engine import finetune
+    from zostream.engine.session import resume_config
+
+    model = models("llama")
+    cfg = base_cfg("full", steps=3)
+    real = finetune.log_header
+    monkeypatch.setattr(finetune, "log_header", lambda c, s, m, r, compute_dtype=None: real(c, s, m, r))
+    old = open_job(model, tmp_path / "old", cfg)
+    old.run_step()
+    old.log.close()
+    monkeypatch.setattr(finetune, "log_header", real)
+    assert "update_mask" not in read_header(tmp_path / "old" / "update.log").extra
+    assert resume_config(cfg, WeightStore(model), tmp_path / "old" / "update.log") == cfg
+    tr = open_job(model, tmp_path / "old", cfg)  # resumes with the current code
+    assert "update_mask" not in tr.log.header.extra and tr.step == 1
+    tr.run_step()
+    tr.log.close()
+    assert "update_mask" not in read_header(tmp_path / "old" / "update.log").extra
+    new = open_job(model, tmp_path / "new", cfg)
+    assert new.log.header.extra["update_mask"] == {"dtype": "float32", "copies": "pair"}
+    new.log.close()
