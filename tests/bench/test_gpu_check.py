@@ -19,7 +19,7 @@ def test_gpu_check_dry_run_on_emu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=1200,
     )
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in summary] == STAGES, proc.stdout + proc.stderr
