@@ -9,7 +9,7 @@ set -euo pipefail
 MODEL="${1:?usage: demo.sh MODEL_DIR}"
 WORK="${ZOSTREAM_DEMO_DIR:-$(mktemp -d -t zostream-demo.XXXXXX)}"
 PORT="${ZOSTREAM_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
-STEPS="${ZOSTREAM_DEMO_STEPS:-100}"
+STEPS="${ZOSTREAM_DEMO_STEPS:-300}"
 SERVER="127.0.0.1:$PORT"
 echo "== work dir $WORK, server $SERVER"
 
