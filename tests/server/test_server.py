@@ -484,7 +484,7 @@ def test_a_cancel_while_the_job_starts_is_kept(
 
 
 # ==== 3. kill -9 and SIGTERM =========================================================================
-CRASH_STEPS = 30
+CRASH_STEPS = 300  # run 2 must still be training when SIGTERM lands, on an idle machine too
 
 
 def test_job_survives_kill_9_and_sigterm(model_dir: Path, tmp_path: Path) -> None:
