@@ -36,8 +36,12 @@ _DISK = {
 def rpc(fn):
     """Map RequestError (and subclasses) to their status; anything else is INTERNAL, logged."""
 
-    async def fail(exc: Exception, context) -> None:
-        if isinstance(exc, RequestError):
+    async def fail(self, exc: Exception, context) -> None:
+        """The one error path of unary and streaming RPCs: count or log `exc`, then abort with its status."""
+        if not isinstance(exc, RequestError):
+            self.app.log_exception(exc)
+        else:
+            self.app.metrics.reject(exc.reason)
             if exc.code not in _CODES:
                 exc.code = "INVALID_ARGUMENT"
             await S.abort(context, S.from_request_error(exc))
@@ -58,11 +62,7 @@ def rpc(fn):
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:  # noqa: BLE001
-                if not isinstance(exc, RequestError):
-                    self.app.log_exception(exc)
-                else:
-                    self.app.metrics.reject(exc.reason)
-                await fail(exc, context)
+                await fail(self, exc, context)
 
         return stream
 
@@ -73,11 +73,7 @@ def rpc(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001
-            if not isinstance(exc, RequestError):
-                self.app.log_exception(exc)
-            else:
-                self.app.metrics.reject(exc.reason)
-            await fail(exc, context)
+            await fail(self, exc, context)
 
     return unary
 
