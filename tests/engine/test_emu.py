@@ -22,7 +22,6 @@ from tests.engine.test_trainer import (
     crash,
     engine_logits,
     exported,
-    one_thread,  # noqa: F401 (autouse fixture)
     partial_budget,
     run_job,
 )
@@ -39,12 +38,10 @@ from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer, slot_layout
 from zostream.engine.working_copy import WorkingCopy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return T.model_factory(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -17,25 +17,14 @@ import pytest
 import torch
 
 from tests.engine.test_losses import CHOICES, choice_dataset, hf_ce, peft_model
-from tests.engine.test_trainer import assert_same_tensors, exported, model_factory, open_job, partial_budget
+from tests.engine.test_trainer import assert_same_tensors, exported, open_job, partial_budget
 from zostream.engine import data as D
 from zostream.engine import estimators as E
 from zostream.engine import rng, zo
 from zostream.engine.config import ZOConfig
 from zostream.engine.finetune import export
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return model_factory(tmp_path_factory.mktemp("models"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spy_losses(tr) -> list[list[tuple[float, float]]]:

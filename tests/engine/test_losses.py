@@ -22,7 +22,6 @@ from tests.engine.test_trainer import (
     TextbookMeZO,
     assert_same_tensors,
     exported,
-    model_factory,
     open_job,
     partial_budget,
 )
@@ -37,17 +36,7 @@ from zostream.engine.finetune import export
 VOCAB = 101
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return model_factory(tmp_path_factory.mktemp("models"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def choice_dataset(n: int = 12, seed: int = 0, multi: bool = True) -> D.Dataset:

@@ -12,19 +12,13 @@ from safetensors.torch import load_file
 from tests.engine.test_trainer import (
     base_cfg,
     engine_logits,
-    model_factory,
-    one_thread,  # noqa: F401 (autouse fixture)
     open_job,
 )
 from zostream.engine.errors import RequestError
 from zostream.engine.finetune import export
 from zostream.engine.peft import LoraAdapter
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return model_factory(tmp_path_factory.mktemp("models"))
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(11))
 

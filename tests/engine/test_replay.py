@@ -14,8 +14,6 @@ from tests.engine.test_trainer import (
     assert_same_tensors,
     base_cfg,
     exported,
-    model_factory,
-    one_thread,  # noqa: F401 (autouse fixture)
     run_job,
 )
 from zostream.engine import trainer
@@ -24,11 +22,7 @@ from zostream.engine.replay import replay
 from zostream.engine.store import WeightStore
 from zostream.engine.update_log import UpdateLog
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return model_factory(tmp_path_factory.mktemp("models"))
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {  # case -> (method, model, base dtype, lr): a small lr leaves bf16 rounding to the SR uniforms
     "full": ("full", "llama", torch.float32, 2e-3),

@@ -23,7 +23,6 @@ from tests.engine.test_trainer import (
     assert_same_tensors,
     base_cfg,
     exported,
-    model_factory,
     open_job,
 )
 from zostream.engine.config import StreamConfig
@@ -35,17 +34,7 @@ from zostream.engine.streamer import LayerStreamer
 EVAL = choice_dataset(8, seed=3, multi=False)  # accuracy: the metric keep-best judges
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory):
-    return model_factory(tmp_path_factory.mktemp("models"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def open_session(model: Path, job: Path, cfg, policy: Policy, events: list | None = None, ds=DATA):

@@ -37,13 +37,7 @@ TIED3 = {**TINY_CONFIGS["llama_tied"], "num_hidden_layers": 3}  # 2 blocks canno
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread fan-out only costs time (and thrashes on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_factory(root: Path) -> Callable[..., Path]:
@@ -57,11 +51,6 @@ def model_factory(root: Path) -> Callable[..., Path]:
         return make_tiny_model(root, name, dtype=dtype)
 
     return get
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    return model_factory(tmp_path_factory.mktemp("models"))
 
 
 def make_dataset(n: int = 12, seed: int = 0, vocab: int = 101) -> D.Dataset:
