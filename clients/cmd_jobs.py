@@ -100,10 +100,14 @@ def _register_create(jobs_sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--estimator",
         choices=("auto", "grzo", "fzoo", "mezo"),
-        help="default: the server's (mezo when unset)",
+        help="default: auto (grzo for lora, fzoo for full; mezo with --q 1)",
     )
     p.add_argument("--seed", type=seed_int, metavar="S", help="job seed (default: the server picks one)")
-    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), help="default: constant")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "linear", "cosine"),
+        help="default: cosine for grzo, else constant",
+    )
     p.add_argument("--warmup-steps", type=nonneg_int, metavar="N", help="linear warmup steps")
     p.add_argument("--min-lr-ratio", type=nonneg_float, metavar="R", help="decay floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="decoupled weight decay")

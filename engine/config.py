@@ -133,16 +133,9 @@ NOISE = ("gaussian", "rademacher")
 MASTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("auto", "tokens", "candidates")
 ESTIMATORS = ("auto", "mezo", "fzoo", "grzo")
-# Defaults of the fzoo estimator (bench/finetune.py measures them on two tasks): LoRA factors are O(1e-2)
-# and move ~lr per step; full-parameter steps stay below the bf16 spacing of typical weights.
-FZOO_LR = {"lora": 5e-3, "full": 2e-5}
-FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
-# grzo (LoRA only, the LoRA default): unit-RMS coefficients, q directions per ± pair, and by default a
-# cosine decay of the lr over the job (a fixed-size step otherwise keeps the loss at its noise floor).
-# bench/finetune.py measures them (bench/RESULTS.md).
-# Default q 4 (groups of B/4 records): at batch 16, groups of 4 beat one direction per record (q 16) on
-# the sentiment bench, where single records' gradients disagree once the label bias is gone.
-GRZO_LR, GRZO_EPS, GRZO_Q = 1e-2, 1e-2, 4
+# The estimators' defaults are the API's (zostream/defaults.py, stated in the proto comments).
+FZOO_LR, FZOO_EPS, FZOO_Q = D.FZOO_LR, D.FZOO_EPS, D.FZOO_Q
+GRZO_LR, GRZO_EPS, GRZO_Q = D.GRZO_LR, D.GRZO_EPS, D.GRZO_Q
 
 
 def grzo_q(batch_size: int) -> int:
@@ -192,7 +185,7 @@ class ZOConfig:
     # when q (or its default) makes >= 2 groups of the batch; else fzoo.
     loss: str = "auto"
     choice_score: str = "mean"  # candidates loss: length-normalised (mean) or summed log-likelihood
-    estimator: str = "auto"
+    estimator: str = D.ESTIMATOR
 
     def __post_init__(self) -> None:
         def bad(field_name: str, what: str) -> None:
@@ -213,7 +206,7 @@ class ZOConfig:
         if self.estimator == "auto":
             object.__setattr__(self, "estimator", _auto_estimator(self.method, self.q, self.batch_size))
         if self.q is None:
-            q = {"fzoo": 4, "grzo": grzo_q(self.batch_size)}.get(self.estimator, D.Q)
+            q = {"fzoo": FZOO_Q, "grzo": grzo_q(self.batch_size)}.get(self.estimator, D.Q)
             object.__setattr__(self, "q", q)
         if not isinstance(self.q, int) or not 1 <= self.q <= 64:
             bad("q", f"must be an integer in 1..64, got {self.q!r}")

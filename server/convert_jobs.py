@@ -80,7 +80,8 @@ def job_spec(
     fields: dict[str, Any] = {
         "steps": int(hp.steps),
         "batch_size": int(hp.batch_size) or D.BATCH_SIZE,
-        "q": int(hp.q) or (None if hp.estimator in ("fzoo", "grzo") else D.Q),
+        # Unset q: the estimator's default (ZOConfig), so auto can resolve by it; mezo's is D.Q.
+        "q": int(hp.q) or (D.Q if hp.estimator == "mezo" else None),
         "seed": int(hp.seed) if hp.HasField("seed") else None,
         "lr_schedule": SCHEDULE[hp.lr_schedule],
         "warmup_steps": int(hp.warmup_steps),
@@ -98,7 +99,7 @@ def job_spec(
         else D.lora_alpha(int(hp.lora.r) or D.LORA_R),
         "lora_targets": list(hp.lora.target_modules) or list(D.LORA_TARGETS),
         "loss": hp.loss or "auto",
-        "estimator": hp.estimator or "mezo",  # the API's documented default; fzoo is asked for
+        "estimator": hp.estimator or D.ESTIMATOR,  # resolved by ZOConfig below; the job reports which
     }
     if hp.HasField("learning_rate"):
         fields["lr"] = float(hp.learning_rate)
@@ -183,7 +184,7 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         batch_size=hp["batch_size"],
         q=hp["q"] or 0,
         loss=hp.get("loss", "tokens"),
-        estimator=hp.get("estimator", "mezo"),
+        estimator=hp.get("estimator", "mezo"),  # jobs stored before the field ran mezo
         seed=hp["seed"],
         lr_schedule=SCHEDULE_PB[hp["lr_schedule"]],
         warmup_steps=hp["warmup_steps"],

@@ -2,7 +2,8 @@
 
 Jobs are LoRA ZO jobs built as a zostream.v1.CreateJobRequest and checked by the same conversion as
 gRPC. OpenAI's hyperparameters map onto ZO ones: n_epochs -> steps = ceil(n_epochs * examples /
-batch_size), batch_size -> batch_size, learning_rate_multiplier -> x the LoRA default learning rate.
+batch_size), batch_size -> batch_size, learning_rate_multiplier -> x the default learning rate of the job's
+estimator (grzo's 1e-2 unless q or estimator say otherwise).
 ZO-specific extras go in the same `hyperparameters` object (EXTRAS); `steps` there wins over
 n_epochs. The finished job's id is its `fine_tuned_model`: usable as `model` in chat completions.
 """
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from zostream import defaults as D
 from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.v1 import common_pb2, finetuning_pb2
@@ -47,6 +49,8 @@ EXTRAS = {
     "checkpoint_every": "checkpoint_every",
     "lr_schedule": "lr_schedule",
     "noise": "noise",
+    "estimator": "estimator",
+    "loss": "loss",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_target_modules": "lora.target_modules",
@@ -91,7 +95,7 @@ def _job(rec: Any, base: str) -> dict:
     hps = {
         "n_epochs": spec.get("openai", {}).get("n_epochs", "auto"),
         "batch_size": hp["batch_size"],
-        "learning_rate_multiplier": ZOConfig(method="lora", lr=hp.get("lr"), q=1).learning_rate / 1e-4,
+        "learning_rate_multiplier": _multiplier(hp),
         **{k: hp[k] for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len") if k in hp},
     }
     done = rec.status == "succeeded"
@@ -203,6 +207,26 @@ class Jobs:
         return JSONResponse(page(request, out))
 
 
+def _default_lr(estimator: str, q: int, batch_size: int) -> float | None:
+    """The LoRA learning rate a job gets when none is asked for (None: the settings are invalid, which
+    the request's conversion reports with the field)."""
+    try:
+        est, batch = estimator or D.ESTIMATOR, batch_size or D.BATCH_SIZE
+        cfg = ZOConfig(method="lora", estimator=est, q=q or None, batch_size=batch)
+    except ValueError:
+        return None
+    return cfg.learning_rate
+
+
+def _multiplier(hp: dict) -> float:
+    """learning_rate_multiplier as OpenAI reports it: the job's lr over its estimator's default lr (jobs
+    stored before the estimator field ran mezo)."""
+    est, q = hp.get("estimator", "mezo"), hp.get("q")
+    default = _default_lr(est, q or 0, hp["batch_size"])
+    lr = hp.get("lr")
+    return 1.0 if lr is None or not default else lr / default
+
+
 def _str(v: Any, name: str) -> str:
     if not isinstance(v, str) or not v:
         raise RequestError("must be a non-empty string", name)
@@ -234,12 +258,6 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     if steps is None and epochs is not None:
         steps = max(1, math.ceil(epochs * n_records / (h.batch_size or ZOConfig().batch_size)))
     h.steps = int(steps or ZOConfig().steps)
-    mult = num("learning_rate_multiplier", False, 1e-12)
-    lr = num("learning_rate")
-    if lr is not None:
-        h.learning_rate = lr
-    elif mult is not None:
-        h.learning_rate = mult * ZOConfig(method="lora", q=1).learning_rate
     for name in ("eps", "min_lr_ratio", "weight_decay"):
         if (v := num(name)) is not None:
             setattr(h, name, v)
@@ -252,6 +270,15 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     ):
         if (v := num(name, True, low)) is not None:
             setattr(h, name, int(v))
+    for name in ("estimator", "loss"):
+        if hp.get(name) is not None:
+            setattr(h, name, _str(hp[name], f"hyperparameters.{name}"))
+    mult = num("learning_rate_multiplier", False, 1e-12)
+    lr = num("learning_rate")
+    if lr is not None:
+        h.learning_rate = lr
+    elif mult is not None and (default := _default_lr(h.estimator, h.q, h.batch_size)) is not None:
+        h.learning_rate = mult * default
     if (v := num("lora_r", True, 1)) is not None:
         h.lora.r = int(v)
     if (v := num("lora_alpha")) is not None:

@@ -48,8 +48,8 @@ def job(server: ThreadServer, client: openai.OpenAI, model_dir: Path, tmp_path_f
     path.write_text("".join(json.dumps({"prompt": f"{i} {i + 1}", "completion": f" {i + 2}"}) + "\n"
                             for i in range(1, 9)))  # fmt: skip
     f = client.files.create(file=path.open("rb"), purpose="fine-tune")
-    # A large learning rate, so that steps 2 and 4 answer measurably unlike each other and the base.
-    hp = {"steps": 4, "batch_size": 4, "learning_rate_multiplier": 300.0, "eps": 0.01, "checkpoint_every": 2}
+    # A large learning rate (3x grzo's 1e-2): steps 2 and 4 answer measurably unlike each other and the base.
+    hp = {"steps": 4, "batch_size": 4, "learning_rate_multiplier": 3.0, "eps": 0.01, "checkpoint_every": 2}
     j = client.fine_tuning.jobs.create(model=model_dir.name, training_file=f.id, hyperparameters=hp)
     deadline = time.monotonic() + 120
     while (j := client.fine_tuning.jobs.retrieve(j.id)).status != "succeeded":

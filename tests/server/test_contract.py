@@ -227,8 +227,10 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     )
     job = stubs.ft.CreateJob(req, timeout=30)
     hp = job.hyperparameters
-    assert (hp.batch_size, hp.q, hp.max_len) == (D.BATCH_SIZE, D.Q, D.MAX_LEN)
-    assert (hp.learning_rate, hp.eps) == (D.LR["lora"], D.EPS)
+    # No estimator asked for: auto, i.e. grzo for LoRA with its documented defaults (8 records, 4 groups).
+    assert (hp.estimator, hp.lr_schedule) == ("grzo", F.LR_SCHEDULE_COSINE)
+    assert (hp.batch_size, hp.q, hp.max_len) == (D.BATCH_SIZE, D.GRZO_Q, D.MAX_LEN)
+    assert (hp.learning_rate, hp.eps) == (D.GRZO_LR, D.GRZO_EPS)
     assert (hp.lora.r, hp.lora.alpha, list(hp.lora.target_modules)) == (
         D.LORA_R,
         D.lora_alpha(D.LORA_R),
@@ -258,6 +260,37 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     again = stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
     assert (again.status, again.finished_at) == (done.status, done.finished_at)
     _wait_terminal(stubs, other.id)
+
+
+@pytest.mark.parametrize(
+    ("method", "hp", "want"),
+    [
+        # (estimator, q, lr, eps, schedule) each request resolves to, from the documented constants
+        ("full", {}, ("fzoo", D.FZOO_Q, D.FZOO_LR["full"], D.FZOO_EPS["full"], F.LR_SCHEDULE_CONSTANT)),
+        ("lora", {"q": 1}, ("mezo", 1, D.LR["lora"], D.EPS, F.LR_SCHEDULE_CONSTANT)),
+        ("full", {"estimator": "mezo"}, ("mezo", D.Q, D.LR["full"], D.EPS, F.LR_SCHEDULE_CONSTANT)),
+        (
+            "lora",
+            {"estimator": "fzoo"},
+            ("fzoo", D.FZOO_Q, D.FZOO_LR["lora"], D.FZOO_EPS["lora"], F.LR_SCHEDULE_CONSTANT),
+        ),
+        ("lora", {"batch_size": 6}, ("grzo", 3, D.GRZO_LR, D.GRZO_EPS, F.LR_SCHEDULE_COSINE)),
+    ],
+)
+def test_each_estimator_reports_its_documented_defaults(
+    stubs: Stubs, contract_dataset: str, method: str, hp: dict, want: tuple
+) -> None:
+    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
+    job = stubs.ft.CreateJob(
+        F.CreateJobRequest(
+            method=meth, training_dataset=contract_dataset, hyperparameters=F.Hyperparameters(steps=1, **hp)
+        ),
+        timeout=30,
+    )
+    h = job.hyperparameters
+    assert (h.estimator, h.q, h.learning_rate, h.eps, h.lr_schedule) == pytest.approx(want)
+    stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
+    _wait_terminal(stubs, job.id)
 
 
 def test_checkpoints_and_events_carry_jobmetrics_names(stubs: Stubs, contract_dataset: str) -> None:

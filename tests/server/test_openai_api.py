@@ -228,7 +228,7 @@ def test_files_and_jobs(client: openai.OpenAI, url: str, model: str, tmp_path: P
         client.files.create(file=path.open("rb"), purpose="assistants")
     assert exc.value.body["param"] == "purpose"
 
-    # 8 records, 2 epochs, batch 4 -> 4 steps; learning_rate_multiplier 2 -> twice the LoRA default
+    # 8 records, 2 epochs, batch 4 -> 4 steps; learning_rate_multiplier 2 -> twice grzo's default lr
     hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0, "eps": 0.01}
     job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="pairs", hyperparameters=hp)
     assert (

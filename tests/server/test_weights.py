@@ -266,7 +266,8 @@ def test_any_step_downloads_and_exports_upto(client: ZostreamClient, dataset: st
     (tmp_path / "two.log").write_bytes(two)
     with UpdateLog.open(tmp_path / "two.log", repair=False) as log:
         assert len(log) == 2 and not log.damage
-    assert two == whole[: len(whole) - 16]  # a plain log's prefix: one 16-byte record per step (q 1)
+    q = job["hyperparameters"]["q"]  # records per step: one 16-byte record per direction
+    assert two == whole[: len(whole) - 16 * q]  # a plain log's prefix
 
 
 def test_keep_best_and_early_stopping_jobs(client: ZostreamClient, tmp_path: Path) -> None:
