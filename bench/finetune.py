@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RUNS = ("default", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
@@ -92,8 +93,12 @@ def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: 
 # ---------------------------------------------------------------------------------------------- peer
 
 
-def run_peer(a: argparse.Namespace, task_dir: Path, seed: int) -> list[dict]:
-    """MeZO-LoRA, the paper's loop: z from torch.manual_seed(step seed), θ ± εz in place, g·z update."""
+def run_peer(
+    a: argparse.Namespace, task_dir: Path, seed: int, on_point: Callable[[list[dict]], None]
+) -> list[dict]:
+    """MeZO-LoRA, the paper's loop: z from torch.manual_seed(step seed), θ ± εz in place, g·z update.
+
+    on_point(curve) runs after every evaluation, so a run cut short still leaves its points on disk."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,12 +137,15 @@ def run_peer(a: argparse.Namespace, task_dir: Path, seed: int) -> list[dict]:
         lp = cand_logp(batch)
         return float(torch.nn.functional.cross_entropy(lp, torch.tensor([y for _, _, y in batch])))
 
-    def accuracy() -> float:
-        hits = 0
+    def evaluate() -> tuple[float, float]:
+        """(accuracy, candidate cross-entropy) on the held-out set, as the engine's eval reports them."""
+        hits, ce = 0, 0.0
         for i in range(0, len(held), 32):
             b = held[i : i + 32]
-            hits += int((cand_logp(b).argmax(1) == torch.tensor([y for _, _, y in b])).sum())
-        return hits / len(held)
+            lp, y = cand_logp(b), torch.tensor([y for _, _, y in b])
+            hits += int((lp.argmax(1) == y).sum())
+            ce += float(torch.nn.functional.cross_entropy(lp, y, reduction="sum"))
+        return hits / len(held), ce / len(held)
 
     def perturb(step_seed: int, scale: float) -> None:
         torch.manual_seed(step_seed)
@@ -153,7 +161,10 @@ def run_peer(a: argparse.Namespace, task_dir: Path, seed: int) -> list[dict]:
     with torch.inference_mode():
         for step in range(steps + 1):
             if step % every == 0 or step == steps:
-                curve.append({"forwards": 2 * step, "accuracy": accuracy(), "candidate_loss": None})
+                acc, ce = evaluate()
+                curve.append({"forwards": 2 * step, "accuracy": acc, "candidate_loss": ce})
+                on_point(curve)
+                log(f"peer seed {seed}: {2 * step} forwards, accuracy {acc:.3f}, candidate CE {ce:.3f}")
             if step == steps:
                 break
             while len(order) < a.batch:
@@ -254,7 +265,12 @@ def main() -> None:
                 if run == "peer":
                     if a.method != "lora":
                         continue
-                    curve = run_peer(a, task_dir, seed)
+
+                    def save(points: list[dict], run: str = run, seed: int = seed) -> None:
+                        curves.setdefault(run, {})[str(seed)] = points
+                        curves_path.write_text(json.dumps(all_curves, indent=1))
+
+                    curve = run_peer(a, task_dir, seed, save)
                 else:
                     job = a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
                     curve = run_engine(a, task_dir, run, seed, job)
