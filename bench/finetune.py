@@ -221,8 +221,11 @@ def points(task: str, curves: dict[str, dict[str, list[dict]]]) -> str:
             cells = []
             for x in xs:
                 c = by.get(x)
-                ce = c.get("candidate_loss") if c else None
-                cells.append("-" if c is None else f"{c['accuracy']:.3f}" + (f" ({ce:.2f})" if ce is not None else ""))
+                if c is None:
+                    cells.append("-")
+                    continue
+                ce = c.get("candidate_loss")
+                cells.append(f"{c['accuracy']:.3f}" + (f" ({ce:.2f})" if ce is not None else ""))
             lines.append(f"| {run} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -237,13 +240,17 @@ def plot(all_curves: dict, path: Path) -> None:
     for ax, (task, curves) in zip(axes[0], all_curves.items(), strict=True):
         for run, per_seed in curves.items():
             xs = sorted({c["forwards"] for cs in per_seed.values() for c in cs})
-            mean = []
+            mean, lo, hi = [], [], []
             for x in xs:
                 vals = [v for v in (at(cs, x) for cs in per_seed.values()) if v is not None]
                 mean.append(sum(vals) / len(vals) if vals else math.nan)
-            ax.plot(xs, mean, marker="o", label=run)
-        n = max((len(per_seed) for per_seed in curves.values()), default=0)
-        ax.set_title(f"{task}: held-out accuracy (mean of up to {n} seeds)")
+                lo.append(min(vals, default=math.nan))
+                hi.append(max(vals, default=math.nan))
+            line = ax.plot(xs, mean, marker="o", label=f"{run} (seeds: {len(per_seed)})")
+            if len(per_seed) > 1:  # the band: lowest to highest seed
+                ax.fill_between(xs, lo, hi, color=line[0].get_color(), alpha=0.15)
+        ax.set_title(f"{task}: held-out accuracy (mean, band = seed range)")
+        ax.set_ylim(0, 1)
         ax.set_xlabel("batch forwards")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
@@ -301,7 +308,7 @@ def main() -> None:
                     if a.method != "lora":
                         continue
 
-                    def save(points: list[dict], run: str = run, seed: int = seed) -> None:
+                    def save(points: list[dict], curves: dict = curves, run: str = run, seed: int = seed):
                         curves.setdefault(run, {})[str(seed)] = points
                         curves_path.write_text(json.dumps(all_curves, indent=1))
 
