@@ -1,4 +1,5 @@
-"""`zostream jobs ...`: fine-tuning jobs on a zostream server (create, get, list, cancel, events).
+"""`zostream jobs ...`: fine-tuning jobs on a zostream server (create, get, list, cancel, checkpoints,
+events).
 
 `jobs create --data FILE` uploads FILE first as a dataset named after its SHA-256, so uploading
 the same file twice is free. `--follow` (create, events) shows a progress bar on stderr until the
@@ -24,7 +25,9 @@ CODECS = ("none", "int8", "nf4")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    jobs = sub.add_parser("jobs", help="fine-tuning jobs on a server (create, get, list, cancel, events)")
+    jobs = sub.add_parser(
+        "jobs", help="fine-tuning jobs on a server (create, get, list, cancel, checkpoints, events)"
+    )
     jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND", required=True)
     _register_create(jobs_sub)
 
@@ -50,6 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = jobs_sub.add_parser("delete", help="delete a finished job (record, files, result, adapter)")
     p.add_argument("job_id", metavar="ID")
     _common(p, _delete_job)
+
+    p = jobs_sub.add_parser(
+        "checkpoints",
+        help="list a job's checkpoints (oldest first) and the adapter id serving each",
+        description="A LoRA job's checkpoint answers Generate as its adapter id (JOB_ID:ckpt-step-N); "
+        "any other logged step N does too, and `zostream adapters download --job ID --checkpoint NAME` "
+        "(or --upto N) fetches its weights.",
+    )
+    p.add_argument("job_id", metavar="ID")
+    _common(p, _checkpoints, "one JSON array of checkpoints")
 
     p = jobs_sub.add_parser("events", help="show a job's events; --follow until it ends")
     p.add_argument("job_id", metavar="ID")
@@ -285,6 +298,32 @@ def _list(args: argparse.Namespace) -> int:
         return 0
 
     return run("jobs list", args, body)
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    def body(client: ZostreamClient) -> int:
+        cps = sorted(client.list_checkpoints(args.job_id), key=lambda c: int(c.get("step", 0)))
+        if args.json:
+            print_json(cps)
+            return 0
+        rows = [("STEP", "NAME", "TRAIN LOSS", "EVAL LOSS", "ACCURACY", "SIZE", "ADAPTER")]
+        for c in cps:
+            m = c.get("metrics", {})
+            rows.append(
+                (
+                    str(c.get("step", 0)),
+                    c.get("name", ""),
+                    _num(m.get("train_loss")),
+                    _num(m.get("eval_loss")),
+                    _num(m.get("eval_accuracy"), ".3f"),
+                    f"{int(c.get('size_bytes', 0)) / 2**20:.1f} MiB",
+                    c.get("adapter_id", "") or "-",
+                )
+            )
+        print_table(rows)
+        return 0
+
+    return run("jobs checkpoints", args, body)
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:

@@ -170,6 +170,27 @@ def test_grpc_generate_and_list_checkpoints(server: ThreadServer, client: openai
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_cli_lists_checkpoints(
+    server: ThreadServer, job: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`zostream jobs checkpoints`: the gRPC list as JSON, and a table naming the servable adapter id."""
+    from zostream.clients import cli
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    argv = ["jobs", "checkpoints", job.id, "--server", f"127.0.0.1:{server.port}", "--api-key-file", str(key)]
+    assert cli.main([*argv, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(c["step"], c["adapter_id"], c["name"]) for c in listed] == [
+        (2, f"{job.id}:ckpt-step-2", "step-000002")
+    ]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["STEP", "NAME"] and table[1].split()[:2] == ["2", "step-000002"]
+    assert table[1].split()[-1] == f"{job.id}:ckpt-step-2"
+    assert cli.main(["jobs", "checkpoints", "no-such-job", *argv[3:]]) == 1  # NOT_FOUND: exit 1, no trace
+
+
 def test_a_full_parameter_job_has_no_servable_checkpoints(
     server: ThreadServer, client: openai.OpenAI
 ) -> None:
