@@ -27,7 +27,7 @@ from common import log, machine_line, table
 from zostream.engine import data as D
 from zostream.engine import finetune, zo
 from zostream.engine.config import StreamConfig, ZOConfig
-from zostream.engine.engine import load_tokenizer
+from zostream.engine.engine_setup import load_tokenizer
 from zostream.engine.store import WeightStore
 
 TITLE = "Full-parameter fine-tune with and without the update mask"

@@ -110,7 +110,7 @@ def random_dataset(vocab: int, n: int, seq: int, seed: int = 0) -> D.Dataset:
 def base_streamer(
     store: WeightStore, device: torch.device, sc: StreamConfig, codec: str, root: Path
 ) -> LayerStreamer:
-    """The frozen base a LoRA job reads, built as Engine._base_streamer builds it."""
+    """The frozen base a LoRA job reads, built as engine_setup.base_streamer builds it."""
     if codec == "none":
         return LayerStreamer(store, device, store.dtype, sc)
     ccfg = CodecConfig(name=codec, cache_dir=str(root / "codecs"))

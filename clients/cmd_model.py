@@ -178,7 +178,8 @@ def model_info(
         "prefetch_depth": depth,
         "warnings": [],
     }
-    # The paged KV cache comes out of the budget first; the weights' plan gets the rest (engine._plan_kv).
+    # The paged KV cache comes out of the budget first; the weights' plan gets the rest
+    # (engine_setup.plan_kv_and_stream).
     max_seq_len = min(max_seq_len, spec.max_positions)
     per_token = kv_bytes_per_token(n, getattr(spec, "kv_heads", spec.heads), spec.head_dim, compute.itemsize)
     share = depth / n if kv_offload else 1.0  # offloaded: depth staging pools on the device

@@ -194,7 +194,7 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
         validate_dataset(ds, cfg)
     except ValueError as exc:
         raise UsageError(f"--data: {str(exc).removeprefix('training_dataset: ')}") from None
-    from zostream.engine.engine import emu_device
+    from zostream.engine.engine_setup import emu_device
 
     device, dtype, base, store = _base(args, cfg, store, tok)
     main = dist is None or dist.rank == 0
@@ -249,7 +249,7 @@ def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any
 
     from zostream.clients.common import check_device
     from zostream.engine.config import LimitsConfig
-    from zostream.engine.engine import resolve_device
+    from zostream.engine.engine_setup import resolve_device
 
     if cfg.method == "lora":
         eng = open_engine(args, LimitsConfig(**LIMITS), tokenizer=tok)

@@ -144,7 +144,7 @@ def check_device(device: str) -> None:
 
 def load_tokenizer(model_dir: str) -> Any:
     """The model dir's tokenizer (local files only); UsageError naming --model when it has none."""
-    from zostream.engine.engine import load_tokenizer as _load
+    from zostream.engine.engine_setup import load_tokenizer as _load
 
     try:
         return _load(model_dir)

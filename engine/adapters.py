@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .models.attention import LoraSet
+
 CPU = torch.device("cpu")
 MAX_CACHED = 8  # rebuildable (cached) adapters kept on the host; each costs one LoRA's bytes
 
@@ -110,6 +112,28 @@ class AdapterRegistry:
         needed = [a for a in dict.fromkeys(needed) if a in self._host]
         for aid in needed:
             self.acquire(aid, pinned=needed)
+
+    def lora_set(self, adapter_ids: list[str], layer: int) -> LoraSet | None:
+        """The LoRA weights of block `layer` for a batch whose row b uses adapter_ids[b] ("": none),
+        each adapter applied to its rows only; None when no row uses one."""
+        by_adapter: dict[str, list[int]] = {}
+        for b, aid in enumerate(adapter_ids):
+            if aid:
+                by_adapter.setdefault(aid, []).append(b)
+        if not by_adapter:
+            return None
+        lora: LoraSet = {}
+        all_rows = len(adapter_ids)
+        for aid, rows in by_adapter.items():
+            adapter = self.acquire(aid, pinned=by_adapter)
+            if adapter is None:
+                continue
+            # Built on the host and sent asynchronously (once per layer): torch.tensor(..., device=cuda)
+            # would synchronise the host inside the block loop.
+            idx = None if len(rows) == all_rows else torch.tensor(rows).to(self.device, non_blocking=True)
+            for module, lw in adapter.layer(layer, rows=idx).items():
+                lora.setdefault(module, []).append(lw)
+        return lora
 
     def shrink(self) -> None:
         """After a pass: back down to the limit."""

@@ -258,7 +258,7 @@ class Metrics:
             self._get("zostream_request_queue_seconds").observe(t)
 
         self._get("zostream_h2d_bytes_total", codec).inc(stats.h2d_bytes)
-        # Paged KV cache (engine.StepStats): blocks after the pass, bytes the pass moved.
+        # Paged KV cache (step_commit.StepStats): blocks after the pass, bytes the pass moved.
         if hasattr(stats, "kv_blocks_used"):
             self.set_kv_blocks(stats.kv_blocks_used, stats.kv_blocks_free)
         self._get("zostream_kv_preemptions_total").inc(getattr(stats, "kv_preemptions", 0))

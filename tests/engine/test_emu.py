@@ -158,10 +158,10 @@ def test_emu_counts_kv_pools_and_activations_of_a_pass(models, monkeypatch):
     """An engine on emu: the KV pools are device memory from the start, and a generation pass's
     activations raise the peak by at least the prompt's hidden states (B x S x hidden, fp32)."""
     from tests.engine.test_generation import greedy, make_engine
-    from zostream.engine import engine as E
+    from zostream.engine import engine_setup
 
     dev = emu()  # its own device: the process-wide one carries other tests' buffers
-    monkeypatch.setattr(E, "emu_device", lambda name: dev if name == "emu" else None)
+    monkeypatch.setattr(engine_setup, "emu_device", lambda name: dev if name == "emu" else None)
     eng = make_engine(models("llama"), "emu", gpu_memory_bytes=0)
     kv = eng.cache.nbytes()
     slots = eng.streamer.depth * eng.streamer.plan.slot_bytes

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from tests.engine.test_generation import PROMPTS, FakeTok, greedy, hf_greedy
 from tests.tiny import make_tiny_model
 from zostream.engine import engine as E
+from zostream.engine import engine_setup
 from zostream.engine.config import EngineConfig, LimitsConfig, StreamConfig
 from zostream.engine.emu import EmuDevice, EmuOptions, overlapped
 from zostream.engine.kv_cache import kv_bytes_per_token
@@ -23,7 +24,7 @@ def test_runs_merge_consecutive_pairs():
 
 
 def emu_engine(d, monkeypatch, dev: EmuDevice, budget: int, **limits) -> E.Engine:
-    monkeypatch.setattr(E, "emu_device", lambda name: dev if name == "emu" else None)
+    monkeypatch.setattr(engine_setup, "emu_device", lambda name: dev if name == "emu" else None)
     lim = dict(max_batch=4, max_seq_len=64, kv_block_size=4, kv_offload=True) | limits
     cfg = EngineConfig(
         str(d),

@@ -29,7 +29,7 @@ class Event:  # stand-in for engine.generation.TokenEvent
 
 
 @dataclass
-class Stats:  # stand-in for engine.engine.StepStats
+class Stats:  # stand-in for engine.step_commit.StepStats
     seconds: float = 0.0
     prefill_tokens: int = 0
     decode_tokens: int = 0
@@ -284,8 +284,8 @@ def test_cardinality_does_not_grow_with_requests() -> None:
 
 
 def test_real_step_stats_are_accepted() -> None:
-    from zostream.engine.engine import StepStats
     from zostream.engine.generation import FinishReason, TokenEvent
+    from zostream.engine.step_commit import StepStats
 
     ev = TokenEvent("r1", (), "", FinishReason.STOP_SEQUENCE, 3, 2, 0)
     st = StepStats(seconds=0.1, decode_tokens=2, finished=[ev, None], first_token_latencies=[0.02])

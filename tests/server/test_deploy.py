@@ -70,7 +70,7 @@ def dashboard_exprs() -> list[str]:
 
 
 @dataclass
-class Stats:  # one pass that carried everything (stand-in for engine.engine.StepStats)
+class Stats:  # one pass that carried everything (stand-in for engine.step_commit.StepStats)
     seconds: float = 0.3
     prefill_tokens: int = 8
     decode_tokens: int = 2
