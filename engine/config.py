@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from zostream import defaults as D
 
+from .climb import ClimbRule
+
 CODECS = ("none", "int8", "nf4")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -174,7 +176,12 @@ class ZOConfig:
     max_len: int = D.MAX_LEN
     eval_every: int = D.EVAL_EVERY
     checkpoint_every: int = D.CHECKPOINT_EVERY  # 0: only the export after the last step
+    # The divergence guard: skip outlier steps (zo.divergence_check) and back the lr off on a slow climb of
+    # the training loss (engine/climb.py; a new job's log header keeps the climb_* three, resume uses those).
     divergence_guard: bool = True
+    climb_window: int = 20  # steps per window of the slow-climb rule
+    climb_rise: float = 0.5  # trip when the recent window's mean loss is this share above the best earlier
+    climb_backoff: float = 0.5  # lr multiplier per trip
     # Examples per forward: the batch runs as batch_size // micro_batch slices in one pass, and the loss is
     # their summed NLL over their summed token count (see trainer.reduce_partials). None: one slice. The
     # bytes of the log depend on it (padding changes the matmul shapes); a data-parallel run over W ranks
@@ -241,11 +248,19 @@ class ZOConfig:
             bad("max_len", f"must be in 16..1048576, got {self.max_len!r}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             bad("eval_every", "eval_every and checkpoint_every must be >= 0")
+        try:
+            self.climb_rule()
+        except ValueError as e:
+            bad(str(e).split(" ", 1)[0], str(e).split(" ", 1)[1])
         mb = self.micro_batch
         if mb is not None and (
             not isinstance(mb, int) or not 1 <= mb <= self.batch_size or self.batch_size % mb
         ):
             bad("micro_batch", f"must divide batch_size ({self.batch_size}), got {mb!r}")
+
+    def climb_rule(self) -> ClimbRule:
+        """The slow-climb rule's thresholds (engine/climb.py)."""
+        return ClimbRule(self.climb_window, self.climb_rise, self.climb_backoff)
 
     @property
     def learning_rate(self) -> float:

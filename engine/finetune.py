@@ -1,7 +1,7 @@
 """Open (or resume) a fine-tuning job directory and build its trainer; checkpoint and export.
 
 Job directory:
-    update.log        the durable record: header + 16 bytes per step and direction
+    update.log        the durable record: header + 20 bytes per step and direction (16 in old logs)
     working/          full-parameter master (job-owned copy of the base, shared mmap)
     checkpoints/      LoRA adapters at flushed steps (step-000100/ ...)
     adapter/ | model/ the exported result at the end (PEFT adapter / HF model dir)
@@ -49,6 +49,9 @@ def log_header(
         one_sided = all(sign != -1 for _, sign in estimators.forwards(cfg.estimator, cfg.q))  # fzoo: θ+, θ
         mask = zo.UpdateMask(cfg.epsilon, copies, one_sided)
         extra["update_mask"] = mask.header_entry()
+        if cfg.divergence_guard:  # the slow-climb rule this job keeps on every resume (engine/climb.py)
+            rule = cfg.climb_rule()
+            extra["climb"] = {"window": rule.window, "rise": rule.rise, "backoff": rule.backoff}
     if cfg.micro_batch_size != cfg.batch_size:  # only when set: logs of one-slice jobs keep their header
         extra["micro_batch"] = cfg.micro_batch_size
     # Also only when not what every log before them used (tokens, mezo): those logs keep their header.
@@ -127,14 +130,15 @@ def open_trainer(
         except ValueError as err:
             raise PreconditionError(f"cannot resume {job}: {err}", "generator_version") from None
         # A version-1 Rademacher log continues under its own header: its noise bits are unchanged. A log
-        # keeps the update mask it started with (none before masks existed): its steps replay that way.
-        extra = {k: v for k, v in header.extra.items() if k != "update_mask"}
-        if "update_mask" in logged.extra:
-            extra["update_mask"] = logged.extra["update_mask"]
+        # keeps the update mask it started with (none before masks existed): its steps replay that way;
+        # and the slow-climb rule it started with (none before it existed), so resume decides as before.
+        kept = ("update_mask", "climb")
+        extra = {k: v for k, v in header.extra.items() if k not in kept}
+        extra |= {k: logged.extra[k] for k in kept if k in logged.extra}
         header = dataclasses.replace(header, generator_version=logged.generator_version, extra=extra)
         log = UpdateLog.open(log_path, expect=header)
     else:
-        log = UpdateLog.create(log_path, header)
+        log = UpdateLog.create(log_path, header, loss=True)
     if cfg.method == "lora":
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed)
         adapter, at = _latest_lora(job, store, device, len(log))
@@ -284,11 +288,11 @@ def log_upto(log_path: Path, upto: int, out: Path) -> bytes:
     to `out` (beside it, then renamed) and returned."""
     _check_upto(log_path, upto)
     with UpdateLog.open(log_path, repair=False) as log:
-        header, steps = log.header, log.steps(0, upto)
+        header, steps, loss = log.header, log.steps(0, upto), log.has_loss
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    with UpdateLog.create(tmp, header) as new:
+    with UpdateLog.create(tmp, header, loss=loss) as new:
         for st in steps:
             new.append(st)
     os.replace(tmp, out)

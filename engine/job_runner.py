@@ -262,12 +262,14 @@ class JobRunner:
                 "learning_rate": result["lr"],
             }
         )
-        self.on_log_bytes(16 * tr.cfg.q)
+        self.on_log_bytes(tr.log.step_bytes)
         msg = f"skipped: {result['skipped']}" if result.get("skipped") else ""
         try:
             # JobEvent.step is the steps done so far (result["step"] is the 0-based index of this step).
             keys = ("loss", "loss_plus", "loss_minus", "projected_grad", "lr")
             self.store.event(job_id, "step", msg, tr.step, {k: result[k] for k in keys})
+            if result.get("climb"):  # the divergence guard's slow-climb rule backed the lr off
+                self.store.event(job_id, "guard", result["climb"], tr.step, {"train_loss": result["loss"]})
             ses.after_step()  # checkpoint / eval cadence, early stopping
             if ses.finished:
                 self._complete(job_id)

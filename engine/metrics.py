@@ -129,6 +129,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("counter", "zostream_finetune_steps_total", "fine-tuning steps logged (skipped ones included)",
           "method", METHODS),
     _Spec("counter", "zostream_finetune_skipped_steps_total", "steps the divergence guard skipped"),
+    _Spec("counter", "zostream_finetune_climb_trips_total",
+          "slow climbs of the training loss the divergence guard answered with an lr backoff"),
     _Spec("counter", "zostream_finetune_tokens_total", "tokens the fine-tuning steps trained on"),
     _Spec("counter", "zostream_update_log_bytes_total", "bytes appended to update logs"),
     _Spec("counter", "zostream_kv_bytes_total", "KV cache bytes moved (rate: bytes/s)", "op", KV_OPS),
@@ -291,6 +293,8 @@ class Metrics:
     def _observe_train(self, train: dict[str, Any], seconds: float) -> None:
         if train.get("skipped"):
             self._get("zostream_finetune_skipped_steps_total").inc()
+        if train.get("climb"):
+            self._get("zostream_finetune_climb_trips_total").inc()
         self._get("zostream_finetune_step_seconds").observe(seconds)
         self._get("zostream_finetune_tokens_total").inc(int(train.get("tokens", 0)))
         # Set even on a skipped (non-finite) step: the dashboard should show the divergence.

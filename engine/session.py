@@ -323,8 +323,9 @@ def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig
             continue
         if f.name in ("scope", "extra"):
             for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
-                # update_mask: a log keeps the one it started with (finetune.open_trainer)
-                if a.get(key) == b.get(key) or (f.name == "extra" and key in ("steps", "update_mask")):
+                # update_mask, climb: a log keeps the ones it started with (finetune.open_trainer)
+                kept = ("steps", "update_mask", "climb")
+                if a.get(key) == b.get(key) or (f.name == "extra" and key in kept):
                     continue
                 name = _SCOPE_FIELDS.get(key, key) if f.name == "scope" else key
                 raise RequestError(f"{where} {key}={a.get(key)!r}, got {b.get(key)!r}; {fix}", name)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from . import climb, rng, zo
 from . import data as D
 from . import estimators as E
 from . import losses as LS
-from . import rng, zo
 from .config import ZOConfig
 from .forward import run_pass
 from .models.attention import AttentionBatch, LoraSet
@@ -28,6 +28,7 @@ from .peft import LoraAdapter
 from .perturb import PassPerturbation
 from .streamer import LayerStreamer
 from .update_log import LogHeader, Step, UpdateLog
+from .update_log_format import loss_f32
 
 SR_DIRECTION = 0xFFFF  # step_seed(job, step, SR_DIRECTION) seeds the stochastic-rounding uniforms
 WeightFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -385,6 +386,18 @@ class ZOTrainer:
         # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
         accepted = [abs(g) for s in self.steps if not s.skipped for g in s.directions]
         self.g_history: list[float] = accepted[-256:]
+        # The slow-climb rule (engine/climb.py), as the log's header set it when the job began: its state
+        # (the lr backoff) is rebuilt from the logged losses of the accepted steps, so a resumed job decides
+        # as one that never stopped. None: the guard is off, or the log records no losses (format 1 / 2).
+        spec = log.header.extra.get("climb")
+        self.climb_rule: climb.ClimbRule | None = None
+        if cfg.divergence_guard and log.has_loss and spec is not None:
+            try:
+                self.climb_rule = climb.ClimbRule(**spec)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{log.path}: header extra.climb {spec!r} is not a rule: {e}") from None
+        rule = self.climb_rule or climb.ClimbRule()
+        self.climb = climb.replay_state((s.loss for s in self.steps if not s.skipped), rule)
 
     @property
     def step(self) -> int:
@@ -463,19 +476,30 @@ class ZOTrainer:
             for (lp, lm), g in zip(losses, gs, strict=True):
                 reason = reason or zo.divergence_check(g, lp, lm, history)
         lr = self.schedule.lr_at(wl.step)
-        step = Step(wl.step, lr, tuple(gs), skipped=reason is not None)
+        rule = self.climb_rule
+        if rule is not None:  # backoff ** trips: exact in float32, so the logged lr is the applied one
+            lr = zo.f32(lr * self.climb.factor(rule))
+        summary = E.summary(cfg.estimator, losses)
+        # The loss as the log stores it (float32): the rule reads the same value now and on resume.
+        loss = loss_f32(summary["loss"])
+        step = Step(wl.step, lr, tuple(gs), skipped=reason is not None, loss=loss)
         self.log.append(step)
         self.steps.append(step)
+        climbed = None
         if reason is None:
             self.g_history.extend(abs(g) for g in gs)
             del self.g_history[:-256]
+            if rule is not None:
+                self.climb, climbed = climb.observe(self.climb, loss, rule)
         return {
             "step": wl.step,
-            **E.summary(cfg.estimator, losses),
+            **summary,
             "loss_kind": self.loss,
             "projected_grad": gs[0],
             "lr": lr,
             "skipped": reason,
+            "climb": climbed,  # the slow-climb rule tripped: lr x backoff from the next step
+            "lr_factor": self.climb.factor(rule) if rule is not None else 1.0,
             "tokens": wl.tokens,
         }
 

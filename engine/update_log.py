@@ -10,6 +10,14 @@ A few bytes per step from which replay rebuilds the tuned weights exactly. Littl
   v2 body  compacted (read-only; header JSON also has "compacted": true): runs of steps sharing one lr,
            u32 first_step | u32 n | f32 lr | u32 crc32(run[:12] + payload), then the payload:
            skipped bitmap (ceil(n/8) bytes; bit k&7 of byte k>>3 is step first_step+k), n*q f32 g.
+  v3 body  v1 with the step's training loss (engine/climb.py reads it): 20-byte records,
+           u32 step | u8 direction | u8 flags | f32 g | f32 lr | f32 loss | u16 crc (over record[:18]);
+           the q records of a step carry the same lr, flags and loss (bitwise).
+  v4 body  v2 with the loss: each run's payload ends with n f32 losses (step order).
+
+New jobs write v3 (compact makes v4 of it); v1 and v2 logs keep reading, resuming (appending v1 records)
+and replaying as before, without losses. A step's loss is the mean loss of its pass as the job reports
+it (estimators.summary), float32; a skipped step's loss may be non-finite.
 
 A step counts once its records are fsync'd. On open, a torn tail, a bad CRC or a sequence break
 truncates the file to the last complete step (repair=True). One writer at a time (flock).
@@ -30,14 +38,17 @@ from dataclasses import dataclass, fields
 
 from .update_log_format import (
     FLAG_SKIPPED,
-    FORMAT_COMPACTED,
     FORMAT_PLAIN,
-    RECORD_SIZE,
+    FORMAT_PLAIN_LOSS,
     LogHeader,
     Step,
     StepRecord,
     encode_header,
+    has_loss,
+    is_compacted,
+    loss_f32,
     parse_header,
+    record_size,
     scan_compacted,
     scan_plain,
     to_f32,
@@ -63,8 +74,8 @@ def scan_file(path: str) -> Scan:
     with open(path, "rb") as f:
         version, header, off = parse_header(f, path)
         body = f.read()  # records are small: 20k steps are 320 KB
-    scan = scan_plain if version == FORMAT_PLAIN else scan_compacted
-    steps, good, reason = scan(body, header.q)
+    scan = scan_compacted if is_compacted(version) else scan_plain
+    steps, good, reason = scan(body, header.q, has_loss(version))
     return Scan(version, header, off, steps, off + good, off + len(body), reason)
 
 
@@ -122,14 +133,27 @@ class UpdateLog:
 
     @property
     def compacted(self) -> bool:
-        return self.format_version == FORMAT_COMPACTED
+        return is_compacted(self.format_version)
+
+    @property
+    def has_loss(self) -> bool:
+        """Whether the records carry each step's loss (format 3 / 4); older logs do not."""
+        return has_loss(self.format_version)
+
+    @property
+    def step_bytes(self) -> int:
+        """Bytes one appended step takes (q records)."""
+        return self.header.q * record_size(self.format_version)
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], header: LogHeader) -> UpdateLog:
+    def create(cls, path: str | os.PathLike[str], header: LogHeader, loss: bool = False) -> UpdateLog:
+        """A new plain log; loss True: format 3, every step must carry its loss (jobs write this);
+        False: format 1, as logs were written before losses were recorded."""
         path = os.fspath(path)
-        blob = encode_header(header, compacted=False)
+        blob = encode_header(header, compacted=False, loss=loss)
         write_new(path, blob)
-        return cls(path, Scan(FORMAT_PLAIN, header, len(blob), [], len(blob), len(blob), None))
+        version = FORMAT_PLAIN_LOSS if loss else FORMAT_PLAIN
+        return cls(path, Scan(version, header, len(blob), [], len(blob), len(blob), None))
 
     @classmethod
     def open(
@@ -184,10 +208,17 @@ class UpdateLog:
         if not step.skipped and not all(math.isfinite(g) for g in step.directions):
             raise ValueError(f"step {step.step}: non-finite g; log it with skipped=True (divergence guard)")
         flags = FLAG_SKIPPED if step.skipped else 0
+        loss = None
+        if self.has_loss:
+            if step.loss is None:
+                raise ValueError(f"step {step.step}: this log records each step's loss; give Step.loss")
+            loss = loss_f32(step.loss)
+        # A format 1 log (a job from before losses were logged, resumed) keeps its format: no loss is stored.
         try:
-            recs = [StepRecord(step.step, d, g, step.lr, flags) for d, g in enumerate(step.directions)]
+            recs = [StepRecord(step.step, d, g, step.lr, flags, loss) for d, g in enumerate(step.directions)]
             blob = b"".join(r.pack() for r in recs)
-            stored = Step(step.step, to_f32(step.lr), tuple(to_f32(g) for g in step.directions), step.skipped)
+            lr, gs = to_f32(step.lr), tuple(to_f32(g) for g in step.directions)
+            stored = Step(step.step, lr, gs, step.skipped, loss)
         except OverflowError as e:
             raise ValueError(f"step {step.step}: {e} (g and lr are stored as float32)") from None
         fd = self._writer()
@@ -205,7 +236,7 @@ class UpdateLog:
             raise ValueError(f"truncate({n_steps}): the log has {len(self._steps)} steps")
         fd = self._writer()
         try:
-            os.ftruncate(fd, self._data_offset + n_steps * self.header.q * RECORD_SIZE)
+            os.ftruncate(fd, self._data_offset + n_steps * self.step_bytes)
             os.fsync(fd)
         except OSError as e:
             self._fail(fd, f"truncate to {n_steps} steps failed ({e})")
@@ -239,7 +270,7 @@ class UpdateLog:
             raise ValueError(f"{self.path}: {problem}")
         if self._fd is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            expected = self._data_offset + len(self._steps) * self.header.q * RECORD_SIZE
+            expected = self._data_offset + len(self._steps) * self.step_bytes
             if not _try_lock(fd):
                 os.close(fd)
                 raise BlockingIOError(errno.EWOULDBLOCK, "another process is writing this log", self.path)
@@ -253,7 +284,7 @@ class UpdateLog:
         # After a failed write/fsync the on-disk state is unknown: cut back to what we know, refuse more.
         self._broken = what
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, self._data_offset + len(self._steps) * self.header.q * RECORD_SIZE)
+            os.ftruncate(fd, self._data_offset + len(self._steps) * self.step_bytes)
 
 
 def read_header(path: str | os.PathLike[str]) -> LogHeader:

@@ -1,6 +1,6 @@
 """Update log format: the header (LogHeader, its JSON and the file prefix), the records (Step, StepRecord)
-and the decoding of both body versions. The layout is in update_log.py's docstring; the file handle (open,
-repair, append) is UpdateLog there.
+and the decoding of the body versions (plain and compacted, each with or without the step's loss). The
+layout is in update_log.py's docstring; the file handle (open, repair, append) is UpdateLog there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import Any
 MAGIC = b"ZOLOG\0"
 FORMAT_PLAIN = 1
 FORMAT_COMPACTED = 2
+FORMAT_PLAIN_LOSS = 3  # v1 records plus the step's training loss (f32)
+FORMAT_COMPACTED_LOSS = 4  # v2 runs plus one f32 loss per step
+FORMATS = (FORMAT_PLAIN, FORMAT_COMPACTED, FORMAT_PLAIN_LOSS, FORMAT_COMPACTED_LOSS)
 RECORD_SIZE = 16
+RECORD_SIZE_LOSS = 20
 FLAG_SKIPPED = 1  # divergence guard: the step is logged but was not applied
 FLAG_RESERVED = 2
 MAX_Q = 256  # direction is a u8
@@ -29,10 +33,26 @@ _PREFIX = struct.Struct("<6sHI")
 U32 = struct.Struct("<I")
 _RECORD = struct.Struct("<IBBffH")
 _RECORD_BODY = struct.Struct("<IBBff")
+_RECORD_LOSS = struct.Struct("<IBBfffH")
+_RECORD_LOSS_BODY = struct.Struct("<IBBfff")
 RUN_HEAD = struct.Struct("<IIf")
 RUN_SIZE = RUN_HEAD.size + U32.size
 _MAX_HEADER_JSON = 1 << 20
-assert _RECORD.size == RECORD_SIZE and RUN_SIZE == 16
+assert _RECORD.size == RECORD_SIZE and _RECORD_LOSS.size == RECORD_SIZE_LOSS and RUN_SIZE == 16
+
+
+def has_loss(version: int) -> bool:
+    """Whether a body of this format version records each step's training loss."""
+    return version in (FORMAT_PLAIN_LOSS, FORMAT_COMPACTED_LOSS)
+
+
+def is_compacted(version: int) -> bool:
+    return version in (FORMAT_COMPACTED, FORMAT_COMPACTED_LOSS)
+
+
+def record_size(version: int) -> int:
+    """Bytes per direction record of a plain body."""
+    return RECORD_SIZE_LOSS if has_loss(version) else RECORD_SIZE
 
 
 class LogCorruptError(ValueError):
@@ -46,6 +66,15 @@ def record_seed(step: int) -> int:
 
 def to_f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def loss_f32(x: float) -> float:
+    """A step's loss as the log stores it: float32, a value beyond float32's range as +-inf (never an error:
+    a skipped step's loss may be anything)."""
+    try:
+        return to_f32(x)
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def _is_int(x: object) -> bool:
@@ -154,41 +183,51 @@ class LogHeader:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One direction of one step, as stored (16 bytes); g and lr are float32 values."""
+    """One direction of one step, as stored: 16 bytes, or 20 with the step's loss (loss not None; format
+    versions 3 and 4); g, lr and loss are float32 values."""
 
     step: int
     direction: int
     g: float
     lr: float
     flags: int = 0
+    loss: float | None = None
 
     def pack(self) -> bytes:
-        body = _RECORD_BODY.pack(self.step, self.direction, self.flags, self.g, self.lr)
+        if self.loss is None:
+            body = _RECORD_BODY.pack(self.step, self.direction, self.flags, self.g, self.lr)
+        else:
+            body = _RECORD_LOSS_BODY.pack(self.step, self.direction, self.flags, self.g, self.lr, self.loss)
         return body + struct.pack("<H", binascii.crc_hqx(body, record_seed(self.step)))
 
 
 @dataclass(frozen=True)
 class Step:
-    """One optimiser step: its lr and the projected gradient g of each of its q directions."""
+    """One optimiser step: its lr and the projected gradient g of each of its q directions; loss: the step's
+    training loss (what the slow-climb rule reads, engine/climb.py), None in logs of format 1 and 2."""
 
     step: int
     lr: float
     directions: tuple[float, ...]
     skipped: bool = False
+    loss: float | None = None
 
     def __post_init__(self) -> None:
         if not (_is_int(self.step) and 0 <= self.step < 2**32):
             raise ValueError(f"Step.step must be an int in [0, 2**32), got {self.step!r}")
         object.__setattr__(self, "directions", tuple(float(g) for g in self.directions))
         object.__setattr__(self, "lr", float(self.lr))
+        if self.loss is not None:
+            object.__setattr__(self, "loss", float(self.loss))
         if not self.directions:
             raise ValueError(f"step {self.step}: directions is empty; give g for each of the q directions")
 
 
-def encode_header(header: LogHeader, compacted: bool) -> bytes:
+def encode_header(header: LogHeader, compacted: bool, loss: bool = False) -> bytes:
+    """The file prefix: magic, format version (1/2 plain/compacted; 3/4 the same with each step's loss)."""
     d = header.to_dict() | ({"compacted": True} if compacted else {})
     js = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    version = FORMAT_COMPACTED if compacted else FORMAT_PLAIN
+    version = (FORMAT_COMPACTED if compacted else FORMAT_PLAIN) + (2 if loss else 0)
     return _PREFIX.pack(MAGIC, version, len(js)) + js + U32.pack(zlib.crc32(js))
 
 
@@ -199,8 +238,8 @@ def parse_header(f: Any, path: str) -> tuple[int, LogHeader, int]:
     magic, version, n = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise LogCorruptError(f"{path}: not a zostream update log (magic {magic!r}, expected {MAGIC!r})")
-    if version not in (FORMAT_PLAIN, FORMAT_COMPACTED):
-        raise LogCorruptError(f"{path}: format version {version} is not supported (this build reads 1, 2)")
+    if version not in FORMATS:
+        raise LogCorruptError(f"{path}: format version {version} is not supported (this build reads 1 to 4)")
     blob = f.read(n + 4) if n <= _MAX_HEADER_JSON else b""
     if len(blob) < n + 4:
         raise LogCorruptError(f"{path}: the header is truncated or its length ({n}) is damaged")
@@ -213,46 +252,53 @@ def parse_header(f: Any, path: str) -> tuple[int, LogHeader, int]:
         header = LogHeader.from_dict(d)
     except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested past the limit
         raise LogCorruptError(f"{path}: invalid header: {e}") from None
-    if compacted != (version == FORMAT_COMPACTED):
+    if compacted != is_compacted(version):
         raise LogCorruptError(f"{path}: header says compacted={compacted} but format version is {version}")
     return version, header, _PREFIX.size + n + 4
 
 
-def scan_plain(body: bytes, q: int) -> tuple[list[Step], int, str | None]:
+def scan_plain(body: bytes, q: int, loss: bool = False) -> tuple[list[Step], int, str | None]:
+    """Decode a plain body (loss: format 3's 20-byte records) -> (steps, good bytes, first problem)."""
+    rec, size = (_RECORD_LOSS, RECORD_SIZE_LOSS) if loss else (_RECORD, RECORD_SIZE)
     steps: list[Step] = []
     gs: list[float] = []
-    first = (0, 0.0)  # (flags, lr) of direction 0 of the step being read
+    first = b""  # flags, lr and loss bytes of direction 0 of the step being read (bitwise: a NaN loss)
     reason = None
-    n_full = len(body) // RECORD_SIZE
+    n_full = len(body) // size
     for i in range(n_full):
         step, d = divmod(i, q)
-        o = i * RECORD_SIZE
-        s, dirn, flags, g, lr, crc = _RECORD.unpack_from(body, o)
-        if crc != binascii.crc_hqx(body[o : o + 14], record_seed(step)):
+        o = i * size
+        s, dirn, flags, g, lr, *rest = rec.unpack_from(body, o)
+        crc = rest[-1]
+        shared = body[o + 5 : o + 6] + body[o + 10 : o + size - 2]
+        if crc != binascii.crc_hqx(body[o : o + size - 2], record_seed(step)):
             reason = f"bad CRC at record {i} (step {step})"
         elif (s, dirn) != (step, d):
             reason = f"sequence break at record {i}: step {s} direction {dirn}, expected {step}/{d}"
         elif flags & ~FLAG_SKIPPED or not math.isfinite(lr):
             reason = f"invalid flags 0x{flags:02x} or lr {lr!r} at record {i}"
-        elif d > 0 and (flags, lr) != first:
-            reason = f"record {i} disagrees with direction 0 of step {step} on lr or flags"
+        elif d > 0 and shared != first:
+            reason = f"record {i} disagrees with direction 0 of step {step} on lr, flags or loss"
         elif not flags & FLAG_SKIPPED and not math.isfinite(g):
             reason = f"non-finite g in applied step {step} at record {i}"
         if reason:
             break
         if d == 0:
-            gs, first = [], (flags, lr)
+            gs, first = [], shared
         gs.append(g)
         if d == q - 1:
-            steps.append(Step(step, lr, tuple(gs), bool(flags & FLAG_SKIPPED)))
-    if reason is None and len(body) % RECORD_SIZE:
-        reason = f"torn record at the end ({len(body) % RECORD_SIZE} of {RECORD_SIZE} bytes)"
+            step_loss = rest[0] if loss else None
+            steps.append(Step(step, lr, tuple(gs), bool(flags & FLAG_SKIPPED), step_loss))
+    if reason is None and len(body) % size:
+        reason = f"torn record at the end ({len(body) % size} of {size} bytes)"
     elif reason is None and n_full % q:
         reason = f"step {len(steps)} is incomplete ({n_full % q} of {q} directions)"
-    return steps, len(steps) * q * RECORD_SIZE, reason
+    return steps, len(steps) * q * size, reason
 
 
-def scan_compacted(body: bytes, q: int) -> tuple[list[Step], int, str | None]:
+def scan_compacted(body: bytes, q: int, loss: bool = False) -> tuple[list[Step], int, str | None]:
+    """Decode a compacted body (loss: format 4, n f32 losses after each run's g) -> (steps, good bytes,
+    first problem)."""
     steps: list[Step] = []
     pos = 0
     while pos < len(body):
@@ -263,14 +309,15 @@ def scan_compacted(body: bytes, q: int) -> tuple[list[Step], int, str | None]:
         if first != len(steps) or not 1 <= n <= RUN_MAX_STEPS or not math.isfinite(lr):
             return steps, pos, f"bad run header at byte {pos} (first step {first}, {n} steps)"
         nbits, start = (n + 7) // 8, pos + RUN_SIZE
-        end = start + nbits + 4 * q * n
+        end = start + nbits + 4 * q * n + (4 * n if loss else 0)
         if end > len(body):
             return steps, pos, f"torn run of steps {first}..{first + n - 1}"
         if zlib.crc32(body[start:end], zlib.crc32(body[pos : pos + RUN_HEAD.size])) != crc:
             return steps, pos, f"bad CRC in the run of steps {first}..{first + n - 1}"
         gs = struct.unpack_from(f"<{n * q}f", body, start + nbits)
+        losses = struct.unpack_from(f"<{n}f", body, start + nbits + 4 * q * n) if loss else (None,) * n
         for k in range(n):
             skipped = bool(body[start + (k >> 3)] >> (k & 7) & 1)
-            steps.append(Step(first + k, lr, gs[k * q : (k + 1) * q], skipped))
+            steps.append(Step(first + k, lr, gs[k * q : (k + 1) * q], skipped, losses[k]))
         pos = end
     return steps, pos, None

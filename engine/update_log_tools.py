@@ -1,4 +1,4 @@
-"""Read-only tools over an update log file: verify every record, compact a log to the v2 format, export
+"""Read-only tools over an update log file: verify every record, compact a log (v1 -> v2, v3 -> v4), export
 it as JSON (`zostream log verify / compact / info`)."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Any
 
 from .update_log import scan_file, write_new
 from .update_log_format import (
-    FORMAT_COMPACTED,
     RUN_HEAD,
     RUN_MAX_STEPS,
     U32,
     LogCorruptError,
     encode_header,
+    has_loss,
+    is_compacted,
 )
 
 
@@ -41,14 +42,15 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
 
 
 def compact(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
-    """Write the intact steps of `src` as a compacted (v2) log at `dst`; return its size in bytes.
+    """Write the intact steps of `src` as a compacted log at `dst` (v2; v4 when `src` records losses);
+    return its size in bytes.
 
     Every step is kept (skipped ones too: replay needs the numbering) and reads back identical;
     consecutive steps with bitwise-equal float32 lr share one run header.
     """
     scan = scan_file(os.fspath(src))
-    q, steps = scan.header.q, scan.steps
-    out = [encode_header(scan.header, compacted=True)]
+    q, steps, loss = scan.header.q, scan.steps, has_loss(scan.version)
+    out = [encode_header(scan.header, compacted=True, loss=loss)]
     i = 0
     while i < len(steps):
         lr_bits = struct.pack("<f", steps[i].lr)  # bitwise: 0.0 and -0.0 stay apart
@@ -61,6 +63,8 @@ def compact(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
         payload = bytes(bits) + struct.pack(
             f"<{(j - i) * q}f", *(g for st in steps[i:j] for g in st.directions)
         )
+        if loss:
+            payload += struct.pack(f"<{j - i}f", *(st.loss for st in steps[i:j]))
         head = RUN_HEAD.pack(i, j - i, steps[i].lr)
         out += [head, U32.pack(zlib.crc32(payload, zlib.crc32(head))), payload]
         i = j
@@ -80,13 +84,14 @@ def export_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "path": path,
         "format_version": scan.version,
-        "compacted": scan.version == FORMAT_COMPACTED,
+        "compacted": is_compacted(scan.version),
         "size_bytes": scan.file_size,
         "num_steps": len(scan.steps),
         "damage": None if scan.reason is None else scan.where(),
         "header": scan.header.to_dict(),
         "steps": [
             {"step": s.step, "lr": s.lr, "g": [_json_float(g) for g in s.directions], "skipped": s.skipped}
+            | ({} if s.loss is None else {"loss": _json_float(s.loss)})
             for s in scan.steps
         ],
     }

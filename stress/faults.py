@@ -185,8 +185,9 @@ def flip_last_record(log: Path, rng: random.Random) -> str:
     data = bytearray(log.read_bytes())
     if n == 0:
         return "no record to flip"
-    bit = rng.randrange(128)
-    pos = len(data) - 16 + bit // 8  # plain logs: the last 16 bytes are the last record (q = 1)
+    size = 20 if data[6:8] == b"\x03\x00" else 16  # format 3 records carry the step's loss; format 1 not
+    bit = rng.randrange(8 * size)
+    pos = len(data) - size + bit // 8  # plain logs: the last `size` bytes are the last record (q = 1)
     data[pos] ^= 1 << (bit % 8)
     log.write_bytes(bytes(data))
     return f"bit {bit % 8} of byte {bit // 8} of record {n - 1}"

@@ -51,14 +51,15 @@ def install_fault(spec: str) -> None:
     args = [int(x) for x in rest.split(":") if x]
     from zostream.engine import jobs, trainer, update_log
     from zostream.engine.peft import LoraAdapter
-    from zostream.engine.update_log_format import MAGIC, RECORD_SIZE
+    from zostream.engine.update_log_format import MAGIC, RECORD_SIZE, RECORD_SIZE_LOSS
     from zostream.engine.working_copy import WorkingCopy
 
     if kind in ("log_write", "log_torn"):
         write_all = update_log._write_all
 
         def write_records(fd: int, data: bytes) -> None:
-            is_records = not data.startswith(MAGIC) and len(data) % RECORD_SIZE == 0
+            sizes = (RECORD_SIZE, RECORD_SIZE_LOSS)  # a step's q records, with or without its loss
+            is_records = not data.startswith(MAGIC) and any(len(data) % n == 0 for n in sizes)
             if is_records and struct.unpack_from("<I", data)[0] == args[0]:
                 write_all(fd, data if kind == "log_write" else data[: len(data) // 2 + 3])
                 _die()

@@ -309,7 +309,7 @@ def test_train_3_steps(capsys, model, data, tmp_path, method, result):
     log = tmp_path / "job" / "update.log"
     assert s["steps"] == 3 and s["method"] == method and not s["interrupted"]
     assert s["update_log"] == str(log) and s["update_log_bytes"] == log.stat().st_size
-    assert log.stat().st_size == _header_size(log) + 16 * 3
+    assert log.stat().st_size == _header_size(log) + 20 * 3  # format 3: 20 bytes per record
     assert s["output"] == str(tmp_path / "job" / result)
     marker = "adapter_config.json" if method == "lora" else "model.safetensors"
     assert (tmp_path / "job" / result / marker).exists()
@@ -335,7 +335,7 @@ def test_train_resume_equals_one_run(capsys, model, data, tmp_path):
     s = json.loads(out.strip().splitlines()[-1])
     assert (s["steps"], s["steps_this_run"], s["resumed_from"]) == (5, 2, 3)
     log = job / "update.log"
-    assert log.stat().st_size == _header_size(log) + 16 * 5
+    assert log.stat().st_size == _header_size(log) + 20 * 5  # 20-byte records (format 3)
     once = train(capsys, model, data, tmp_path / "once", "lora", 5)
     log1 = tmp_path / "once" / "update.log"
     # the records are the same; the header differs only in its informational "steps" total
@@ -391,7 +391,7 @@ def test_train_ctrl_c_stops_after_step(capsys, model, data, tmp_path, monkeypatc
     assert rc == 130 and "interrupted" in err
     s = json.loads(out.strip().splitlines()[-1])
     assert s["interrupted"] and s["steps"] == 2 and s["output"] is None
-    assert (job / "update.log").stat().st_size == _header_size(job / "update.log") + 16 * 2
+    assert (job / "update.log").stat().st_size == _header_size(job / "update.log") + 20 * 2
     assert (job / "checkpoints" / "step-000002" / "adapter_config.json").exists()
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
@@ -473,10 +473,10 @@ def test_log_info_verify_replay(capsys, model, data, tmp_path, method):
     log = tmp_path / "job" / "update.log"
     before = log.read_bytes()
     info = run_json(capsys, "log", "info", log)
-    assert (info["steps"], info["bytes_per_step"], info["method"]) == (3, 16, method)
+    assert (info["steps"], info["bytes_per_step"], info["method"]) == (3, 20, method)  # format 3 records
     assert info["first_lr"] == info["last_lr"] == struct.unpack("<f", struct.pack("<f", 1e-2))[0]
     assert info["header"]["eps"] == 1e-2 and not info["damaged"]
-    gs = [struct.unpack_from("<f", before, _header_size(log) + 16 * i + 6)[0] for i in range(3)]
+    gs = [struct.unpack_from("<f", before, _header_size(log) + 20 * i + 6)[0] for i in range(3)]
     assert info["mean_abs_g"] == pytest.approx(sum(map(abs, gs)) / 3, rel=1e-12)
     rc, out, _ = run(capsys, "log", "verify", log)
     assert rc == 0 and out.startswith("ok: 3")

@@ -348,7 +348,7 @@ def test_two_ranks_write_the_single_process_log(capsys, model, data, tmp_path):
     assert res[1][1] == ""  # rank 0 alone prints the summary
     s = json.loads(res[0][1].strip().splitlines()[-1])
     want = (tmp_path / "ref" / "update.log").read_bytes()
-    assert len(want) == header_size(tmp_path / "ref" / "update.log") + 3 * 2 * 16
+    assert len(want) == header_size(tmp_path / "ref" / "update.log") + 3 * 2 * 20  # 20-byte records (v3)
     assert (tmp_path / "dp" / "update.log").read_bytes() == want
     assert (tmp_path / "dp" / "rank-1" / "update.log").read_bytes() == want
     model_file = "model/model.safetensors"

@@ -210,6 +210,9 @@ class TextbookFZOO(TextbookMeZO):
             theta.view(-1).copy_(theta.view(-1) - step * lr32)
         self.history.append((losses, cs, lr))
 
+    def step_loss(self, losses: list[float]) -> float:
+        return losses[0]  # the loss a step logs: L(θ), the unperturbed forward
+
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fzoo_matches_textbook_bitwise(models, tmp_path, method):

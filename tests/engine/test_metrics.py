@@ -77,7 +77,8 @@ EXPECTED = {
     "request_queue_seconds pass_seconds finetune_step_seconds inter_token_latency_seconds",
     "counter": "prompt_tokens_total generation_tokens_total requests_total h2d_bytes_total d2h_bytes_total "
     "transfer_stall_seconds_total layer_transfer_seconds_total layer_compute_seconds_total "
-    "finetune_steps_total finetune_skipped_steps_total update_log_bytes_total finetune_tokens_total "
+    "finetune_steps_total finetune_skipped_steps_total finetune_climb_trips_total update_log_bytes_total "
+    "finetune_tokens_total "
     "kv_bytes_total kv_preemptions_total disk_read_bytes_total major_page_faults_total "
     "adapter_loads_total adapter_evictions_total requests_rejected_total",
 }
@@ -87,7 +88,7 @@ def test_names_docs_and_units() -> None:
     assert tuple(DOCS) == Metrics.METRIC_NAMES
     for kind, names in EXPECTED.items():
         assert {s.name for s in M._SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
-    assert len(Metrics.METRIC_NAMES) == 44
+    assert len(Metrics.METRIC_NAMES) == 45
     for name, doc in DOCS.items():
         assert name.startswith("zostream_") and doc and "\n" not in doc
 
@@ -144,6 +145,7 @@ def test_step_values() -> None:
     assert val(m, "zostream_finetune_steps_total", method="lora") == 1
     assert val(m, "zostream_finetune_steps_total", method="full") == 0
     assert val(m, "zostream_finetune_skipped_steps_total") == 0
+    assert val(m, "zostream_finetune_climb_trips_total") == 0
     assert val(m, "zostream_finetune_tokens_total") == 40
     assert val(m, "zostream_finetune_step_seconds_count") == 1
     assert val(m, "zostream_finetune_step_seconds_sum") == pytest.approx(0.2)
@@ -168,6 +170,15 @@ def test_train_only_skipped_and_stream_times() -> None:
     assert val(m, "zostream_layer_transfer_seconds_total") == 0.75
     assert val(m, "zostream_layer_compute_seconds_total") == 0.75
     assert val(m, "zostream_generation_tokens_total") == 0
+
+
+def test_climb_trip_counted() -> None:
+    m = Metrics()
+    for climb in (None, "slow climb: ...", None):
+        m.observe_step(Stats(seconds=0.1, train=train_dict(climb=climb)), codec="none", running=0, waiting=0,
+                       method="lora")  # fmt: skip
+    assert val(m, "zostream_finetune_climb_trips_total") == 1
+    assert val(m, "zostream_finetune_skipped_steps_total") == 0
 
 
 def test_train_step_of_an_unknown_method_is_recorded_but_not_counted() -> None:

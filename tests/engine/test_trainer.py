@@ -283,12 +283,17 @@ class TextbookMeZO:
         return self
 
     def log_bytes(self, engine_log: Path, tmp: Path) -> bytes:
-        """The engine's header followed by this loop's records, written by the update-log module."""
+        """The engine's header followed by this loop's records (with each step's mean loss over its 2q
+        forwards, format 3), written by the update-log module."""
         path = tmp / f"ref-{len(list(tmp.glob('ref-*')))}.log"
-        with UpdateLog.create(path, read_header(engine_log)) as log:
-            for t, (_, gs, lr) in enumerate(self.history):
-                log.append(Step(t, lr, tuple(gs)))
+        with UpdateLog.create(path, read_header(engine_log), loss=True) as log:
+            for t, (losses, gs, lr) in enumerate(self.history):
+                log.append(Step(t, lr, tuple(gs), loss=self.step_loss(losses)))
         return path.read_bytes()
+
+    def step_loss(self, losses: list[tuple[float, float]]) -> float:
+        """The loss a step logs: the mean over its 2q forwards."""
+        return sum(lp + lm for lp, lm in losses) / (2 * len(losses))
 
 
 def check_header(h: LogHeader, model_dir: Path, cfg: ZOConfig, master: str, rounding: str) -> None:

@@ -365,3 +365,105 @@ def test_export_json(tmp_path: Path, no_fsync: None) -> None:
         "skipped": True,
     }
     assert ult.verify(p) == ult.VerifyReport(True, 4, None, None)
+
+
+# ---- format 3 / 4: each step's training loss (the slow-climb guard reads it; engine/climb.py)
+
+
+def expected_record_loss(step: int, d: int, flags: int, g: float, lr: float, loss: float) -> bytes:
+    body = step.to_bytes(4, "little") + bytes([d, flags])
+    body += np.float32(g).tobytes() + np.float32(lr).tobytes() + np.float32(loss).tobytes()
+    return body + binascii.crc_hqx(body, seed(step)).to_bytes(2, "little")
+
+
+def loss_steps() -> list[Step]:
+    return [
+        Step(0, 1e-4, (0.1, -2.5), loss=2.3456789),
+        Step(1, 3.3e-7, (math.nan, math.inf), skipped=True, loss=math.nan),  # a skipped, non-finite step
+        Step(2, 0.1, (-0.0, 7.0), loss=1e39),  # beyond float32: stored as inf, never an error
+        Step(3, 0.1, (1.0, 2.0), loss=0.5),
+    ]
+
+
+def test_loss_records_exact_bytes_and_readback(tmp_path: Path) -> None:
+    p = tmp_path / "a.zolog"
+    steps = loss_steps()
+    with UpdateLog.create(p, make_header(q=2), loss=True) as log:
+        for s in steps:
+            log.append(s)
+        assert log.has_loss and log.step_bytes == 40
+    raw = p.read_bytes()
+    assert struct.unpack("<H", raw[6:8])[0] == 3
+    stored = [2.3456789, math.nan, math.inf, 0.5]
+    expected = b"".join(
+        expected_record_loss(s.step, d, int(s.skipped), g, s.lr, stored[s.step])
+        for s in steps
+        for d, g in enumerate(s.directions)
+    )
+    assert raw[header_len(p) :] == expected and len(expected) == 4 * 2 * 20
+    back = UpdateLog.open(p)
+    assert back.repaired is None and back.has_loss
+    got = back.steps()
+    assert [s.loss for s in got][2:] == [math.inf, 0.5] and math.isnan(got[1].loss)
+    assert got[0].loss == f32(2.3456789) and got[0].directions == (f32(0.1), -2.5)
+    assert ult.export_json(p)["steps"][0]["loss"] == f32(2.3456789)
+    assert ult.export_json(p)["steps"][1]["loss"] is None  # JSON has no NaN
+
+
+def test_loss_log_needs_a_loss_and_old_logs_drop_it(tmp_path: Path) -> None:
+    with (
+        UpdateLog.create(tmp_path / "new.zolog", make_header(), loss=True) as log,
+        pytest.raises(ValueError, match="give Step.loss"),
+    ):
+        log.append(Step(0, 1e-4, (1.0,)))
+    # A format 1 log (written before losses were logged) keeps its 16-byte records when a job appends.
+    p = tmp_path / "old.zolog"
+    write_log(p, 3)
+    with UpdateLog.open(p) as log:
+        assert not log.has_loss and log.step_bytes == 16
+        log.append(Step(3, 1e-4, (1.0,), loss=4.0))
+    back = UpdateLog.open(p)
+    assert back.format_version == 1 and [s.loss for s in back.steps()] == [None] * 4
+    assert os.path.getsize(p) == header_len(p) + 4 * 16
+
+
+def test_loss_log_repairs_torn_tail_and_catches_disagreeing_directions(tmp_path: Path, no_fsync: None):
+    p = tmp_path / "a.zolog"
+    with UpdateLog.create(p, make_header(q=2), loss=True) as log:
+        for s in loss_steps():
+            log.append(s)
+    hdr = header_len(p)
+    with open(p, "ab") as f:
+        f.write(expected_record_loss(4, 0, 0, 1.0, 0.1, 3.0)[:13])
+    log = UpdateLog.open(p)
+    assert len(log) == 4 and "torn record" in log.repaired and os.path.getsize(p) == hdr + 160
+    log.close()
+    # Direction 1 of step 4 carries another loss than direction 0 (a valid CRC each): the step is refused.
+    with open(p, "ab") as f:
+        f.write(expected_record_loss(4, 0, 0, 1.0, 0.1, 3.0) + expected_record_loss(4, 1, 0, 1.0, 0.1, 3.5))
+    assert ul.scan_file(str(p)).reason == "record 9 disagrees with direction 0 of step 4 on lr, flags or loss"
+    assert len(UpdateLog.open(p)) == 4
+
+
+def test_compacting_a_loss_log_keeps_the_losses(tmp_path: Path, no_fsync: None) -> None:
+    src, dst = tmp_path / "a.zolog", tmp_path / "b.zolog"
+    steps = loss_steps() + [Step(4 + t, 0.1, (0.5, -0.5), loss=1.0 / (t + 1)) for t in range(20)]
+    with UpdateLog.create(src, make_header(q=2), loss=True) as log:
+        for s in steps:
+            log.append(s)
+    size = ult.compact(src, dst)
+    raw = dst.read_bytes()
+    assert struct.unpack("<H", raw[6:8])[0] == 4 and json.loads(raw[12 : header_len(dst) - 4])["compacted"]
+    runs = [1, 1, 22]  # lr 1e-4, 3.3e-7, then 0.1 for the rest
+    assert size == header_len(dst) + sum(16 + (n + 7) // 8 + 4 * 2 * n + 4 * n for n in runs)
+    orig, comp = UpdateLog.open(src), UpdateLog.open(dst)
+    assert comp.compacted and comp.has_loss and len(comp) == len(steps)
+    pack = [struct.pack("<f", s.loss) for s in orig.steps()]  # bitwise, NaN included
+    assert [struct.pack("<f", s.loss) for s in comp.steps()] == pack
+    assert [(s.lr, s.skipped) for s in comp.steps()] == [(s.lr, s.skipped) for s in orig.steps()]
+    assert comp.steps()[5].directions == orig.steps()[5].directions
+    # The old compacted format (v2) has no losses: a format 1 log compacts to it, as before.
+    write_log(tmp_path / "c.zolog", 5, q=2)
+    ult.compact(tmp_path / "c.zolog", tmp_path / "d.zolog")
+    assert struct.unpack("<H", (tmp_path / "d.zolog").read_bytes()[6:8])[0] == 2
+    assert [s.loss for s in UpdateLog.open(tmp_path / "d.zolog").steps()] == [None] * 5

@@ -266,8 +266,8 @@ def test_any_step_downloads_and_exports_upto(client: ZostreamClient, dataset: st
     (tmp_path / "two.log").write_bytes(two)
     with UpdateLog.open(tmp_path / "two.log", repair=False) as log:
         assert len(log) == 2 and not log.damage
-    q = job["hyperparameters"]["q"]  # records per step: one 16-byte record per direction
-    assert two == whole[: len(whole) - 16 * q]  # a plain log's prefix
+    q = job["hyperparameters"]["q"]  # records per step: one 20-byte record per direction (format 3)
+    assert two == whole[: len(whole) - 20 * q]  # a plain log's prefix
 
 
 def test_keep_best_and_early_stopping_jobs(client: ZostreamClient, tmp_path: Path) -> None:
@@ -353,7 +353,7 @@ def test_a_server_job_and_zostream_train_run_one_lifecycle(
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     server_log = (server.app.jobs.job_dir(job["id"]) / "update.log").read_bytes()
     cli_log = (tmp_path / "cli" / "update.log").read_bytes()
-    assert server_log[-16 * 6 :] == cli_log[-16 * 6 :]  # the six steps' records
+    assert server_log[-20 * 6 :] == cli_log[-20 * 6 :]  # the six steps' records (20 bytes each)
     events = list(client.job_events(job["id"]))
     server_evals = [(e["step"], e["metrics"]["eval_accuracy"]) for e in events if e["type"] == "eval"]
     rows = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]

@@ -297,12 +297,11 @@ def test_concurrent_imports_of_one_id(srv: ThreadServer, s: Stubs, adapter: str)
 
 
 def crafted(log: bytes, **changes: Any) -> bytes:
+    """The log with header fields changed (same format version, records untouched)."""
     n = struct.unpack_from("<I", log, 8)[0]
     header = json.loads(log[12 : 12 + n]) | changes
     js = json.dumps(header).encode()
-    return (
-        log[:6] + struct.pack("<HI", 1, len(js)) + js + struct.pack("<I", zlib.crc32(js)) + log[12 + n + 4 :]
-    )
+    return log[:8] + struct.pack("<I", len(js)) + js + struct.pack("<I", zlib.crc32(js)) + log[12 + n + 4 :]
 
 
 def test_imported_logs_are_validated(s: Stubs, adapter: str) -> None:
