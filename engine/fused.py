@@ -85,16 +85,27 @@ def _split(n: int, kernel: Callable[[int, int], None]) -> None:
 
 
 def perturb_pair(
-    theta: torch.Tensor, kind: str, seed: int, name: str, scale: float, out_dtype: torch.dtype, pair: bool
+    theta: torch.Tensor,
+    kind: str,
+    seed: int,
+    name: str,
+    scale: float,
+    out_dtype: torch.dtype,
+    pair: bool,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(θ + scale·z, θ - scale·z if pair) as new [numel] tensors of out_dtype; None: no kernel here."""
+    """(θ + scale·z, θ - scale·z if pair) as [numel] tensors of out_dtype; None: no kernel here.
+    out: CPU buffers (plus, minus or None) to write into instead of new tensors (zo.perturbed_pair)."""
     if out_dtype in _CUDA_DTYPES and triton_ready(theta):
         return _triton().perturb_pair(theta, kind, seed, name, scale, out_dtype, pair)
     if not (_cpu_ready(theta) and out_dtype in _CPU_DTYPES):
         return None
     n = theta.numel()
-    plus = torch.empty(n, dtype=out_dtype)
-    minus = torch.empty(n if pair else 0, dtype=out_dtype)
+    if out is not None and _cpu_ready(*[t for t in out if t is not None]):
+        plus, minus = out[0], (out[1] if pair else torch.empty(0, dtype=out_dtype))
+    else:
+        plus = torch.empty(n, dtype=out_dtype)
+        minus = torch.empty(n if pair else 0, dtype=out_dtype)
     k0, k1 = rng.tensor_key(seed, name, 0)
     th, op, om, code, sc = (
         _array(theta),

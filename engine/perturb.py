@@ -28,6 +28,7 @@ import torch
 
 from . import zo
 from .models.attention import LoraSet
+from .workspace import Workspace
 
 Pairs = list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]  # per direction: (θ + εz, θ - εz)
 
@@ -44,29 +45,40 @@ class PassPerturbation:
         layer_prefix: Callable[[int], str],
         adapter: Any = None,
         pair: bool = True,
+        workspace: Workspace | None = None,
     ) -> None:
-        """pair False: only θ + εz is made (one-sided estimators such as fzoo never run θ - εz)."""
+        """pair False: only θ + εz is made (one-sided estimators such as fzoo never run θ - εz).
+        workspace: where the outer tensors' copies are written (engine/workspace.py: the embedding's
+        copies are the largest allocations of a step); their previous contents are dead by then."""
         self.seeds, self.kind, self.eps, self.dtype = seeds, kind, eps, dtype
         self.layer_prefix, self.adapter, self.pair = layer_prefix, adapter, pair
+        self.workspace = workspace
         self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
         self._block: tuple[int, object, Pairs] | None = None  # (block index, its dict, its pairs)
 
-    def _pairs(self, named: dict[str, torch.Tensor], out_dtype: torch.dtype) -> Pairs:
-        """named: full tensor name -> master tensor; one draw of z per direction and tensor."""
+    def _pairs(self, named: dict[str, torch.Tensor], out_dtype: torch.dtype, reuse: bool = False) -> Pairs:
+        """named: full tensor name -> master tensor; one draw of z per direction and tensor.
+        reuse: write into the workspace's buffers of these names (the outer group)."""
         out: Pairs = [({}, {}) for _ in self.seeds]  # without pair, the θ - εz dicts stay empty
+        ws = self.workspace if reuse else None
         for name, t in named.items():
             for d, seed in enumerate(self.seeds):
+                bufs = None
+                if ws is not None:
+                    bufs = tuple(ws.buffer((name, d, s), t.numel(), out_dtype, t.device) for s in (1, -1))
+                    bufs = None if bufs[0] is None else bufs
                 if self.pair:
                     out[d][0][name], out[d][1][name] = zo.perturbed_pair(
-                        t, self.kind, seed, name, self.eps, out_dtype
+                        t, self.kind, seed, name, self.eps, out_dtype, out=bufs
                     )
                 else:
-                    out[d][0][name] = zo.perturbed(t, self.kind, seed, name, self.eps, 1, out_dtype)
+                    plus = None if bufs is None else bufs[0]
+                    out[d][0][name] = zo.perturbed(t, self.kind, seed, name, self.eps, 1, out_dtype, out=plus)
         return out
 
     def outer(self, d: int, sign: int, outer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._outer is None or self._outer[0] is not outer:
-            self._outer = (outer, self._pairs(outer, self.dtype))
+            self._outer = (outer, self._pairs(outer, self.dtype, reuse=True))
         return self._outer[1][d][0 if sign > 0 else 1]
 
     def block(self, d: int, sign: int, i: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

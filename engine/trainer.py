@@ -29,6 +29,7 @@ from .perturb import PassPerturbation
 from .streamer import LayerStreamer
 from .update_log import LogHeader, Step, UpdateLog
 from .update_log_format import loss_f32
+from .workspace import Workspace
 
 SR_DIRECTION = 0xFFFF  # step_seed(job, step, SR_DIRECTION) seeds the stochastic-rounding uniforms
 WeightFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -133,8 +134,10 @@ class LossWorkload:
         outer_fn: WeightFn | None = None,
         block_fn: Callable[[int, dict], dict] | None = None,
         lora_fn: Callable[[int], LoraSet | None] | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
-        self.fam, self.spec = fam, spec
+        """workspace: where the head writes its logits (engine/workspace.py); None: a new tensor."""
+        self.fam, self.spec, self.workspace = fam, spec, workspace
         self.ids, self.labels, lens = batch[:3]
         self.index: LS.CandidateIndex | None = batch[3] if len(batch) > 3 else None
         self.choice_score = "mean"
@@ -160,16 +163,23 @@ class LossWorkload:
         h, self.h = self.h.reshape(b * t, hidden), None
         if self.index is None:
             rows, targets = D.target_rows(self.labels)
-            nll = D.rows_nll(self.fam.head(h.index_select(0, rows), o, self.spec), targets)
+            nll = D.rows_nll(
+                self.fam.head(h.index_select(0, rows), o, self.spec, self._out(h, len(rows))), targets
+            )
             self.sums = D.place_nll(nll, rows, b, t).sum(1)  # the reduction of data.nll_per_example
             self.counts = (self.labels[:, 1:] != D.IGNORE).sum(1)
             return
         # Candidates: each scored position once (single-token candidates of a record share one).
         at, inv = torch.unique(self.index.rows * t + self.index.pos, return_inverse=True)
-        logits = self.fam.head(h.index_select(0, at), o, self.spec)  # [positions, V]
+        logits = self.fam.head(h.index_select(0, at), o, self.spec, self._out(h, len(at)))  # [positions, V]
         self.loglik = LS.summed_loglik(-D.rows_nll(logits, self.index.tok, rows=inv), self.index)  # [N]
         ce = LS.candidate_ce(self.loglik, self.index, self.choice_score)
         self.sums, self.counts = ce, torch.ones_like(ce, dtype=torch.int64)
+
+    def _out(self, h: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The head's output buffer [rows, V] in the workspace (the logits die inside end())."""
+        ws = self.workspace
+        return None if ws is None else ws.take((rows, self.spec.vocab), h.dtype, h.device)
 
     def mean_loss(self) -> float:
         # Sum of per-example sums, then one division: the reduction order data-parallel runs reproduce.
@@ -204,7 +214,7 @@ class ZOStepWorkload:
                     fns = tr.unperturbed()
                 else:
                     fns = self.perturbation.functions(d, sign)
-                self.subs.append(LossWorkload(fam, spec, batch, *fns))
+                self.subs.append(LossWorkload(fam, spec, batch, *fns, workspace=tr.workspace))
                 self.subs[-1].choice_score = cfg.choice_score
         self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
 
@@ -398,6 +408,7 @@ class ZOTrainer:
                 raise ValueError(f"{log.path}: header extra.climb {spec!r} is not a rule: {e}") from None
         rule = self.climb_rule or climb.ClimbRule()
         self.climb = climb.replay_state((s.loss for s in self.steps if not s.skipped), rule)
+        self.workspace = Workspace()  # the forwards' logits and outer copies (CPU), kept from step to step
 
     @property
     def step(self) -> int:
@@ -412,7 +423,14 @@ class ZOTrainer:
         """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction);
         pair False: θ + ε z only."""
         return PassPerturbation(
-            seeds, self.cfg.noise, self.cfg.epsilon, self.dtype, self.fam.layer_prefix, self.adapter, pair
+            seeds,
+            self.cfg.noise,
+            self.cfg.epsilon,
+            self.dtype,
+            self.fam.layer_prefix,
+            self.adapter,
+            pair,
+            self.workspace,
         )
 
     def unperturbed(self):

@@ -113,10 +113,13 @@ def perturbed(
     sign: int,
     out_dtype: torch.dtype,
     chunk: int = 1 << 22,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A NEW tensor (theta.shape, out_dtype) = (theta.float() + sign * eps * z).to(out_dtype).
 
     theta is only read (invariant 2: the master is never perturbed). seed is the step seed.
+    out: a flat contiguous [numel] out_dtype buffer the fused CPU kernel writes into instead of a new
+    tensor (engine/workspace.py); other paths ignore it. Same values either way.
     """
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
@@ -126,15 +129,16 @@ def perturbed(
     scale = f32(sign * f32(eps))  # exact: sign is ±1
     t0 = time.perf_counter()
     flat = theta.reshape(-1)  # [numel]; a view when contiguous, never written
-    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=False)
-    out = (
+    bufs = _check_out(flat, out_dtype, (out, None)) if out is not None else None
+    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=False, out=bufs)
+    res = (
         fast[0]
         if fast is not None
         else _perturbed_torch(flat, kind, seed, name, (scale,), out_dtype, chunk)[0]
     )
     NOISE.elements += flat.numel()
     NOISE.seconds += time.perf_counter() - t0
-    return out.view(theta.shape)
+    return res.view(theta.shape)
 
 
 def perturbed_pair(
@@ -145,15 +149,18 @@ def perturbed_pair(
     eps: float,
     out_dtype: torch.dtype,
     chunk: int = 1 << 22,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perturbed(..., +1, ...), perturbed(..., -1, ...)) from one draw of z and one read of theta."""
+    """(perturbed(..., +1, ...), perturbed(..., -1, ...)) from one draw of z and one read of theta.
+    out: (plus, minus) buffers as `perturbed`'s out."""
     _check_eps(eps)
     _check_kind(kind)
     _check_chunk(chunk)
     scale = f32(eps)
     t0 = time.perf_counter()
     flat = theta.reshape(-1)
-    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=True)
+    bufs = _check_out(flat, out_dtype, out) if out is not None else None
+    fast = fused.perturb_pair(flat, kind, seed, name, scale, out_dtype, pair=True, out=bufs)
     if fast is not None:
         plus, minus = fast
     else:
@@ -161,6 +168,17 @@ def perturbed_pair(
     NOISE.elements += flat.numel()
     NOISE.seconds += time.perf_counter() - t0
     return plus.view(theta.shape), minus.view(theta.shape)  # type: ignore[union-attr]
+
+
+def _check_out(flat: torch.Tensor, dtype: torch.dtype, out: tuple) -> tuple:
+    for t in out:
+        if t is not None and not (
+            t.dtype == dtype and t.dim() == 1 and t.numel() == flat.numel() and t.is_contiguous()
+        ):
+            raise ValueError(
+                f"out: flat contiguous {dtype} buffers of {flat.numel()} elements, got {t.shape}"
+            )
+    return out
 
 
 def _perturbed_torch(

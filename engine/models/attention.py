@@ -7,6 +7,7 @@ that follow `past_lens[b]` tokens already in its KV-cache slot `slots[b]`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,62 @@ class AttentionBatch:
     def layer(self, i: int) -> LayerAttention:
         return LayerAttention(self, i)
 
+    def additive_mask(self) -> torch.Tensor:
+        """[B,1,T,Lk] float32: 0 where `mask` allows, float32's lowest value where not (not -inf: a row
+        with nothing to attend to then gets uniform weights instead of NaN). Built once per pass."""
+        key = "additive_mask"
+        if key not in self.memo:
+            low = torch.finfo(torch.float32).min
+            self.memo[key] = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
+                ~self.mask, low
+            )
+        return self.memo[key]
+
+
+# float32 score elements per chunk of attend_cpu: 4 MB temporaries stay in the allocator's cache (larger
+# ones are fresh pages each time, and page faults then cost more than the arithmetic).
+_CHUNK_SCORES = 1 << 20
+
+
+def attend_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_add: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """softmax(q k^T scale + mask_add) v: q [B,H,T,D], k/v [B,Hkv,Lk,D], mask_add [B,1,T,Lk] -> [B,H,T,D].
+
+    The CPU path of a pass without a KV cache (training, scoring): at one thread torch's flash kernel ran a
+    batch of 16 x 64 tokens (SmolLM2-135M) at ~50 GFLOP/s, 3 ms a layer; two batched GEMMs in the input
+    dtype with a float32 softmax between them take ~1.2 ms (bench/RESULTS.md). The H/Hkv query heads that
+    share a key head are stacked along the rows of one GEMM ([g T, D] x [D, Lk]), so keys are never
+    repeated. Scores are rounded to the input dtype by the GEMM, as transformers' eager attention
+    rounds them; the softmax runs in float32 and its weights are rounded to the input dtype before the
+    second GEMM. Rows are independent, so chunking the batch changes no value."""
+    B, H, T, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.reshape(B * Hkv, g * T, D)  # head h = kv head h // g, as repeat_interleave pairs them
+    kt = k.transpose(2, 3).reshape(B * Hkv, D, Lk)
+    vf = v.reshape(B * Hkv, Lk, D)
+    mask_add = mask_add[:, :, None]  # [B,1,1,T,Lk]: broadcast over kv heads and their g query heads
+    step = max(1, _CHUNK_SCORES // (H * T * Lk))
+    if step >= B:  # one chunk (the usual case): no slicing
+        return _attend(qf, kt, vf, mask_add, scale, (B, Hkv, g, T, Lk)).view(B, H, T, D)
+    out = torch.empty(B * Hkv, g * T, D, dtype=q.dtype, device=q.device)
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        rows = slice(b0 * Hkv, b1 * Hkv)
+        shape = (b1 - b0, Hkv, g, T, Lk)
+        _attend(qf[rows], kt[rows], vf[rows], mask_add[b0:b1], scale, shape, out=out[rows])
+    return out.view(B, H, T, D)
+
+
+def _attend(qf, kt, vf, mask_add, scale: float, shape: tuple[int, ...], out=None) -> torch.Tensor:
+    """One chunk of attend_cpu: qf [c Hkv, g T, D], kt [c Hkv, D, Lk], vf [c Hkv, Lk, D], mask_add
+    [c,1,1,T,Lk]; shape (c, Hkv, g, T, Lk) -> [c Hkv, g T, D] (into `out` when given)."""
+    s = torch.bmm(qf, kt).view(shape)
+    p = torch.add(mask_add, s, alpha=scale).softmax(-1).to(qf.dtype)  # float32 softmax
+    return torch.bmm(p.view(qf.shape[0], qf.shape[1], -1), vf, out=out)
+
 
 @dataclass
 class LayerAttention:
@@ -115,6 +172,8 @@ class LayerAttention:
             vc[s_idx, :, p_idx] = v.transpose(1, 2)[b_idx, t_idx].to(vc.dtype)
             k = kc[ab.slots, :, : ab.kv_len].to(q.dtype)
             v = vc[ab.slots, :, : ab.kv_len].to(q.dtype)
+        if ab.cache is None and ab.paged is None and q.device.type == "cpu":
+            return attend_cpu(q, k, v, ab.additive_mask(), scale)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)

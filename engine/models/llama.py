@@ -138,24 +138,41 @@ def module_names(s: Spec) -> dict[str, str]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    # The same roundings as transformers' x32 * r, .to(dtype), weight * ...: in place where the operand is
+    # a temporary of the result's dtype (x.float() of a float32 x is x itself: never written).
+    x32 = x32.mul_(r) if x32 is not x else x32 * r
+    y = x32.to(dtype)  # x32 or a new tensor: a temporary either way
+    return y.mul_(weight) if y.dtype == weight.dtype else weight * y
 
 
 def embed(outer: dict, input_ids: torch.Tensor, positions: torch.Tensor, s: Spec) -> torch.Tensor:
     return F.embedding(input_ids, outer["model.embed_tokens.weight"])
 
 
-def head(h: torch.Tensor, outer: dict, s: Spec) -> torch.Tensor:
+def head(h: torch.Tensor, outer: dict, s: Spec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [..., H] -> logits [..., V]; out: a buffer of that shape to write them into (same bits)."""
     h = rms_norm(h, outer["model.norm.weight"], s.eps)
     w = outer["model.embed_tokens.weight"] if s.tied else outer["lm_head.weight"]
-    return F.linear(h, w)
+    if out is None or not out.dtype == h.dtype == w.dtype:  # mixed dtypes: F.linear's own result
+        return F.linear(h, w)
+    return torch.matmul(h, w.t(), out=out)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]: computed as [x2, x1] * [-s1, s2]
+    (sin_signed, see _signed), the same products since negation is exact, one pass fewer."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    if not x.dtype == cos.dtype == sin_signed.dtype:
+        return x * cos + rotated * sin_signed
+    return (x * cos).add_(rotated.mul_(sin_signed))  # temporaries of x's dtype: same roundings in place
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """[-s1, s2] of sin = [s1, s2] (halves of the last dim)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rope_tables(positions: torch.Tensor, s: Spec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +197,25 @@ def block(
         q = rms_norm(q, w["self_attn.q_norm.weight"], s.eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], s.eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,heads,T,D]
-    key = ("rope", h.dtype)
+    key = ("rope signed", h.dtype)
     if key not in attn.batch.memo:  # the same for every layer of the pass: compute once
-        attn.batch.memo[key] = rope_tables(attn.batch.positions, s, h.dtype)
-    cos, sin = attn.batch.memo[key]
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        cos, sin = rope_tables(attn.batch.positions, s, h.dtype)
+        attn.batch.memo[key] = cos, _signed(sin)
+    cos, sin_signed = attn.batch.memo[key]
+    q, k = _rope(q, cos, sin_signed), _rope(k, cos, sin_signed)
     o = attn(q, k, v).transpose(1, 2).reshape(B, T, s.heads * s.head_dim)
-    h = h + linear(o, w, "self_attn.o_proj", lora)
+    h = _residual(h, linear(o, w, "self_attn.o_proj", lora))
     x = rms_norm(h, w["post_attention_layernorm.weight"], s.eps)
-    gate = linear(x, w, "mlp.gate_proj", lora)
-    act = F.silu(gate) if s.act == "silu" else F.gelu(gate, approximate="tanh" if "tanh" in s.act else "none")
-    return h + linear(act * linear(x, w, "mlp.up_proj", lora), w, "mlp.down_proj", lora)
+    gate = linear(x, w, "mlp.gate_proj", lora)  # a new tensor: the activation may overwrite it
+    if s.act == "silu":
+        act = F.silu(gate, inplace=True)
+    else:
+        act = F.gelu(gate, approximate="tanh" if "tanh" in s.act else "none")
+    up = linear(x, w, "mlp.up_proj", lora)
+    act = act.mul_(up) if act.dtype == up.dtype else act * up
+    return _residual(h, linear(act, w, "mlp.down_proj", lora))
+
+
+def _residual(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h + y, written into y (a new tensor from a linear) when the dtypes allow: same bits, no allocation."""
+    return y.add_(h) if y.dtype == h.dtype else h + y

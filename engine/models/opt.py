@@ -132,13 +132,16 @@ def embed(outer: dict, input_ids: torch.Tensor, positions: torch.Tensor, s: Spec
     return h + pos.to(h.dtype)
 
 
-def head(h: torch.Tensor, outer: dict, s: Spec) -> torch.Tensor:
+def head(h: torch.Tensor, outer: dict, s: Spec, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [..., hidden] -> logits [..., V]; out: a buffer of that shape to write them into (same bits)."""
     if s.final_ln:
         h = _layer_norm(h, outer, "model.decoder.final_layer_norm")
     if s.embed_dim != s.hidden:
         h = F.linear(h, outer["model.decoder.project_out.weight"])
     w = outer["model.decoder.embed_tokens.weight"] if s.tied else outer["lm_head.weight"]
-    return F.linear(h, w)
+    if out is None or not out.dtype == h.dtype == w.dtype:  # mixed dtypes: F.linear's own result
+        return F.linear(h, w)
+    return torch.matmul(h, w.t(), out=out)
 
 
 def block(

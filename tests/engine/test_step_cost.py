@@ -25,7 +25,9 @@ from zostream.engine.streamer import LayerStreamer
 pytestmark = pytest.mark.skipif(fused.noise_cpu is None, reason="numba is not installed")
 CPU = torch.device("cpu")
 # Ops per block of one step (q=1, two micro-batches: 4 forwards), with the previous step's update.
-BUDGET = {"full": 600, "lora": 500}  # measured: full 529 (block 0) / 469, lora 432 / 372
+# measured: full 581 (block 0), lora 484; the CPU attention path (models/attention.attend_cpu: two bmm
+# and a softmax, ~13 more ops per forward than sdpa, and 2.5x faster at one thread) raised both by 52.
+BUDGET = {"full": 650, "lora": 550}
 NOISE_OPS = {"aten.bitwise_xor.Tensor", "aten.bitwise_and.Scalar", "aten.__rshift__.Scalar"}
 
 
