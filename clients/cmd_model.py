@@ -135,7 +135,7 @@ def model_info(
     from zostream.clients.common import open_store
     from zostream.engine.config import CodecConfig, LimitsConfig, StreamConfig
     from zostream.engine.kv_cache import kv_bytes_per_token, plan_kv
-    from zostream.engine.streamer import plan_residency
+    from zostream.engine.residency import plan_residency
 
     store = open_store(model_dir)
     fam, spec = store.family, store.spec

@@ -34,8 +34,9 @@ from zostream.engine.emu import (
     overlapped,
     overlapped_with_compute,
 )
+from zostream.engine.residency import slot_layout
 from zostream.engine.store import WeightStore
-from zostream.engine.streamer import LayerStreamer, slot_layout
+from zostream.engine.streamer import LayerStreamer
 from zostream.engine.working_copy import WorkingCopy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

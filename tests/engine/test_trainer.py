@@ -22,8 +22,9 @@ from zostream.engine.config import StreamConfig, ZOConfig
 from zostream.engine.errors import PreconditionError
 from zostream.engine.finetune import checkpoint, export, open_trainer
 from zostream.engine.models.attention import AttentionBatch, LoraWeights
+from zostream.engine.residency import slot_layout
 from zostream.engine.store import WeightStore
-from zostream.engine.streamer import LayerStreamer, slot_layout
+from zostream.engine.streamer import LayerStreamer
 from zostream.engine.update_log import UpdateLog, read_header
 from zostream.engine.update_log_format import LogHeader, Step
 
