@@ -93,6 +93,8 @@ def summarize(path: str) -> dict[str, Any]:
     records = d["size_bytes"] - header_bytes(path)
     applied = [s for s in steps if not s["skipped"]]
     gs = [abs(g) for s in applied for g in s["g"] if g is not None and math.isfinite(g)]
+    # Logs of format 3 / 4 record each step's training loss: the mean of the first and last 20 accepted.
+    losses = [s["loss"] for s in applied if s.get("loss") is not None]
     scope = h["scope"]
     return {
         "path": d["path"],
@@ -106,6 +108,8 @@ def summarize(path: str) -> dict[str, Any]:
         "first_lr": steps[0]["lr"] if steps else None,
         "last_lr": steps[-1]["lr"] if steps else None,
         "mean_abs_g": sum(gs) / len(gs) if gs else None,
+        "first_loss": sum(losses[:20]) / len(losses[:20]) if losses else None,
+        "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
         "damaged": d["damage"] is not None,
         "damage": d["damage"],
         "method": scope["kind"],
@@ -146,6 +150,7 @@ def log_info(args: argparse.Namespace) -> int:
         ),
         ("lr", f"{num(s['first_lr'])} -> {num(s['last_lr'])}"),
         ("mean |g|", num(s["mean_abs_g"])),
+        ("loss", f"{num(s['first_loss'])} -> {num(s['last_loss'])} (mean of the first / last 20 steps)"),
         ("damage", s["damage"] or "none"),
     ]
     for k, v in rows:

@@ -294,6 +294,8 @@ def _run(args: argparse.Namespace, cfg: Any, ses: Any, progress: report.Progress
                 dist.verify_log(tr.log.path, tr.step)
             progress.write({"type": "step", **res, "seconds": time.monotonic() - t0, "time": time.time()})
             bar.set_postfix(loss=f"{res['loss']:.4f}", g=f"{abs(res['projected_grad']):.3g}", refresh=False)
+            if res.get("climb") and main:  # the divergence guard backed the lr off (engine/climb.py)
+                bar.write(f"step {res['step']}: {res['climb']}", file=sys.stderr)
             bar.update(1)
             ses.after_step()
         interrupted = stopping(stop) and not ses.finished

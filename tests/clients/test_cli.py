@@ -303,6 +303,26 @@ def train(capsys, model, data, out, method="lora", steps=3, *extra):
     return run_json(capsys, *train_argv(model, data, out, method, steps), *HYPER, *extra)
 
 
+def test_train_reports_a_slow_climb(capsys, model, data, tmp_path, monkeypatch):
+    """The divergence guard's trips show on stderr and in metrics.jsonl (each step's mean loss forced to
+    tests/engine/test_climb.py's hand-worked sequence, which trips a window-2 rule at steps 8 and 14)."""
+    from tests.engine.test_climb import CLIMB, TRIPS
+    from zostream.engine import climb, trainer
+    from zostream.engine.config import ZOConfig
+
+    real = trainer.ZOStepWorkload.losses
+
+    def losses(self: trainer.ZOStepWorkload) -> list[tuple[float, float]]:
+        return [(CLIMB[self.step] + (lp - lm) / 2, CLIMB[self.step] - (lp - lm) / 2) for lp, lm in real(self)]
+
+    monkeypatch.setattr(trainer.ZOStepWorkload, "losses", losses)
+    monkeypatch.setattr(ZOConfig, "climb_rule", lambda self: climb.ClimbRule(window=2, rise=0.5))
+    rc, _, err = run(capsys, *train_argv(model, data, tmp_path / "job", "lora", len(CLIMB)), *HYPER)
+    assert rc == 0 and err.count("slow climb") == 2, err
+    rows = [json.loads(x) for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "step" and r["climb"]] == TRIPS
+
+
 @pytest.mark.parametrize("method, result", [("lora", "adapter"), ("full", "model")])
 def test_train_3_steps(capsys, model, data, tmp_path, method, result):
     s = train(capsys, model, data, tmp_path / "job", method, 3, "--eval", data["text"])
@@ -478,6 +498,8 @@ def test_log_info_verify_replay(capsys, model, data, tmp_path, method):
     assert info["header"]["eps"] == 1e-2 and not info["damaged"]
     gs = [struct.unpack_from("<f", before, _header_size(log) + 20 * i + 6)[0] for i in range(3)]
     assert info["mean_abs_g"] == pytest.approx(sum(map(abs, gs)) / 3, rel=1e-12)
+    losses = [struct.unpack_from("<f", before, _header_size(log) + 20 * i + 14)[0] for i in range(3)]
+    assert info["first_loss"] == info["last_loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
     rc, out, _ = run(capsys, "log", "verify", log)
     assert rc == 0 and out.startswith("ok: 3")
 
