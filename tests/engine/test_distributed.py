@@ -8,6 +8,7 @@ processes (`zostream train` with torchrun's environment variables), so the CLI p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
 from zostream.engine.trainer import reduce_partials
-from zostream.engine.update_log import UpdateLog
+from zostream.engine.update_log import UpdateLog, read_header
 from zostream.engine.update_log_format import LogHeader, Step
 
 CORPUS = [
@@ -377,7 +378,11 @@ def test_killed_rank_fails_the_other_and_relaunch_resumes(capsys, model, data, t
     procs = launch(argv)
     log1 = tmp_path / "dp" / "rank-1" / "update.log"
     deadline = time.monotonic() + 90
-    while not (log1.exists() and log1.stat().st_size >= header_size(log1) + 3 * 16):  # 3 steps logged
+    per_step = 0  # bytes of one logged step: q records of 20 bytes (format 3), once the header is readable
+    while not (per_step and log1.stat().st_size >= header_size(log1) + 3 * per_step):  # 3 steps logged
+        if not per_step and log1.exists():
+            with contextlib.suppress(ValueError):  # not yet written whole
+                per_step = 20 * read_header(log1).q
         assert time.monotonic() < deadline and procs[0].poll() is None and procs[1].poll() is None
         time.sleep(0.005)
     procs[1].send_signal(signal.SIGKILL)
@@ -388,7 +393,7 @@ def test_killed_rank_fails_the_other_and_relaunch_resumes(capsys, model, data, t
     assert "rank 1 stopped answering" in err and "resumes from its last logged step" in err
     assert waited < TIMEOUT_S + 10  # a closed connection fails at once; a silent peer after the timeout
     logged = len((tmp_path / "dp" / "update.log").read_bytes()) - header_size(log1)
-    assert 3 <= logged // 16 < steps
+    assert 3 <= logged // per_step < steps
     res = finish(launch(argv))  # the same command on both ranks resumes the job
     assert [rc for rc, _, _ in res] == [0, 0], res[0][2][-2000:] + res[1][2][-2000:]
     s = json.loads(res[0][1].strip().splitlines()[-1])
