@@ -118,6 +118,20 @@ def perturb_pair(
     return plus, (minus if pair else None)
 
 
+def perturb_pairs(
+    thetas: list[torch.Tensor], kind: str, seed: int, names: list[str], scale: float, out_dtype, pair: bool
+) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """perturb_pair of many tensors in one launch (Triton, CUDA): [numel] results per tensor, the same
+    values as one call each; None where there is no multi-tensor kernel (CPU: one call per tensor costs
+    the kernels nothing there) or the tensors do not share a dtype."""
+    if not thetas or out_dtype not in _CUDA_DTYPES or len({t.dtype for t in thetas}) != 1:
+        return None
+    if len({t.device for t in thetas}) != 1 or not triton_ready(*thetas):
+        return None
+    keys = [rng.tensor_key(seed, name, 0) for name in names]
+    return _triton().perturb_pairs(thetas, kind, keys, scale, out_dtype, pair)
+
+
 def update(
     theta: torch.Tensor,
     name: str,

@@ -235,6 +235,31 @@ def perturb_pair_kernel(
 
 
 @triton.jit
+def perturb_pairs_kernel(
+    theta, out_p, out_m, tensors, programs, scale, KIND: tl.constexpr, PAIR: tl.constexpr, BLOCK: tl.constexpr
+):
+    """perturb_pair_kernel over many tensors in one launch (LoRA's factors: hundreds of small tensors).
+    θ, out+ and out- hold the tensors packed one after another; tensors int64 [T, 4] = (offset, n, k0,
+    k1) per tensor; programs int64 [P, 2] = (tensor, first counter) per program. Each tensor keeps its
+    own stream: element j of tensor t is value j of key (k0, k1), as a launch of its own gives it."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(programs + 2 * pid)
+    first = tl.load(programs + 2 * pid + 1)
+    off = tl.load(tensors + 4 * t)
+    n = tl.load(tensors + 4 * t + 1)
+    k0 = tl.load(tensors + 4 * t + 2)
+    k1 = tl.load(tensors + 4 * t + 3)
+    idx = first + tl.arange(0, BLOCK).to(tl.int64)
+    i = idx * 4  # element of lane 0 within the tensor
+    z0, z1, z2, z3 = _four(idx.to(tl.uint64), k0, k1, KIND)
+    th, op, om = theta + off, out_p + off, out_m + off
+    _pair_lane(th, op, om, i, n, z0, scale, PAIR)
+    _pair_lane(th, op, om, i + 1, n, z1, scale, PAIR)
+    _pair_lane(th, op, om, i + 2, n, z2, scale, PAIR)
+    _pair_lane(th, op, om, i + 3, n, z3, scale, PAIR)
+
+
+@triton.jit
 def _stochastic_bf16(x, u):
     """zo.stochastic_round of float32 x to bfloat16 with uniforms u, on the bits (noise_cpu's
     _stochastic_bf16): the upper neighbour with probability (x - lo) / (hi - lo), exact values and
@@ -406,6 +431,50 @@ def perturb_pair(
             enable_fp_fusion=False,
         )
     return plus, (minus if pair else None)
+
+
+def perturb_pairs(
+    thetas: list[torch.Tensor],
+    kind: str,
+    keys: list[tuple[int, int]],
+    scale: float,
+    out_dtype: torch.dtype,
+    pair: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """perturb_pair of every tensor (its stream key from rng.tensor_key) in one kernel launch: per
+    tensor (θ + scale·z, θ - scale·z if pair) as [numel] views of two packed buffers. θs: contiguous,
+    of one dtype of DTYPES, on one device; scale a float32 value (zo.f32)."""
+    flats = [t.reshape(-1) for t in thetas]
+    sizes = [f.numel() for f in flats]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    total = sum(sizes)
+    device = thetas[0].device
+    packed = torch.cat(flats) if len(flats) > 1 else flats[0]  # one copy kernel for all of them
+    plus = torch.empty(total, dtype=out_dtype, device=device)
+    minus = torch.empty(total if pair else 0, dtype=out_dtype, device=device)
+    table = [[o, n, k0, k1] for o, n, (k0, k1) in zip(offsets, sizes, keys, strict=True)]
+    programs = [
+        [t, b * BLOCK] for t, n in enumerate(sizes) for b in range(triton.cdiv(triton.cdiv(n, 4), BLOCK))
+    ]
+    if programs:
+        # Built on the host and sent asynchronously (torch.tensor(..., device=cuda) would synchronise).
+        tensors_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        programs_t = torch.tensor(programs, dtype=torch.int64).to(device, non_blocking=True)
+        perturb_pairs_kernel[(len(programs),)](
+            packed,
+            plus,
+            minus if pair else plus,
+            tensors_t,
+            programs_t,
+            scale,
+            KIND=KIND_CODES[kind],
+            PAIR=pair,
+            BLOCK=BLOCK,
+            enable_fp_fusion=False,
+        )
+    return [
+        (plus[o : o + n], minus[o : o + n] if pair else None) for o, n in zip(offsets, sizes, strict=True)
+    ]
 
 
 def update(

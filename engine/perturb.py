@@ -56,10 +56,25 @@ class PassPerturbation:
         self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
         self._block: tuple[int, object, Pairs] | None = None  # (block index, its dict, its pairs)
 
-    def _pairs(self, named: dict[str, torch.Tensor], out_dtype: torch.dtype, reuse: bool = False) -> Pairs:
+    def _pairs(
+        self, named: dict[str, torch.Tensor], out_dtype: torch.dtype, reuse: bool = False, multi: bool = False
+    ) -> Pairs:
         """named: full tensor name -> master tensor; one draw of z per direction and tensor.
-        reuse: write into the workspace's buffers of these names (the outer group)."""
+        reuse: write into the workspace's buffers of these names (the outer group). multi: one kernel
+        launch per direction for all of `named` where one exists (zo.perturbed_pairs: LoRA's small
+        factors on CUDA; a block's full weights would cost a packed copy there, so only LoRA asks)."""
         out: Pairs = [({}, {}) for _ in self.seeds]  # without pair, the θ - εz dicts stay empty
+        if multi and named:
+            for d, seed in enumerate(self.seeds):
+                res = zo.perturbed_pairs(named, self.kind, seed, self.eps, out_dtype, self.pair)
+                if res is None:
+                    break
+                for name, (plus, minus) in res.items():
+                    out[d][0][name] = plus
+                    if minus is not None:
+                        out[d][1][name] = minus
+            else:
+                return out
         ws = self.workspace if reuse else None
         for name, t in named.items():
             for d, seed in enumerate(self.seeds):
@@ -95,7 +110,7 @@ class PassPerturbation:
         if self._block is None or self._block[0] != i:
             self._block = None
             named = {n: ad.tensors[n] for n in ad.layer_names(i)}
-            self._block = (i, None, self._pairs(named, torch.float32))
+            self._block = (i, None, self._pairs(named, torch.float32, multi=True))
         pert = self._block[2][d][0 if sign > 0 else 1]
         return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
 

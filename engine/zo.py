@@ -170,6 +170,33 @@ def perturbed_pair(
     return plus.view(theta.shape), minus.view(theta.shape)  # type: ignore[union-attr]
 
 
+def perturbed_pairs(
+    named: dict[str, torch.Tensor],
+    kind: str,
+    seed: int,
+    eps: float,
+    out_dtype: torch.dtype,
+    pair: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """{name: (θ + εz, θ - εz or None without pair)} for many tensors in one kernel launch, the values of
+    perturbed_pair / perturbed tensor by tensor; None where no multi-tensor kernel runs (then call those
+    per tensor). For LoRA's many small factors on CUDA, where launches, not elements, are the cost."""
+    _check_eps(eps)
+    _check_kind(kind)
+    t0 = time.perf_counter()
+    names = list(named)
+    thetas = [named[n] for n in names]
+    res = fused.perturb_pairs(thetas, kind, seed, names, f32(eps), out_dtype, pair)
+    if res is None:
+        return None
+    NOISE.elements += sum(t.numel() for t in thetas)
+    NOISE.seconds += time.perf_counter() - t0
+    return {
+        n: (p.view(t.shape), None if m is None else m.view(t.shape))
+        for n, t, (p, m) in zip(names, thetas, res, strict=True)
+    }
+
+
 def _check_out(flat: torch.Tensor, dtype: torch.dtype, out: tuple) -> tuple:
     for t in out:
         if t is not None and not (

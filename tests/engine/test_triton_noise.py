@@ -159,6 +159,10 @@ def _compile_cases():
             "BLOCK": nt.BLOCK,
         }
         yield f"update-{kind}", nt.update_kernel, upd_sig, constexprs
+    pairs_sig = {"theta": "*fp32", "out_p": "*fp32", "out_m": "*fp32", "tensors": "*i64", "programs": "*i64"}
+    pairs_sig["scale"] = "fp32"
+    constexprs = {"KIND": nt.GAUSSIAN, "PAIR": True, "BLOCK": nt.BLOCK}
+    yield "pairs-multi-tensor", nt.perturb_pairs_kernel, pairs_sig, constexprs
     for mask, mask_dt in ((1, 1), (2, 2)):  # pair in bf16, one-sided in fp16
         constexprs = {
             "KIND": nt.GAUSSIAN,
@@ -170,7 +174,7 @@ def _compile_cases():
         yield f"update-mask-{mask}", nt.update_kernel, upd_sig, {**constexprs, "BLOCK": nt.BLOCK}
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_kernels_compile_for_sm90_without_fma(case):
     """Each kernel builds a cubin for sm_90 with no GPU present; with fusion off its PTX holds no
     fused multiply-add (an fma would round a*b+c once, the reference rounds twice) and its division
@@ -276,3 +280,68 @@ def test_interpreted_masked_update_matches_torch_path(interp, dtype, stochastic,
         )  # noqa: SLF001
         interp.update(theta, name, coefs, lr, zo.f32(0.01), "gaussian", stochastic, sr_seed, mask)
     np.testing.assert_array_equal(bits(bits_t(theta)), bits(bits_t(want)))
+
+
+# LoRA-like tensors of one layer: sizes 0, 1, odd, one not a multiple of 4, one spanning several programs.
+MULTI_SHAPES = [(8, 64), (0,), (1,), (3, 7), (64, 8), (2051,), (5000,)]
+
+
+@pytest.mark.parametrize(
+    "dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+)
+@pytest.mark.parametrize("pair", [True, False])
+def test_interpreted_multi_tensor_pairs_match_one_launch_each(interp, dtype, out_dtype, pair):
+    """One launch over a table of tensors gives each tensor the bits of its own perturb_pair launch, and
+    (first tensor) those of θ ± ε z written here in numpy from the reference z."""
+    g = torch.Generator().manual_seed(8)
+    thetas = [(torch.randn(s, generator=g) * 0.05).to(dtype) for s in MULTI_SHAPES]
+    names = [f"base_model.model.model.layers.3.t{j}.lora_A.weight" for j in range(len(thetas))]
+    eps, seed = zo.f32(1e-3), 41
+    keys = [rng.tensor_key(seed, n, 0) for n in names]
+    got = interp.perturb_pairs(thetas, "gaussian", keys, eps, out_dtype, pair)
+    for t, n, (plus, minus) in zip(thetas, names, got, strict=True):
+        want_p, want_m = interp.perturb_pair(t, "gaussian", seed, n, eps, out_dtype, pair=pair)
+        assert plus.shape == (t.numel(),)
+        np.testing.assert_array_equal(bits(plus), bits(want_p))
+        assert (minus is None) == (not pair)
+        if pair:
+            np.testing.assert_array_equal(bits(minus), bits(want_m))
+    z = reference.normal(seed, names[0], 0, thetas[0].numel())
+    x = thetas[0].float().reshape(-1).numpy()
+    np.testing.assert_array_equal(
+        bits(got[0][0]), bits(torch.from_numpy(x + z * np.float32(eps)).to(out_dtype))
+    )
+
+
+def test_lora_pass_takes_one_launch_per_direction(interp, monkeypatch):
+    """PassPerturbation's LoRA group goes through the multi-tensor kernel where Triton runs (here: the
+    interpreter standing in for CUDA), one launch per direction, with the per-tensor path's bits."""
+    from zostream.engine.perturb import PassPerturbation
+
+    g = torch.Generator().manual_seed(9)
+    named = {
+        f"base_model.model.model.layers.0.m{j}.weight": torch.randn(s, generator=g)
+        for j, s in enumerate(MULTI_SHAPES)
+    }
+    seeds = [101, 102]
+    want = PassPerturbation(seeds, "gaussian", 1e-3, torch.float32, str)._pairs(named, torch.float32)
+    launches = []
+    real = interp.perturb_pairs
+
+    def counted(*a, **kw):
+        launches.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(interp, "perturb_pairs", counted)
+    monkeypatch.setattr(fused, "_noise_triton", interp)
+    monkeypatch.setattr(fused, "triton_ready", lambda *ts: True)
+    got = PassPerturbation(seeds, "gaussian", 1e-3, torch.float32, str)._pairs(
+        named, torch.float32, multi=True
+    )
+    assert len(launches) == len(seeds)
+    for d in range(len(seeds)):
+        for sign in (0, 1):
+            assert got[d][sign].keys() == named.keys()
+            for n in named:
+                assert got[d][sign][n].shape == named[n].shape
+                np.testing.assert_array_equal(bits(got[d][sign][n]), bits(want[d][sign][n]))
