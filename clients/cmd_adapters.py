@@ -12,8 +12,8 @@ from pathlib import Path
 
 from zostream.clients.cli import UsageError
 from zostream.clients.client import ZostreamClient
-from zostream.clients.cmd_jobs import print_table, short
 from zostream.clients.common import nonneg_int
+from zostream.clients.formatting import print_table, short
 from zostream.clients.remote import add_connection_args, print_json, run
 
 

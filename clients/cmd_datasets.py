@@ -8,7 +8,7 @@ from pathlib import Path
 from zostream.clients.cli import UsageError
 from zostream.clients.client import ZostreamClient
 from zostream.clients.cmd_adapters import human_bytes
-from zostream.clients.cmd_jobs import print_table
+from zostream.clients.formatting import print_table
 from zostream.clients.remote import add_connection_args, print_json, run
 
 
