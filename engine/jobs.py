@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,15 +258,27 @@ class JobStore:
 
     def _apply_status(self, rec: JobRecord, status: str, error: dict[str, str] | None) -> None:
         with self._lock:
-            rec.status = status
             now = time.time()
+            new = replace(rec, status=status)
             if status == "running" and not rec.started_at:
-                rec.started_at = now
+                new.started_at = now
             if status in TERMINAL:
-                rec.finished_at = now
+                new.finished_at = now
             if error:
-                rec.error = error
-            self.save(rec)
+                new.error = error
+            # Written before it is published: readers (GetJob, ListJobs) read records without the lock, so
+            # a status they see is already in status.json. A refused write (disk full) still changes the
+            # state in memory, and the error propagates.
+            try:
+                _atomic_write(self.job_dir(rec.id) / "status.json", json.dumps(asdict(new)).encode())
+            finally:
+                rec.status, rec.started_at, rec.finished_at, rec.error = (
+                    new.status,
+                    new.started_at,
+                    new.finished_at,
+                    new.error,
+                )
+                self._cond.notify_all()
 
     def list(self, statuses: tuple[str, ...] = ()) -> list[JobRecord]:
         with self._lock:

@@ -210,14 +210,40 @@ def test_failing_job_goes_failed(tiny: Path, tmp_path: Path) -> None:
     with thread_server(server_config(tiny, data)) as srv:
         s = srv.stubs()
         upload(s)
-        srv.app.engine.call_soon(lambda: time.sleep(0.5))  # hold the engine so the job cannot start yet
-        jid = lora_job(s, 3)
-        (data / "datasets" / "d.jsonl").unlink()
+        gate = threading.Event()  # hold the engine until the dataset is gone, so the job cannot start yet
+        srv.app.engine.call_soon(lambda: gate.wait(60))
+        try:
+            jid = lora_job(s, 3)
+            (data / "datasets" / "d.jsonl").unlink()
+        finally:
+            gate.set()
         wait_for(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
         err = job(s, jid).error
         assert err.code == "NOT_FOUND" and "no dataset 'd'" in err.message and err.field == "training_dataset"
         assert json.loads((data / "jobs" / jid / "status.json").read_text())["status"] == "failed"
         s.channel.close()
+
+
+def test_a_status_is_on_disk_before_readers_see_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GetJob reads records without the store's lock: a status it can see must already be in status.json
+    (else a crash right then would bring back the old status after a client was told the new one)."""
+    import zostream.engine.jobs as jobs_mod
+
+    store = JobStore(tmp_path)
+    rec, _ = store.create({"method": "lora", "hyperparameters": {}})
+    seen: list[str] = []
+    real = jobs_mod._atomic_write
+
+    def spy(path: Path, data: bytes) -> None:
+        if path.name == "status.json":
+            seen.append(rec.status)  # what a lock-free reader sees while the file is being written
+        real(path, data)
+
+    monkeypatch.setattr(jobs_mod, "_atomic_write", spy)
+    store.set_status(rec, "running")
+    store.set_status(rec, "failed", error={"code": "INTERNAL", "message": "x"})
+    assert seen == ["queued", "running"] and rec.status == "failed" and rec.finished_at
+    assert json.loads((tmp_path / "jobs" / rec.id / "status.json").read_text())["status"] == "failed"
 
 
 def test_torn_event_line_is_cut_on_restart(tmp_path: Path) -> None:
