@@ -297,6 +297,7 @@ def main() -> None:
             for panel, runs in json.loads((src / "curves.json").read_text()).items():
                 for run, per_seed in runs.items():
                     all_curves.setdefault(panel, {}).setdefault(run, {}).update(per_seed)
+    curves_path.write_text(json.dumps(all_curves, indent=1))
     for task in a.tasks.split(",") if a.runs else []:
         task_dir = make_task(task, a.out, a.train, a.eval)
         curves = all_curves.setdefault(task if a.method == "lora" else f"{task} (full)", {})
@@ -318,6 +319,8 @@ def main() -> None:
                     curve = run_engine(a, task_dir, run, seed, job)
                 curves.setdefault(run, {})[str(seed)] = curve
                 curves_path.write_text(json.dumps(all_curves, indent=1))
+    # Panels in a fixed order: LoRA tasks, then full-parameter ones
+    all_curves = {k: all_curves[k] for k in sorted(all_curves, key=lambda k: ("(full)" in k, k))}
     info = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in info if "model name" in ln), "unknown CPU")
     head = (
