@@ -58,7 +58,8 @@ from zostream.engine.finetune import open_trainer
 from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
-from zostream.engine.trainer import LossWorkload, ZOTrainer
+from zostream.engine.trainer import ZOTrainer
+from zostream.engine.workloads import LossWorkload
 from zostream.engine.zo import NOISE
 
 TITLE = "ZO step seconds (streamed vs resident vs floor)"

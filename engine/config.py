@@ -183,7 +183,7 @@ class ZOConfig:
     climb_rise: float = 0.5  # trip when the recent window's mean loss is this share above the best earlier
     climb_backoff: float = 0.5  # lr multiplier per trip
     # Examples per forward: the batch runs as batch_size // micro_batch slices in one pass, and the loss is
-    # their summed NLL over their summed token count (see trainer.reduce_partials). None: one slice. The
+    # their summed NLL over their summed token count (see workloads.reduce_partials). None: one slice. The
     # bytes of the log depend on it (padding changes the matmul shapes); a data-parallel run over W ranks
     # equals a single process with the same micro_batch (docs/SCALE_OUT.md).
     micro_batch: int | None = None

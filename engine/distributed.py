@@ -7,7 +7,7 @@ exchange tensors of the model, only a few float64 scalars per step. Per step t, 
      (trainer.ZOTrainer.batches), through the 2q perturbed forwards of one pass;
   2. `reduce_losses`: all_gather of [m*(2q+1) + 1] float64 per rank, i.e. per micro-batch the 2q NLL sums and
      its token count, plus the rank's stop flag (8 * (2q+2) = 32 bytes for q = 1 and one micro-batch);
-  3. every rank reduces the gathered rows in rank order (trainer.reduce_partials): bitwise the value a single
+  3. every rank reduces the gathered rows in rank order (workloads.reduce_partials): bitwise the value a
      process with the same micro_batch computes, so every rank logs the identical record;
   4. every `verify_every` steps, `verify_log` all_gathers a sha256 of each rank's update log (32 bytes) and
      every rank raises DistributedError if any differs from rank 0's.

@@ -34,9 +34,9 @@ from zostream.engine.finetune import open_trainer
 from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
-from zostream.engine.trainer import reduce_partials
 from zostream.engine.update_log import UpdateLog, read_header
 from zostream.engine.update_log_format import LogHeader, Step
+from zostream.engine.workloads import reduce_partials
 
 CORPUS = [
     "the cat sat on the mat",
