@@ -336,7 +336,7 @@ def test_sync_exchange_divergence_and_silent_peer(tmp_path):
     msg, waited = res[0]["timeout"]
     assert "rank 1 stopped answering during the loss exchange at step 4 (no answer within the 1.5 s" in msg
     assert "its update log holds steps 0..3" in msg and "resumes from its last logged step" in msg
-    assert 1.4 < waited < 5
+    assert 1.4 < waited < 15  # not before the 1.5 s timeout; the upper bound only proves no hang (loaded CI)
 
 
 def test_two_ranks_write_the_single_process_log(capsys, model, data, tmp_path):
@@ -391,7 +391,9 @@ def test_killed_rank_fails_the_other_and_relaunch_resumes(capsys, model, data, t
     waited = time.monotonic() - killed
     assert rc == 1 and out == "" and "Traceback" not in err
     assert "rank 1 stopped answering" in err and "resumes from its last logged step" in err
-    assert waited < TIMEOUT_S + 10  # a closed connection fails at once; a silent peer after the timeout
+    # A closed connection fails at once, a silent peer after the timeout: the bound proves no hang, with room
+    # for a loaded 2-core CI machine (rank 0 finishes its step and its error path first).
+    assert waited < TIMEOUT_S + 30
     logged = len((tmp_path / "dp" / "update.log").read_bytes()) - header_size(log1)
     assert 3 <= logged // per_step < steps
     res = finish(launch(argv))  # the same command on both ranks resumes the job
