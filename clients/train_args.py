@@ -39,7 +39,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: grzo 1e-2 (lora only); fzoo 5e-3 lora, 2e-5 full; "
+        help="learning rate (default: grzo 1e-2 (lora only); fzoo 5e-3 lora, 1e-3 full; "
         "mezo 1e-4 lora, 1e-6 full)",
     )
     p.add_argument(
