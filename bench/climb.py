@@ -38,15 +38,6 @@ def job_losses(job: Path) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def trips(losses: list[float], rule: climb.ClimbRule) -> list[int]:
-    state, out = climb.ClimbState(), []
-    for t, loss in enumerate(losses):
-        state, reason = climb.observe(state, loss, rule)
-        if reason:
-            out.append(t)
-    return out
-
-
 def mean(xs: list[float]) -> float:
     xs = [x for x in xs if math.isfinite(x)]
     return sum(xs) / len(xs) if xs else math.nan
@@ -68,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         ls = job_losses(job)
         cells = [job.name, str(len(ls)), f"{mean(ls[:20]):.3f} -> {mean(ls[-20:]):.3f}"]
         for rule in grid:
-            t = trips(ls, rule)
+            t = climb.trip_steps(ls, rule)
             cells.append(("first " + str(t[0]) + (f" ({len(t)})" if len(t) > 1 else "")) if t else "-")
         print(" | ".join(cells))
     return 0

@@ -85,6 +85,16 @@ def observe(state: ClimbState, loss: float, rule: ClimbRule) -> tuple[ClimbState
     return ClimbState(trips=state.trips + 1), reason
 
 
+def trip_steps(losses: Iterable[float], rule: ClimbRule) -> list[int]:
+    """Positions in `losses` (accepted steps' losses in order, from a fresh state) where the rule trips."""
+    state, out = ClimbState(), []
+    for t, loss in enumerate(losses):
+        state, reason = observe(state, loss, rule)
+        if reason:
+            out.append(t)
+    return out
+
+
 def replay_state(losses: Iterable[float | None], rule: ClimbRule) -> ClimbState:
     """The state after the logged losses of the accepted steps, in step order (None: no loss logged)."""
     state = ClimbState()

@@ -35,28 +35,19 @@ TRIPS = [8, 14]
 RULE = climb.ClimbRule(window=2, rise=0.5, backoff=0.5)
 
 
-def trips(losses: list[float], rule: climb.ClimbRule) -> list[int]:
-    state, out = climb.ClimbState(), []
-    for t, loss in enumerate(losses):
-        state, reason = climb.observe(state, loss, rule)
-        if reason:
-            out.append(t)
-    return out
-
-
 def test_rule_on_a_hand_worked_sequence() -> None:
-    assert trips(CLIMB, RULE) == TRIPS
+    assert climb.trip_steps(CLIMB, RULE) == TRIPS
     state = climb.replay_state(CLIMB, RULE)
     assert state.trips == 2 and state.factor(RULE) == 0.25
     # A falling or flat loss never trips; a rise within the margin does not either.
-    assert trips([5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0], RULE) == []
-    assert trips([2.0, 2.0, 2.0, 2.0, 2.9, 3.0], RULE) == []
+    assert climb.trip_steps([5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0], RULE) == []
+    assert climb.trip_steps([2.0, 2.0, 2.0, 2.0, 2.9, 3.0], RULE) == []
     # History: a climb from the first step trips only once 2 windows were seen (step 3), not before.
-    assert trips([1.0, 2.0, 4.0, 8.0], RULE) == [3]
-    assert trips([1.0, 2.0, 4.0], RULE) == []
+    assert climb.trip_steps([1.0, 2.0, 4.0, 8.0], RULE) == [3]
+    assert climb.trip_steps([1.0, 2.0, 4.0], RULE) == []
     # Non-finite losses (skipped steps) are not history; None entries (no loss logged) neither.
     with_nan = [*CLIMB[:5], math.nan, *CLIMB[5:]]
-    assert trips(with_nan, RULE) == [t + 1 for t in TRIPS]
+    assert climb.trip_steps(with_nan, RULE) == [t + 1 for t in TRIPS]
     assert climb.replay_state([None, *CLIMB], RULE) == state
 
 
@@ -65,10 +56,10 @@ def test_rule_the_default_thresholds_describe() -> None:
     rule = climb.ClimbRule()
     assert (rule.window, rule.rise, rule.backoff) == (20, 0.5, 0.5)
     flat = [1.0] * 40
-    assert trips(flat + [1.0] * 19 + [11.0], rule) == []  # mean 1.5: not over 1.5x
-    assert trips(flat + [1.0] * 19 + [12.0], rule) == [59]  # mean 1.55
-    assert trips([1.0] * 38 + [200.0], rule) == []  # 39 steps of history: too early
-    assert trips([1.0] * 39 + [200.0], rule) == [39]
+    assert climb.trip_steps(flat + [1.0] * 19 + [11.0], rule) == []  # mean 1.5: not over 1.5x
+    assert climb.trip_steps(flat + [1.0] * 19 + [12.0], rule) == [59]  # mean 1.55
+    assert climb.trip_steps([1.0] * 38 + [200.0], rule) == []  # 39 steps of history: too early
+    assert climb.trip_steps([1.0] * 39 + [200.0], rule) == [39]
 
 
 @pytest.mark.parametrize(
