@@ -177,6 +177,15 @@ def job_spec(
     }
 
 
+def default_step(method: str, estimator: str, q: int, batch_size: int) -> tuple[float, float]:
+    """The learning rate and eps a job gets when none is asked for: its estimator's defaults (0 or an
+    empty string: the request's default). Raises ValueError, naming the field, for invalid settings."""
+    cfg = ZOConfig(
+        method=method, estimator=estimator or D.ESTIMATOR, q=q or None, batch_size=batch_size or D.BATCH_SIZE
+    )
+    return cfg.learning_rate, cfg.epsilon
+
+
 def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
     spec, hp = rec.spec, rec.spec["hyperparameters"]
     h = finetuning_pb2.Hyperparameters(
@@ -201,10 +210,10 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
     )
     # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.
-    est = hp.get("estimator", "mezo")
-    defaults = ZOConfig(method=spec["method"], estimator=est, q=hp["q"] or None, batch_size=hp["batch_size"])
-    h.learning_rate = hp["lr"] if hp.get("lr") is not None else defaults.learning_rate
-    h.eps = hp["eps"] if hp.get("eps") is not None else defaults.epsilon
+    est = hp.get("estimator", "mezo")  # jobs stored before the field ran mezo
+    default_lr, default_eps = default_step(spec["method"], est, hp["q"], hp["batch_size"])
+    h.learning_rate = hp["lr"] if hp.get("lr") is not None else default_lr
+    h.eps = hp["eps"] if hp.get("eps") is not None else default_eps
     job = finetuning_pb2.Job(
         id=rec.id,
         display_name=spec.get("display_name", ""),

@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from zostream import defaults as D
 from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.v1 import common_pb2, finetuning_pb2
@@ -211,11 +210,9 @@ def _default_lr(estimator: str, q: int, batch_size: int) -> float | None:
     """The LoRA learning rate a job gets when none is asked for (None: the settings are invalid, which
     the request's conversion reports with the field)."""
     try:
-        est, batch = estimator or D.ESTIMATOR, batch_size or D.BATCH_SIZE
-        cfg = ZOConfig(method="lora", estimator=est, q=q or None, batch_size=batch)
+        return CJ.default_step("lora", estimator, q, batch_size)[0]
     except ValueError:
         return None
-    return cfg.learning_rate
 
 
 def _multiplier(hp: dict) -> float:
