@@ -219,15 +219,8 @@ class ZOConfig:
             bad("q", f"must be an integer in 1..64, got {self.q!r}")
         if self.estimator == "fzoo" and self.q < 2:
             bad("q", f"fzoo normalises by the spread of q one-sided losses and needs q >= 2, got {self.q}")
-        if self.estimator == "grzo":
-            if self.method != "lora":
-                bad(
-                    "estimator",
-                    "grzo runs each group of records with its own LoRA direction and needs method lora; "
-                    "use fzoo or mezo for full-parameter jobs",
-                )
-            if self.q < 2 or self.batch_size % self.q:
-                bad("q", f"grzo needs q >= 2 groups dividing batch_size ({self.batch_size}), got {self.q}")
+        if self.estimator == "grzo" and (self.q < 2 or self.batch_size % self.q):
+            bad("q", f"grzo needs q >= 2 groups dividing batch_size ({self.batch_size}), got {self.q}")
         if self.loss not in LOSSES:
             bad("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.choice_score not in ("mean", "sum"):
@@ -269,7 +262,7 @@ class ZOConfig:
         if self.estimator == "fzoo":  # unit-scale coefficients: the lr is the step per coordinate
             return FZOO_LR[self.method]
         if self.estimator == "grzo":
-            return GRZO_LR
+            return GRZO_LR[self.method]
         return D.LR[self.method]
 
     @property
@@ -288,5 +281,5 @@ class ZOConfig:
         if self.eps is not None:
             return self.eps
         if self.estimator == "grzo":
-            return GRZO_EPS
+            return GRZO_EPS[self.method]
         return FZOO_EPS[self.method] if self.estimator == "fzoo" else D.EPS

@@ -7,9 +7,10 @@ estimator produced it: a new estimator changes what is computed, never how the l
   mezo  2q forwards θ ± ε z_d;   c_d = (L+_d - L-_d) / (2ε)                       (MeZO SPSA)
   fzoo  q+1 forwards θ, θ + ε z_d (one-sided, sharing the unperturbed pass);
         c_d = (L_d - L_0) / σ,  σ = population std of L_1..L_q                   (FZOO, arXiv 2506.09034)
-  grzo  LoRA only: 2 forwards of the batch, θ + ε z and θ - ε z, where the batch is cut into q groups
-        of B/q consecutive records and group d runs with its own direction z_d (a mixed-adapter
-        batch); Δ_d = L+_d - L-_d over group d's records, c_d = Δ_d / rms(Δ)     (GRZO, arXiv 2606.02857)
+  grzo  2 forwards of the batch, θ + ε z and θ - ε z, where the batch is cut into q groups of B/q
+        consecutive records and group d runs with its own direction z_d (LoRA: one mixed-adapter batch;
+        full parameters: each group's records as their own micro-batches, through θ ± ε z_d);
+        Δ_d = L+_d - L-_d over group d's records, c_d = Δ_d / rms(Δ)             (GRZO, arXiv 2606.02857)
 
 FZOO's σ ≈ ε |∇L| (the spread of ε z·∇L over directions), so c_d ≈ z_d·∇L / |∇L|: a unit-scale step
 whatever the loss scale, ε or stage of training — the normalisation that lets one default learning

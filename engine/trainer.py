@@ -11,6 +11,7 @@ step counts as done. `flush()` brings every group up to date (checkpoint, eval, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -149,11 +150,15 @@ class ZOTrainer:
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This process's micro-batches of the step's batch, in global order: rank r of W takes positions
-        [r*B/W, (r+1)*B/W) of batch_order(...) and cuts them into micro_batch-sized slices."""
+        [r*B/W, (r+1)*B/W) of batch_order(...) and cuts them into micro_batch-sized slices. A full-parameter
+        grzo job cuts them at its groups' edges too: a forward runs one set of weights, so a slice holds
+        one group's records (workloads.ZOStepWorkload)."""
         cfg, (rank, world) = self.cfg, self.shard
         idx = D.batch_order(len(self.train.examples), cfg.batch_size, cfg.seed, step)
         per = cfg.batch_size // world
         idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
+        if cfg.estimator == "grzo" and self.adapter is None:
+            mb = math.gcd(mb, cfg.batch_size // cfg.q, per)
         out = []
         for i in range(0, per, mb):
             if self.loss == "candidates":

@@ -113,7 +113,9 @@ class ZOStepWorkload:
             self.groups.append([E.group_of(first + j, cfg.batch_size, cfg.q) for j in range(records)])
             first += records
             for d, sign in self.plan:
-                if d == E.GROUPED:
+                if d == E.GROUPED and tr.adapter is None:
+                    fns = self.perturbation.functions(self._one_group(self.groups[-1]), sign)
+                elif d == E.GROUPED:
                     fns = (None, None, self._grouped_lora(batch, self.groups[-1], sign))
                 elif sign == E.UNPERTURBED:
                     fns = tr.unperturbed()
@@ -122,6 +124,14 @@ class ZOStepWorkload:
                 self.subs.append(LossWorkload(fam, spec, batch, *fns, workspace=tr.workspace))
                 self.subs[-1].choice_score = cfg.choice_score
         self.tokens = 0  # target tokens of the whole (global) batch, set by losses()
+
+    @staticmethod
+    def _one_group(groups: list[int]) -> int:
+        """grzo, full parameters: the direction of a micro-batch, which holds one group's records (the
+        trainer cuts them so: ZOTrainer.batches); the whole forward runs θ ± ε z_d of that group."""
+        if len(set(groups)) != 1:
+            raise AssertionError(f"a full-parameter grzo micro-batch spans groups {sorted(set(groups))}")
+        return groups[0]
 
     def _grouped_lora(self, batch, groups: list[int], sign: int) -> Callable[[int], LoraSet]:
         """lora_fn of a grzo forward: the rows of group d's records run with direction d's ± copies."""

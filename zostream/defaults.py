@@ -60,12 +60,12 @@ EPS = 1e-3  # mezo, both methods (MeZO's value)
 FZOO_Q = 4
 FZOO_LR = {"lora": 5e-3, "full": 1e-3}
 FZOO_EPS = {"lora": 1e-2, "full": 1e-3}
-# grzo (LoRA only): unit-RMS coefficients, q groups of the batch per ± pair, and by default a cosine decay of
+# grzo: unit-RMS coefficients, q groups of the batch per ± pair, and by default a cosine decay of
 # the lr over the job (a fixed-size step otherwise keeps the loss at its noise floor). q 4 (groups of B/4
 # records): at batch 16, groups of 4 beat one direction per record (q 16) on the sentiment bench.
 GRZO_Q = 4
-GRZO_LR = 1e-2
-GRZO_EPS = 1e-2
+GRZO_LR = {"lora": 1e-2, "full": 1e-3}
+GRZO_EPS = {"lora": 1e-2, "full": 1e-3}
 LORA_R = 8
 LORA_ALPHA_PER_R = 2.0  # unset alpha: 2r (scale 2.0), MeZO's LoRA setting (r 8, alpha 16)
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -106,12 +106,14 @@ DOCUMENTED: dict[str, str] = {
     "Hyperparameters.batch_size": f"0: {BATCH_SIZE}",
     "Hyperparameters.q": f"0: the estimator's: {GRZO_Q} groups with grzo, {FZOO_Q} with fzoo, {Q} with mezo",
     "Hyperparameters.learning_rate": (
-        f"Unset: the estimator's: grzo {_g(GRZO_LR, '.0e')}; fzoo {_g(FZOO_LR['lora'], '.0e')} for LORA, "
+        f"Unset: the estimator's: grzo {_g(GRZO_LR['lora'], '.0e')} for LORA, "
+        f"{_g(GRZO_LR['full'], '.0e')} for FULL; fzoo {_g(FZOO_LR['lora'], '.0e')} for LORA, "
         f"{_g(FZOO_LR['full'], '.0e')} for FULL; mezo {_g(LR['lora'], '.0e')} for LORA, "
         f"{_g(LR['full'], '.0e')} for FULL"
     ),
     "Hyperparameters.eps": (
-        f"Unset: grzo {_g(GRZO_EPS, '.0e')}; fzoo {_g(FZOO_EPS['lora'], '.0e')} for LORA, "
+        f"Unset: grzo {_g(GRZO_EPS['lora'], '.0e')} for LORA, {_g(GRZO_EPS['full'], '.0e')} for FULL; "
+        f"fzoo {_g(FZOO_EPS['lora'], '.0e')} for LORA, "
         f"{_g(FZOO_EPS['full'], '.0e')} for FULL; mezo {_g(EPS, '.0e')}"
     ),
     "Hyperparameters.estimator": f'Empty: "{ESTIMATOR}"',

@@ -230,7 +230,7 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     # No estimator asked for: auto, i.e. grzo for LoRA with its documented defaults (8 records, 4 groups).
     assert (hp.estimator, hp.lr_schedule) == ("grzo", F.LR_SCHEDULE_COSINE)
     assert (hp.batch_size, hp.q, hp.max_len) == (D.BATCH_SIZE, D.GRZO_Q, D.MAX_LEN)
-    assert (hp.learning_rate, hp.eps) == (D.GRZO_LR, D.GRZO_EPS)
+    assert (hp.learning_rate, hp.eps) == (D.GRZO_LR["lora"], D.GRZO_EPS["lora"])
     assert (hp.lora.r, hp.lora.alpha, list(hp.lora.target_modules)) == (
         D.LORA_R,
         D.lora_alpha(D.LORA_R),
@@ -274,7 +274,7 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
             {"estimator": "fzoo"},
             ("fzoo", D.FZOO_Q, D.FZOO_LR["lora"], D.FZOO_EPS["lora"], F.LR_SCHEDULE_CONSTANT),
         ),
-        ("lora", {"batch_size": 6}, ("grzo", 3, D.GRZO_LR, D.GRZO_EPS, F.LR_SCHEDULE_COSINE)),
+        ("lora", {"batch_size": 6}, ("grzo", 3, D.GRZO_LR["lora"], D.GRZO_EPS["lora"], F.LR_SCHEDULE_COSINE)),
     ],
 )
 def test_each_estimator_reports_its_documented_defaults(
