@@ -6,7 +6,8 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
 
   default          no estimator / loss flags: grzo (one ± pair of forwards per step, the batch in q = 4
                    groups each on its own direction, steps normalised by the RMS of the groups' loss
-                   differences, lr 1e-2 with a cosine decay), cross-entropy over the candidates
+                   differences, lr 1e-2 (LoRA) / 2e-3 (full) with a cosine decay), cross-entropy over
+                   the candidates
   fzoo-candidates  FZOO (q=4 one-sided directions + one shared unperturbed pass, steps normalised by
                    the spread of their losses), cross-entropy over the candidates
   mezo-candidates  MeZO SPSA (q=1 ± pair) on the candidate loss, its default lr/eps
@@ -38,10 +39,8 @@ TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
 
 
-def forwards_per_step(run: str, method: str = "lora") -> int:
-    """fzoo: q=4 directions + θ; grzo, mezo, peer: one ± pair. The default is grzo for LoRA, fzoo for full."""
-    if run == "default":
-        return 2 if method == "lora" else 5
+def forwards_per_step(run: str) -> int:
+    """fzoo: q=4 directions + θ; grzo, mezo, peer: one ± pair. The default is grzo for LoRA and full."""
     return 5 if run.startswith("fzoo") else 2
 
 
@@ -59,7 +58,7 @@ def make_task(task: str, out: Path, n_train: int, n_eval: int) -> Path:
 def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: Path) -> list[dict]:
     """(forwards, accuracy, candidate loss) at every evaluation of a `zostream train` job."""
     estimator, loss = run.split("-") if run != "default" else ("auto", "auto")
-    per = forwards_per_step(run, a.method)
+    per = forwards_per_step(run)
     steps = a.forwards // per
     every = max(1, steps // a.evals)
     cmd = [sys.executable, "-m", "zostream", "train", "--model", a.model, "--method", a.method]

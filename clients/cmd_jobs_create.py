@@ -49,7 +49,7 @@ def register_create(jobs_sub: argparse._SubParsersAction, common: Callable[..., 
     p.add_argument(
         "--estimator",
         choices=("auto", "grzo", "fzoo", "mezo"),
-        help="default: auto (grzo for lora, fzoo for full; mezo with --q 1)",
+        help="default: auto (grzo; fzoo when q groups do not divide the batch; mezo with --q 1)",
     )
     p.add_argument("--seed", type=seed_int, metavar="S", help="job seed (default: the server picks one)")
     p.add_argument(

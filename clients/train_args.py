@@ -39,7 +39,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: grzo 1e-2 lora, 1e-3 full; fzoo 5e-3 lora, 1e-3 full; "
+        help="learning rate (default: grzo 1e-2 lora, 2e-3 full; fzoo 5e-3 lora, 1e-3 full; "
         "mezo 1e-4 lora, 1e-6 full)",
     )
     p.add_argument(
@@ -68,8 +68,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="grzo: one +/- pair of forwards, each group of batch-size/q records on its own "
         "direction, steps normalised by the RMS of the groups' differences; fzoo: q one-sided directions "
         "sharing one unperturbed pass, steps normalised by the spread of their losses; mezo: q +/- pairs "
-        "(default: auto: mezo with --q 1, else grzo for lora (fzoo when q groups do not divide the batch) "
-        "and fzoo for full)",
+        "(default: auto: mezo with --q 1, else grzo (fzoo when q groups do not divide the batch))",
     )
     p.add_argument(
         "--batch-size",

@@ -150,7 +150,7 @@ def _auto_estimator(method: str, q: int | None, batch_size: int) -> str:
         return "mezo"
     groups = grzo_q(batch_size) if q is None else q
     ok = isinstance(batch_size, int) and batch_size >= 1 and groups >= 2 and batch_size % groups == 0
-    return "grzo" if method == "lora" and ok else "fzoo"
+    return "grzo" if ok else "fzoo"
 
 
 @dataclass(frozen=True)
@@ -188,8 +188,8 @@ class ZOConfig:
     # equals a single process with the same micro_batch (docs/SCALE_OUT.md).
     micro_batch: int | None = None
     # What a step minimises and how it estimates the gradient (engine/losses.py, engine/estimators.py).
-    # loss auto: candidates for choice data, else tokens. estimator auto: mezo when q = 1; grzo for LoRA
-    # when q (or its default) makes >= 2 groups of the batch; else fzoo.
+    # loss auto: candidates for choice data, else tokens. estimator auto: mezo when q = 1; grzo when q (or
+    # its default) makes >= 2 groups of the batch; else fzoo.
     loss: str = "auto"
     choice_score: str = "mean"  # candidates loss: length-normalised (mean) or summed log-likelihood
     estimator: str = D.ESTIMATOR

@@ -150,7 +150,7 @@ def test_coefficients_and_config():
     assert ZOConfig(estimator="grzo", batch_size=16).q == 4
     assert ZOConfig(estimator="grzo", batch_size=9).q == 3
     full = ZOConfig(method="full", estimator="grzo")
-    assert (full.q, full.learning_rate, full.epsilon, full.schedule) == (4, 1e-3, 1e-3, "cosine")
+    assert (full.q, full.learning_rate, full.epsilon, full.schedule) == (4, 2e-3, 1e-3, "cosine")
     with pytest.raises(ValueError, match="^q: grzo"):
         ZOConfig(estimator="grzo", batch_size=8, q=3)
 

@@ -275,13 +275,15 @@ def test_coefficients_by_hand():
 
 
 def test_config_resolution_and_errors(models, tmp_path):
-    # auto: grzo for LoRA (4 groups of the batch), fzoo for full or when no q groups fit
+    # auto: grzo (4 groups of the batch) for LoRA and full, fzoo when no q groups fit
     assert (ZOConfig().estimator, ZOConfig().q, ZOConfig().schedule) == ("grzo", 4, "cosine")
     assert (ZOConfig(batch_size=6).q, ZOConfig(batch_size=2).q) == (3, 2)
-    assert (ZOConfig(method="full").estimator, ZOConfig(method="full").q) == ("fzoo", 4)
+    assert (ZOConfig(method="full").estimator, ZOConfig(method="full").q) == ("grzo", 4)
+    assert ZOConfig(method="full", batch_size=1).estimator == "fzoo"
     assert (ZOConfig(batch_size=1).estimator, ZOConfig(batch_size=6, q=4).estimator) == ("fzoo", "fzoo")
     assert ZOConfig(batch_size=16, q=4).estimator == "grzo"
-    assert ZOConfig(method="full").schedule == ZOConfig(lr_schedule="constant").schedule == "constant"
+    assert ZOConfig(method="full").schedule == "cosine"
+    assert ZOConfig(method="full", estimator="fzoo").schedule == ZOConfig(lr_schedule="constant").schedule
     assert (ZOConfig(q=1).estimator, ZOConfig(q=1).learning_rate) == ("mezo", 1e-4)
     with pytest.raises(ValueError, match="q: fzoo"):
         ZOConfig(estimator="fzoo", q=1)

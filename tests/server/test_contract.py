@@ -266,7 +266,12 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     ("method", "hp", "want"),
     [
         # (estimator, q, lr, eps, schedule) each request resolves to, from the documented constants
-        ("full", {}, ("fzoo", D.FZOO_Q, D.FZOO_LR["full"], D.FZOO_EPS["full"], F.LR_SCHEDULE_CONSTANT)),
+        ("full", {}, ("grzo", D.GRZO_Q, D.GRZO_LR["full"], D.GRZO_EPS["full"], F.LR_SCHEDULE_COSINE)),
+        (
+            "full",
+            {"estimator": "fzoo"},
+            ("fzoo", D.FZOO_Q, D.FZOO_LR["full"], D.FZOO_EPS["full"], F.LR_SCHEDULE_CONSTANT),
+        ),
         ("lora", {"q": 1}, ("mezo", 1, D.LR["lora"], D.EPS, F.LR_SCHEDULE_CONSTANT)),
         ("full", {"estimator": "mezo"}, ("mezo", D.Q, D.LR["full"], D.EPS, F.LR_SCHEDULE_CONSTANT)),
         (
