@@ -46,23 +46,35 @@ class PassPerturbation:
         adapter: Any = None,
         pair: bool = True,
         workspace: Workspace | None = None,
+        one_direction: bool = False,
     ) -> None:
         """pair False: only θ + εz is made (one-sided estimators such as fzoo never run θ - εz).
         workspace: where the outer tensors' copies are written (engine/workspace.py: the embedding's
-        copies are the largest allocations of a step); their previous contents are dead by then."""
+        copies are the largest allocations of a step); their previous contents are dead by then.
+        one_direction: a block holds one direction's copies at a time, made when a forward first asks
+        for that direction (2 copies of the block instead of 2q). For callers whose forwards ask for the
+        directions in runs (full-parameter grzo: micro-batches in group order); otherwise a direction
+        asked for again after another is drawn again."""
         self.seeds, self.kind, self.eps, self.dtype = seeds, kind, eps, dtype
         self.layer_prefix, self.adapter, self.pair = layer_prefix, adapter, pair
-        self.workspace = workspace
+        self.workspace, self.one_direction = workspace, one_direction
         self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
-        self._block: tuple[int, object, Pairs] | None = None  # (block index, its dict, its pairs)
+        # (block index, its dict, its pairs, the direction held: None when all are)
+        self._block: tuple[int, object, Pairs, int | None] | None = None
 
     def _pairs(
-        self, named: dict[str, torch.Tensor], out_dtype: torch.dtype, reuse: bool = False, multi: bool = False
+        self,
+        named: dict[str, torch.Tensor],
+        out_dtype: torch.dtype,
+        reuse: bool = False,
+        multi: bool = False,
+        only: int | None = None,
     ) -> Pairs:
         """named: full tensor name -> master tensor; one draw of z per direction and tensor.
         reuse: write into the workspace's buffers of these names (the outer group). multi: one kernel
         launch per direction for all of `named` where one exists (zo.perturbed_pairs: LoRA's small
-        factors on CUDA; a block's full weights would cost a packed copy there, so only LoRA asks)."""
+        factors on CUDA; a block's full weights would cost a packed copy there, so only LoRA asks).
+        only: direction `only`'s pair alone (the list holds empty dicts for the others)."""
         out: Pairs = [({}, {}) for _ in self.seeds]  # without pair, the θ - εz dicts stay empty
         if multi and named:
             for d, seed in enumerate(self.seeds):
@@ -78,6 +90,8 @@ class PassPerturbation:
         ws = self.workspace if reuse else None
         for name, t in named.items():
             for d, seed in enumerate(self.seeds):
+                if only is not None and d != only:
+                    continue
                 bufs = None
                 if ws is not None:
                     bufs = tuple(ws.buffer((name, d, s), t.numel(), out_dtype, t.device) for s in (1, -1))
@@ -97,12 +111,16 @@ class PassPerturbation:
         return self._outer[1][d][0 if sign > 0 else 1]
 
     def block(self, d: int, sign: int, i: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._block is None or self._block[0] != i or self._block[1] is not w:
-            self._block = None  # free the previous block's copies first
+        held = d if self.one_direction else None
+        b = self._block
+        if b is None or b[0] != i or b[1] is not w or b[3] != held:
+            self._block = b = None  # free the previous copies first
             prefix = self.layer_prefix(i)
-            pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype)
-            local = [({k: p[prefix + k] for k in w}, {k: m[prefix + k] for k in w if m}) for p, m in pairs]
-            self._block = (i, w, local)
+            pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype, only=held)
+            local = [
+                ({k: p[prefix + k] for k in w if p}, {k: m[prefix + k] for k in w if m}) for p, m in pairs
+            ]
+            self._block = (i, w, local, held)
         return self._block[2][d][0 if sign > 0 else 1]
 
     def lora(self, d: int, sign: int, i: int) -> LoraSet:
@@ -110,7 +128,7 @@ class PassPerturbation:
         if self._block is None or self._block[0] != i:
             self._block = None
             named = {n: ad.tensors[n] for n in ad.layer_names(i)}
-            self._block = (i, None, self._pairs(named, torch.float32, multi=True))
+            self._block = (i, None, self._pairs(named, torch.float32, multi=True), None)
         pert = self._block[2][d][0 if sign > 0 else 1]
         return {m: [lw] for m, lw in ad.layer(i, tensors=pert).items()}
 

@@ -110,7 +110,8 @@ class ZOTrainer:
     # ---- trainable groups ----------------------------------------------------------------------
     def perturbers(self, seeds: list[int], pair: bool = True) -> PassPerturbation:
         """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction);
-        pair False: θ + ε z only."""
+        pair False: θ + ε z only. Full-parameter grzo holds one direction's copies of a block at a time
+        (its micro-batches come in group order: ZOTrainer.batches)."""
         return PassPerturbation(
             seeds,
             self.cfg.noise,
@@ -120,6 +121,7 @@ class ZOTrainer:
             self.adapter,
             pair,
             self.workspace,
+            one_direction=self.cfg.estimator == "grzo" and self.adapter is None,
         )
 
     def unperturbed(self):

@@ -240,3 +240,35 @@ def test_full_parameter_grzo_cuts_micro_batches_at_groups(models, tmp_path):
         tr.run_step()
     assert seen[0] == seen[1]
     assert [x for p in seen[2][0] for x in p] == pytest.approx([x for p in seen[0][0] for x in p], rel=1e-5)
+
+
+@pytest.mark.parametrize(("estimator", "one_at_a_time"), [("grzo", True), ("mezo", False)])
+def test_full_parameter_grzo_holds_one_direction_of_a_block(
+    models, tmp_path, monkeypatch, estimator, one_at_a_time
+):
+    """Full-parameter grzo makes a block's θ ± ε z_d when the first micro-batch of group d reaches it and
+    drops them before the next direction's: 2 work copies of a block live at a time, not 2q, and each
+    direction is drawn once per block. mezo with q pairs keeps all 2q (the control: the check can fail)."""
+    import weakref
+
+    model = models("llama")
+    cfg = ZOConfig(method="full", steps=1, batch_size=8, seed=1, q=4, estimator=estimator, loss="tokens")
+    tr = open_job(model, tmp_path / "job", cfg)
+    live: list[tuple[int, weakref.ref]] = []  # (seed, a block copy)
+    calls: list[tuple[str, int]] = []
+    others_alive = []
+    orig = zo.perturbed_pair
+
+    def spy(t, kind, seed, name, *args, **kwargs):
+        out = orig(t, kind, seed, name, *args, **kwargs)
+        if ".layers." in name:
+            calls.append((name, seed))
+            others_alive.append(sum(1 for s, r in live if s != seed and r() is not None))
+            live.extend((seed, weakref.ref(x)) for x in out)
+        return out
+
+    monkeypatch.setattr(zo, "perturbed_pair", spy)
+    tr.run_step()
+    assert len(calls) == len(set(calls))  # every (tensor, direction) drawn once
+    assert len({s for _, s in calls}) == cfg.q
+    assert (max(others_alive) == 0) is one_at_a_time
