@@ -10,7 +10,9 @@ The master is never written (invariant 2).
 
 Memory: 2q work copies of one group at a time (plus the outer group's), where the per-forward
 scheme held one; q is small (1-4) and a block is a small part of a model. One-sided estimators (fzoo)
-make only the θ + εz copies (pair=False): q copies, and half the writes.
+make only the θ + εz copies (pair=False): q copies, and half the writes. Full-parameter grzo, whose
+micro-batches each run one direction in group order, holds one direction's pair of a block at a time
+(one_direction): 2 copies. The outer group's copies live from the embedding to the head: 2q (q for fzoo).
 
 Embedding rows: every row is perturbed (and updated), as MeZO does, not only the rows a batch gathers.
 With tied embeddings (SmolLM2, small Llama 3 / Qwen, OPT) the head reads every row in every forward, so
@@ -114,7 +116,7 @@ class PassPerturbation:
         held = d if self.one_direction else None
         b = self._block
         if b is None or b[0] != i or b[1] is not w or b[3] != held:
-            self._block = b = None  # free the previous copies first
+            self._block = None  # free the previous copies first
             prefix = self.layer_prefix(i)
             pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype, only=held)
             local = [
