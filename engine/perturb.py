@@ -116,7 +116,7 @@ class PassPerturbation:
         held = d if self.one_direction else None
         b = self._block
         if b is None or b[0] != i or b[1] is not w or b[3] != held:
-            self._block = None  # free the previous copies first
+            self._block = b = None  # free the previous copies first (b held them too)
             prefix = self.layer_prefix(i)
             pairs = self._pairs({prefix + k: t for k, t in w.items()}, self.dtype, only=held)
             local = [
