@@ -411,3 +411,16 @@ def test_killed_rank_fails_the_other_and_relaunch_resumes(capsys, model, data, t
         load_file(ref / "adapter/adapter_model.safetensors"),
     )
     assert got.keys() == want_t.keys() and all(torch.equal(got[k], want_t[k]) for k in got)
+
+
+def test_two_ranks_full_parameter_grzo(capsys, model, data, tmp_path):
+    """Full-parameter grzo, 2 groups of 2 over 2 ranks: each rank runs one group's micro-batch through its
+    own direction, and both ranks write the log of a single process run with micro-batches of 2 (the data-
+    parallel header records the per-rank slice; a single process cuts grzo's groups at the same edges)."""
+    extra = ["--batch-size", 4, "--q", 2, "--estimator", "grzo"]
+    run_single(capsys, train_argv(model, data, tmp_path / "ref", "full", 2, *extra, "--micro-batch", 2))
+    res = finish(launch(train_argv(model, data, tmp_path / "dp", "full", 2, *extra)))
+    assert [rc for rc, _, _ in res] == [0, 0], res[0][2][-2000:] + res[1][2][-2000:]
+    want = (tmp_path / "ref" / "update.log").read_bytes()
+    assert (tmp_path / "dp" / "update.log").read_bytes() == want
+    assert (tmp_path / "dp" / "rank-1" / "update.log").read_bytes() == want
