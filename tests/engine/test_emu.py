@@ -364,6 +364,27 @@ def test_kill_and_resume_is_bitwise_uninterrupted(models, tmp_path, method, budg
     tr.log.close()
 
 
+def test_full_parameter_grzo_kill_and_resume_in_emu(models, tmp_path):
+    """Full-parameter grzo (each group's micro-batch through its own direction, one direction's block copies
+    at a time) streamed through the emulated device, killed after step 2 with dirty device copies, resumed
+    to 4: bitwise the uninterrupted run and the all-resident textbook grzo loop."""
+    from tests.engine.test_grzo import TextbookGRZO
+
+    model = models("llama")
+    cfg = base_cfg("full", steps=4, estimator="grzo", q=2, lr_schedule="constant")
+    budget = _budgets(model)[1]
+    ref = run_job(model, tmp_path / "ref", cfg, 4, budget, emu=emu())
+    dev = emu(delay=0.002)
+    crash(run_job(model, tmp_path / "job", cfg, 2, budget, finish=False, emu=dev))
+    dev.kill()
+    tr = run_job(model, tmp_path / "job", cfg, 4, budget, emu=emu())
+    assert (tmp_path / "job" / "update.log").read_bytes() == (tmp_path / "ref" / "update.log").read_bytes()
+    assert_same_tensors(exported(tmp_path / "job", "full"), exported(tmp_path / "ref", "full"))
+    assert_same_tensors(exported(tmp_path / "job", "full"), TextbookGRZO(model, cfg).run(4).master)
+    ref.log.close()
+    tr.log.close()
+
+
 @pytest.mark.parametrize("where", ["mid-pass", "after-landing"])
 def test_kill_inside_the_pass_resumes_bitwise(models, tmp_path, monkeypatch, where):
     """Killed in step 4's pass: mid-pass (block 1's forward raises after its update was applied), or

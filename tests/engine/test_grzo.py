@@ -158,7 +158,8 @@ def test_coefficients_and_config():
 class TextbookGRZO(TextbookMeZO):
     """grzo on full parameters as the paper's loop would run it, every weight resident: the batch cut into
     q groups of B/q consecutive records, group d run on its own through θ + ε z_d and θ - ε z_d (token
-    loss), Δ_d = L+_d - L-_d, c_d = Δ_d / rms(Δ), θ ← θ - η/q Σ_d c_d z_d where θ+ and θ- differ."""
+    loss), Δ_d = L+_d - L-_d, c_d = Δ_d / rms(Δ), θ ← θ - η (1/q Σ_d c_d z_d + wd θ), a direction's term only
+    where its θ+ and θ- differ (float32 masters)."""
 
     @torch.inference_mode()
     def step(self, t: int) -> None:
@@ -189,7 +190,10 @@ class TextbookGRZO(TextbookMeZO):
             for d, c in enumerate(cs):
                 z = rng.noise(cfg.noise, rng.step_seed(cfg.seed, t, d), name, n, 0, n) * c
                 upd = upd + torch.where(differ[d][name].reshape(-1), z, torch.zeros(n))
-            theta.view(-1).copy_(theta.view(-1) - upd / q * lr32)
+            step = upd / q
+            if zo.is_decayed(name) and cfg.weight_decay:
+                step = step + theta.view(-1) * zo.f32(cfg.weight_decay)
+            theta.view(-1).copy_(theta.view(-1) - step * lr32)
         self.history.append((pairs, cs, lr))
 
 
@@ -208,7 +212,8 @@ def test_full_parameter_grzo_matches_textbook_bitwise(models, tmp_path):
         eps=1e-3,
         loss="tokens",
         estimator="grzo",
-        lr_schedule="constant",
+        lr_schedule="cosine",
+        weight_decay=0.05,
     )
     assert (cfg.learning_rate, cfg.epsilon) == (2e-3, 1e-3)
     ref = TextbookGRZO(model, cfg).run(cfg.steps)
