@@ -12,7 +12,9 @@ Memory: 2q work copies of one group at a time (plus the outer group's), where th
 scheme held one; q is small (1-4) and a block is a small part of a model. One-sided estimators (fzoo)
 make only the θ + εz copies (pair=False): q copies, and half the writes. Full-parameter grzo, whose
 micro-batches each run one direction in group order, holds one direction's pair of a block at a time
-(one_direction): 2 copies. The outer group's copies live from the embedding to the head: 2q (q for fzoo).
+(one_direction): 2 copies. The outer group's copies live from the embedding to the head: 2q (q for fzoo),
+except for full-parameter grzo on a device with its own memory, which draws them again for the head
+(outer_one_direction): 2 copies there, and q more draws of the outer tensors' noise per pass.
 
 Embedding rows: every row is perturbed (and updated), as MeZO does, not only the rows a batch gathers.
 With tied embeddings (SmolLM2, small Llama 3 / Qwen, OPT) the head reads every row in every forward, so
@@ -49,6 +51,7 @@ class PassPerturbation:
         pair: bool = True,
         workspace: Workspace | None = None,
         one_direction: bool = False,
+        outer_one_direction: bool = False,
     ) -> None:
         """pair False: only θ + εz is made (one-sided estimators such as fzoo never run θ - εz).
         workspace: where the outer tensors' copies are written (engine/workspace.py: the embedding's
@@ -56,11 +59,15 @@ class PassPerturbation:
         one_direction: a block holds one direction's copies at a time, made when a forward first asks
         for that direction (2 copies of the block instead of 2q). For callers whose forwards ask for the
         directions in runs (full-parameter grzo: micro-batches in group order); otherwise a direction
-        asked for again after another is drawn again."""
+        asked for again after another is drawn again. outer_one_direction: the outer tensors' copies too;
+        the embedding (at `begin`) and the head (at `end`) each ask for every direction, so each is drawn
+        twice a pass: the price of 2 copies of the embedding on the device instead of 2q."""
         self.seeds, self.kind, self.eps, self.dtype = seeds, kind, eps, dtype
         self.layer_prefix, self.adapter, self.pair = layer_prefix, adapter, pair
         self.workspace, self.one_direction = workspace, one_direction
-        self._outer: tuple[object, Pairs] | None = None  # (the outer dict perturbed, its pairs)
+        self.outer_one_direction = outer_one_direction
+        # (the outer dict perturbed, its pairs, the direction held: None when all are)
+        self._outer: tuple[object, Pairs, int | None] | None = None
         # (block index, its dict, its pairs, the direction held: None when all are)
         self._block: tuple[int, object, Pairs, int | None] | None = None
 
@@ -108,8 +115,11 @@ class PassPerturbation:
         return out
 
     def outer(self, d: int, sign: int, outer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._outer is None or self._outer[0] is not outer:
-            self._outer = (outer, self._pairs(outer, self.dtype, reuse=True))
+        held = d if self.outer_one_direction else None
+        o = self._outer
+        if o is None or o[0] is not outer or o[2] != held:
+            self._outer = o = None  # free the previous copies first (o held them too)
+            self._outer = (outer, self._pairs(outer, self.dtype, reuse=True, only=held), held)
         return self._outer[1][d][0 if sign > 0 else 1]
 
     def block(self, d: int, sign: int, i: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,7 +97,8 @@ class ZOTrainer:
                 raise ValueError(f"{log.path}: header extra.climb {spec!r} is not a rule: {e}") from None
         rule = self.climb_rule or climb.ClimbRule()
         self.climb = climb.replay_state((s.loss for s in self.steps if not s.skipped), rule)
-        self.workspace = Workspace()  # the forwards' logits and outer copies (CPU), kept from step to step
+        # The forwards' logits and outer copies, kept from step to step on the direct CPU path.
+        self.workspace = Workspace(enabled=not streamer.copies)
 
     @property
     def step(self) -> int:
@@ -111,7 +112,9 @@ class ZOTrainer:
     def perturbers(self, seeds: list[int], pair: bool = True) -> PassPerturbation:
         """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction);
         pair False: θ + ε z only. Full-parameter grzo holds one direction's copies of a block at a time
-        (its micro-batches come in group order: ZOTrainer.batches)."""
+        (its micro-batches come in group order: ZOTrainer.batches), and on a device with its own memory
+        one direction's copies of the outer tensors too (drawn again for the head)."""
+        one = self.cfg.estimator == "grzo" and self.adapter is None
         return PassPerturbation(
             seeds,
             self.cfg.noise,
@@ -121,7 +124,8 @@ class ZOTrainer:
             self.adapter,
             pair,
             self.workspace,
-            one_direction=self.cfg.estimator == "grzo" and self.adapter is None,
+            one_direction=one,
+            outer_one_direction=one and self.streamer.copies,
         )
 
     def unperturbed(self):

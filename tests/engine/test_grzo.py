@@ -248,32 +248,38 @@ def test_full_parameter_grzo_cuts_micro_batches_at_groups(models, tmp_path):
 
 
 @pytest.mark.parametrize(("estimator", "one_at_a_time"), [("grzo", True), ("mezo", False)])
-def test_full_parameter_grzo_holds_one_direction_of_a_block(
+def test_full_parameter_grzo_holds_one_direction_of_its_copies(
     models, tmp_path, monkeypatch, estimator, one_at_a_time
 ):
-    """Full-parameter grzo makes a block's θ ± ε z_d when the first micro-batch of group d reaches it and
-    drops them before the next direction's: 2 work copies of a block live at a time, not 2q, and each
-    direction is drawn once per block. mezo with q pairs keeps all 2q (the control: the check can fail)."""
+    """Full-parameter grzo on a device with its own memory (the emulated GPU, every block streamed) makes
+    a block's θ ± ε z_d when the first micro-batch of group d reaches it and drops them before the next
+    direction's, and the outer tensors' likewise (drawn again for the head): 2 work copies live at a time,
+    not 2q. Each direction of a block is drawn once. mezo with q pairs keeps all 2q (the control: the
+    check can fail)."""
     import weakref
+
+    from tests.engine.test_emu import emu
 
     model = models("llama")
     cfg = ZOConfig(method="full", steps=1, batch_size=8, seed=1, q=4, estimator=estimator, loss="tokens")
-    tr = open_job(model, tmp_path / "job", cfg)
-    live: list[tuple[int, weakref.ref]] = []  # (seed, a block copy)
+    tr = open_job(model, tmp_path / "job", cfg, budget=0, emu=emu())
+    live: list[tuple[str, int, weakref.ref]] = []  # (block or outer, seed, a copy)
     calls: list[tuple[str, int]] = []
-    others_alive = []
+    others_alive = {"block": [], "outer": []}
     orig = zo.perturbed_pair
 
     def spy(t, kind, seed, name, *args, **kwargs):
         out = orig(t, kind, seed, name, *args, **kwargs)
-        if ".layers." in name:
+        group = "block" if ".layers." in name else "outer"
+        if group == "block":
             calls.append((name, seed))
-            others_alive.append(sum(1 for s, r in live if s != seed and r() is not None))
-            live.extend((seed, weakref.ref(x)) for x in out)
+        others_alive[group].append(sum(1 for g, s, r in live if g == group and s != seed and r() is not None))
+        live.extend((group, seed, weakref.ref(x)) for x in out)
         return out
 
     monkeypatch.setattr(zo, "perturbed_pair", spy)
     tr.run_step()
-    assert len(calls) == len(set(calls))  # every (tensor, direction) drawn once
+    assert len(calls) == len(set(calls))  # every (block tensor, direction) drawn once
     assert len({s for _, s in calls}) == cfg.q
-    assert (max(others_alive) == 0) is one_at_a_time
+    assert (max(others_alive["block"]) == 0) is one_at_a_time
+    assert (max(others_alive["outer"]) == 0) is one_at_a_time
