@@ -350,16 +350,21 @@ def test_kill_and_resume_is_bitwise_uninterrupted(models, tmp_path, method, budg
     resumed to 6: bitwise the uninterrupted run and the textbook loop. With counters that moved when the
     update reached the device copy, 30 of 30 tensors differed."""
     model = models("llama")
-    budget = _budgets(model)[budget_kind]
     cfg = base_cfg(method, steps=6)
-    ref = run_job(model, tmp_path / "ref", cfg, 6, budget, emu=emu())
-    dev = emu(delay=0.002)
-    crash(run_job(model, tmp_path / "job", cfg, 3, budget, finish=False, emu=dev))
-    dev.kill()
-    tr = run_job(model, tmp_path / "job", cfg, 6, budget, emu=emu())
-    assert (tmp_path / "job" / "update.log").read_bytes() == (tmp_path / "ref" / "update.log").read_bytes()
-    assert_same_tensors(exported(tmp_path / "job", method), exported(tmp_path / "ref", method))
+    kill_resume_uninterrupted(model, tmp_path, cfg, _budgets(model)[budget_kind], kill_after=3)
     assert_same_tensors(exported(tmp_path / "job", method), T.TextbookMeZO(model, cfg).run(6).master)
+
+
+def kill_resume_uninterrupted(model: Path, tmp_path: Path, cfg, budget: int | None, kill_after: int) -> None:
+    """tmp_path/job: killed after `kill_after` steps with the device's copies dirty (never flushed), then
+    resumed to cfg.steps; its log and export equal tmp_path/ref's, which ran uninterrupted."""
+    ref = run_job(model, tmp_path / "ref", cfg, cfg.steps, budget, emu=emu())
+    dev = emu(delay=0.002)
+    crash(run_job(model, tmp_path / "job", cfg, kill_after, budget, finish=False, emu=dev))
+    dev.kill()
+    tr = run_job(model, tmp_path / "job", cfg, cfg.steps, budget, emu=emu())
+    assert (tmp_path / "job" / "update.log").read_bytes() == (tmp_path / "ref" / "update.log").read_bytes()
+    assert_same_tensors(exported(tmp_path / "job", cfg.method), exported(tmp_path / "ref", cfg.method))
     ref.log.close()
     tr.log.close()
 
@@ -372,17 +377,8 @@ def test_full_parameter_grzo_kill_and_resume_in_emu(models, tmp_path):
 
     model = models("llama")
     cfg = base_cfg("full", steps=4, estimator="grzo", q=2, lr_schedule="constant")
-    budget = _budgets(model)[1]
-    ref = run_job(model, tmp_path / "ref", cfg, 4, budget, emu=emu())
-    dev = emu(delay=0.002)
-    crash(run_job(model, tmp_path / "job", cfg, 2, budget, finish=False, emu=dev))
-    dev.kill()
-    tr = run_job(model, tmp_path / "job", cfg, 4, budget, emu=emu())
-    assert (tmp_path / "job" / "update.log").read_bytes() == (tmp_path / "ref" / "update.log").read_bytes()
-    assert_same_tensors(exported(tmp_path / "job", "full"), exported(tmp_path / "ref", "full"))
+    kill_resume_uninterrupted(model, tmp_path, cfg, _budgets(model)[1], kill_after=2)
     assert_same_tensors(exported(tmp_path / "job", "full"), TextbookGRZO(model, cfg).run(4).master)
-    ref.log.close()
-    tr.log.close()
 
 
 @pytest.mark.parametrize("where", ["mid-pass", "after-landing"])

@@ -297,6 +297,23 @@ class TextbookMeZO:
         return sum(lp + lm for lp, lm in losses) / (2 * len(losses))
 
 
+def check_runs_match_textbook(model: Path, tmp_path: Path, cfg: ZOConfig, ref: TextbookMeZO) -> None:
+    """Resident, fully streamed and partly streamed jobs each log the textbook loop `ref`'s coefficients,
+    lrs, step losses and bytes, and export its weights; the weights moved."""
+    for budget in (None, 0, partial_budget(model)):
+        job = tmp_path / f"job-{budget}"
+        tr = open_job(model, job, cfg, budget=budget)
+        results = [tr.run_step() for _ in range(cfg.steps)]
+        export(tr, job)
+        tr.log.close()
+        for t, (losses, cs, lr) in enumerate(ref.history):
+            assert list(tr.steps[t].directions) == cs and tr.steps[t].lr == lr, (budget, t)
+            assert results[t]["loss"] == ref.step_loss(losses) and results[t]["skipped"] is None
+        assert (job / "update.log").read_bytes() == ref.log_bytes(job / "update.log", tmp_path)
+        assert_same_tensors(exported(job, cfg.method), ref.master)
+    assert all(not torch.equal(v, ref.initial[n]) for n, v in ref.master.items())
+
+
 def check_header(h: LogHeader, model_dir: Path, cfg: ZOConfig, master: str, rounding: str) -> None:
     scope = (
         {"kind": "full"}
