@@ -8,6 +8,7 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
                    groups each on its own direction, steps normalised by the RMS of the groups' loss
                    differences, lr 1e-2 (LoRA) / 2e-3 (full) with a cosine decay), cross-entropy over
                    the candidates
+  grzo-tokens      the default's estimator on the answer's token NLL over the whole vocabulary
   fzoo-candidates  FZOO (q=4 one-sided directions + one shared unperturbed pass, steps normalised by
                    the spread of their losses), cross-entropy over the candidates
   mezo-candidates  MeZO SPSA (q=1 ± pair) on the candidate loss, its default lr/eps
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-RUNS = ("default", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
+RUNS = ("default", "grzo-tokens", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
 
