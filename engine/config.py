@@ -159,10 +159,10 @@ class ZOConfig:
 
     method: str = "lora"
     steps: int = 100
-    lr: float | None = None  # None: 1e-6 full, 1e-4 lora
-    eps: float | None = None  # None: defaults.EPS (mezo), FZOO_EPS (fzoo)
+    lr: float | None = None  # None: the estimator's default for the method (zostream/defaults.py)
+    eps: float | None = None  # None: likewise (GRZO_EPS, FZOO_EPS, EPS for mezo)
     batch_size: int = D.BATCH_SIZE
-    q: int | None = None  # directions per step; None: defaults.Q for mezo, 4 for fzoo
+    q: int | None = None  # directions per step; None: defaults.Q for mezo, 4 for fzoo, grzo_q(batch) for grzo
     seed: int = 0
     lr_schedule: str = "auto"  # auto: cosine for grzo, else constant (the `schedule` property)
     warmup_steps: int = 0
