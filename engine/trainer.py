@@ -108,13 +108,19 @@ class ZOTrainer:
     def done(self) -> bool:
         return self.step >= self.cfg.steps
 
+    @property
+    def groups_apart(self) -> bool:
+        """Full-parameter grzo: each group of records runs as micro-batches of its own, through its own
+        direction's weights (a LoRA job runs the groups' directions as rows of one mixed-adapter batch)."""
+        return self.cfg.estimator == "grzo" and self.adapter is None
+
     # ---- trainable groups ----------------------------------------------------------------------
     def perturbers(self, seeds: list[int], pair: bool = True) -> PassPerturbation:
         """The θ ± ε z work copies of one pass for the directions' step seeds (one z per direction);
         pair False: θ + ε z only. Full-parameter grzo holds one direction's copies of a block at a time
         (its micro-batches come in group order: ZOTrainer.batches), and on a device with its own memory
         one direction's copies of the outer tensors too (drawn again for the head)."""
-        one = self.cfg.estimator == "grzo" and self.adapter is None
+        one = self.groups_apart
         return PassPerturbation(
             seeds,
             self.cfg.noise,
@@ -163,7 +169,7 @@ class ZOTrainer:
         idx = D.batch_order(len(self.train.examples), cfg.batch_size, cfg.seed, step)
         per = cfg.batch_size // world
         idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
-        if cfg.estimator == "grzo" and self.adapter is None:
+        if self.groups_apart:
             mb = math.gcd(mb, cfg.batch_size // cfg.q, per)
         out = []
         for i in range(0, per, mb):

@@ -113,7 +113,7 @@ class ZOStepWorkload:
             self.groups.append([E.group_of(first + j, cfg.batch_size, cfg.q) for j in range(records)])
             first += records
             for d, sign in self.plan:
-                if d == E.GROUPED and tr.adapter is None:
+                if d == E.GROUPED and tr.groups_apart:
                     fns = self.perturbation.functions(self._one_group(self.groups[-1]), sign)
                 elif d == E.GROUPED:
                     fns = (None, None, self._grouped_lora(batch, self.groups[-1], sign))
