@@ -189,19 +189,7 @@ class TextbookGRZO(TextbookMeZO):
         deltas = [lp - lm for lp, lm in pairs]
         rms = math.sqrt(sum(x * x for x in deltas) / cfg.q)
         cs = [zo.f32(x / rms) for x in deltas]
-        lr = self.schedule.lr_at(t)
-        lr32, q = torch.tensor(lr, dtype=torch.float32), torch.tensor(float(cfg.q))
-        for name, theta in self.master.items():
-            n = theta.numel()
-            upd = torch.zeros(n)
-            for d, c in enumerate(cs):
-                z = rng.noise(cfg.noise, rng.step_seed(cfg.seed, t, d), name, n, 0, n) * c
-                upd = upd + torch.where(differ[d][name].reshape(-1), z, torch.zeros(n))
-            step = upd / q
-            if zo.is_decayed(name) and cfg.weight_decay:
-                step = step + theta.view(-1) * zo.f32(cfg.weight_decay)
-            theta.view(-1).copy_(theta.view(-1) - step * lr32)
-        self.history.append((pairs, cs, lr))
+        self.history.append((pairs, cs, self.update(t, cs, differ)))
 
 
 def test_full_parameter_grzo_matches_textbook_bitwise(models, tmp_path):

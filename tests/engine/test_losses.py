@@ -195,20 +195,7 @@ class TextbookFZOO(TextbookMeZO):
         mean = sum(ls) / len(ls)
         sigma = math.sqrt(sum((x - mean) ** 2 for x in ls) / len(ls))
         cs = [zo.f32((x - losses[0]) / sigma) for x in ls]
-        lr = self.schedule.lr_at(t)
-        lr32, q = torch.tensor(lr, dtype=torch.float32), torch.tensor(float(cfg.q))
-        for name, theta in self.master.items():
-            n = theta.numel()
-            upd = None
-            for d, c in enumerate(cs):
-                z = rng.noise(cfg.noise, rng.step_seed(cfg.seed, t, d), name, n, 0, n) * c
-                z = torch.where(differ[d][name].reshape(-1), z, torch.zeros(n))
-                upd = z if upd is None else upd + z
-            step = upd / q
-            if zo.is_decayed(name) and cfg.weight_decay:
-                step = step + theta.view(-1) * zo.f32(cfg.weight_decay)
-            theta.view(-1).copy_(theta.view(-1) - step * lr32)
-        self.history.append((losses, cs, lr))
+        self.history.append((losses, cs, self.update(t, cs, differ)))
 
     def step_loss(self, losses: list[float]) -> float:
         return losses[0]  # the loss a step logs: L(θ), the unperturbed forward

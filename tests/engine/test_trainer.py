@@ -258,6 +258,12 @@ class TextbookMeZO:
             gs.append(zo.projected_grad(pair[0], pair[1], cfg.epsilon))
             # The coordinates this direction's forwards could tell apart (θ+ != θ-): only they move.
             differ.append({n: copies[0][n] != copies[1][n] for n in self.master})
+        self.history.append((losses, gs, self.update(t, gs, differ)))
+
+    def update(self, t: int, gs: list[float], differ: list[dict[str, torch.Tensor]]) -> float:
+        """θ ← θ - lr_t (1/q Σ_d g_d z_d + wd θ), direction d's term only where differ[d] (the coordinates
+        its forwards could tell apart); stochastic rounding into low-precision masters. Returns lr_t."""
+        cfg = self.cfg
         lr = self.schedule.lr_at(t)
         lr32, q = torch.tensor(lr, dtype=torch.float32), torch.tensor(float(cfg.q))
         sr_seed = rng.step_seed(cfg.seed, t, SR_DIRECTION)
@@ -276,7 +282,7 @@ class TextbookMeZO:
             if self.rounding == "stochastic":
                 new = zo.stochastic_round(new, theta.dtype, rng.uniform(sr_seed, name, 0, n, CPU, stream=1))
             theta.view(-1).copy_(new)
-        self.history.append((losses, gs, lr))
+        return lr
 
     def run(self, steps: int) -> TextbookMeZO:
         for t in range(steps):
