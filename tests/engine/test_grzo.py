@@ -18,6 +18,7 @@ import torch
 
 from tests.engine.test_losses import CHOICES, choice_dataset, hf_ce, peft_model
 from tests.engine.test_trainer import (
+    PAD,
     TextbookMeZO,
     assert_same_tensors,
     check_runs_match_textbook,
@@ -175,7 +176,7 @@ class TextbookGRZO(TextbookMeZO):
         per = cfg.batch_size // cfg.q
         pairs, differ = [], []
         for d in range(cfg.q):
-            group = D.collate([self.ds.examples[i] for i in idx[d * per : (d + 1) * per]], 0)
+            group = D.collate([self.ds.examples[i] for i in idx[d * per : (d + 1) * per]], PAD)
             seed = rng.step_seed(cfg.seed, t, d)
             plus, minus = (
                 {
