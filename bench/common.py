@@ -466,3 +466,18 @@ def split_list(text: str) -> list[str]:
 
 def mb(nbytes: float | None) -> float | None:
     return None if nbytes is None else nbytes / 1e6
+
+
+def real_model(p: Any, a: Any) -> Path:
+    """The benches on the real model: --model, or the cached demo model (p.error when it is missing);
+    --threads N > 0 sets torch's CPU threads first."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.model:
+        return Path(a.model)
+    from zostream.clients import demo_model
+
+    model = demo_model.default_dir()
+    if not demo_model.is_complete(model):
+        p.error(f"no demo model in {model}: run `zostream model fetch-demo` first, or pass --model")
+    return model

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, table
+from common import log, real_model, table
 
 from zostream.engine import data as D
 from zostream.engine import finetune
@@ -88,14 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.model:
-        model = Path(a.model)
-    else:
-        from zostream.clients import demo_model
-
-        model = demo_model.default_dir()
+    model = real_model(p, a)
     root = Path(tempfile.mkdtemp(prefix="zo-lora-precision-"))
     rows = []
     try:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, machine_line, table
+from common import log, machine_line, real_model, table
 
 from zostream.engine import data as D
 from zostream.engine import finetune, zo
@@ -118,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.model:
-        model = Path(a.model)
-    else:
-        from zostream.clients import demo_model
-
-        model = demo_model.default_dir()
+    model = real_model(p, a)
     root = Path(tempfile.mkdtemp(prefix="zo-mask-"))
     try:
         task = root / "task"

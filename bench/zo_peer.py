@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import log, machine_line, table
+from common import log, machine_line, real_model, table
 
 from zostream.engine import data as D
 from zostream.engine import trainer as T
@@ -149,16 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default="full,lora")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.model:
-        model_dir = Path(a.model)
-    else:
-        from zostream.clients import demo_model
-
-        model_dir = demo_model.default_dir()
-        if not demo_model.is_complete(model_dir):
-            p.error(f"no demo model in {model_dir}: run `zostream model fetch-demo` first, or pass --model")
+    model_dir = real_model(p, a)
     methods = [m for m in a.methods.split(",") if m]
     vocab = WeightStore(model_dir).spec.vocab
     ids = torch.randint(1, vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
