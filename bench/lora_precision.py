@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task = root / "task"
         script = Path(__file__).resolve().parent / f"{a.task}_task.py"
-        subprocess.run([sys.executable, str(script), str(task), "--train", "512", "--eval", "8"], check=True)
+        cmd = [sys.executable, str(script), str(task), "--train", "512", "--eval", "8"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # the tables alone on stdout
         for eps in (float(e) for e in a.eps.split(",")):
             got = {}
             for name, dt in DTYPES.items():
