@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -80,6 +81,25 @@ def load_dataset(path: str | os.PathLike, tokenizer: Any, max_len: int = 1024) -
         return load_records(f, os.fspath(path), tokenizer, max_len)
 
 
+MAX_NESTING = 64  # JSON depth a record may have; deeper ones are refused before parsing
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def too_deep(text: str) -> bool:
+    """Whether a line's JSON nests past MAX_NESTING (brackets inside strings do not count). json.loads
+    refuses such input only at Python's recursion limit, where the collector's finalizers that happen
+    to run fail too."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_NESTING:
+            return True
+    return False
+
+
 def load_records(lines: Iterable[str | bytes], source: str, tokenizer: Any, max_len: int = 1024) -> Dataset:
     """Same as load_dataset for lines from elsewhere (e.g. uploaded over the API); `source` names them."""
     if max_len < 2:
@@ -94,6 +114,8 @@ def load_records(lines: Iterable[str | bytes], source: str, tokenizer: Any, max_
         text = _decode_line(raw, ctx)
         if not text.strip():
             continue
+        if too_deep(text):  # before json.loads: its recursion would run near the stack limit
+            raise ctx.error("", f"JSON nested more than {MAX_NESTING} levels deep; records are flat objects")
         try:
             rec = json.loads(text)
         except json.JSONDecodeError as e:

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from zostream.engine.data import (
     KINDS,
+    MAX_NESTING,
     ChoiceExample,
     DataError,
     Example,
@@ -203,6 +204,18 @@ def test_load_records_from_api(tok):
         load_records(['{"text": 3}'], "upload:job7", tok)
     with pytest.raises(ValueError, match="max_len"):
         load_records(['{"text": "a b"}'], "x", tok, max_len=1)
+
+
+def test_deep_json_is_refused_before_parsing(tok):
+    """Nesting past MAX_NESTING names the line; brackets inside strings (escaped quotes too) do not count."""
+    deep = '{"text": ' + "[" * MAX_NESTING + "]" * MAX_NESTING + "}"  # the object is one level more
+    with pytest.raises(DataError, match=f"upload line 2: JSON nested more than {MAX_NESTING} levels"):
+        load_records(['{"text": "ok"}', deep], "upload", tok)
+    with pytest.raises(DataError, match="line 1, field 'text'"):  # parsed: within the limit, a wrong type
+        load_records(['{"text": ' + "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1) + "}"], "upload", tok)
+    text = 'a \\" ' + "[{" * 200  # an escaped quote, then brackets that are text
+    ds = load_records([json.dumps({"text": text})], "upload", tok)
+    assert len(ds.examples) == 1
 
 
 # ------------------------------------------------------------------------------------------- truncation

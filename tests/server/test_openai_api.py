@@ -224,6 +224,10 @@ def test_files_and_jobs(client: openai.OpenAI, url: str, model: str, tmp_path: P
     with pytest.raises(openai.BadRequestError) as exc:
         client.files.create(file=("x.jsonl", b'{"prompt": "1"}\n'), purpose="fine-tune")
     assert exc.value.body["param"] == "file" and "line 1" in exc.value.body["message"]
+    deep = b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n"  # past the recursion limit
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("deep.jsonl", deep), purpose="fine-tune")
+    assert exc.value.body["param"] == "file" and "line 1: JSON nested" in exc.value.body["message"]
     with pytest.raises(openai.BadRequestError) as exc:
         client.files.create(file=path.open("rb"), purpose="assistants")
     assert exc.value.body["param"] == "purpose"

@@ -251,21 +251,22 @@ def test_corrupt_messages_are_invalid_argument(s: Stubs, payload: bytes) -> None
 
 
 @pytest.mark.parametrize(
-    "data",
+    "data, where",
     [
-        b'{"text": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",  # nesting past the recursion limit
-        b'{"text": 1' + b"0" * 5000 + b"}",  # an integer past int_max_str_digits
-        b'{"text": "1 \\udc80 2"}',  # a lone surrogate
+        # nesting past the recursion limit: refused before parsing, naming the line
+        (b'{"text": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "line 1"),
+        (b'{"text": 1' + b"0" * 5000 + b"}", "chunk"),  # an integer past int_max_str_digits
+        (b'{"text": "1 \\udc80 2"}', "chunk"),  # a lone surrogate
     ],
 )
-def test_hostile_json_records_are_invalid_argument(s: Stubs, data: bytes) -> None:
+def test_hostile_json_records_are_invalid_argument(s: Stubs, data: bytes, where: str) -> None:
     parts = [
         F.UploadDatasetRequest(metadata=F.DatasetMetadata(name="hostile")),
         F.UploadDatasetRequest(chunk=data),
     ]
     with pytest.raises(grpc.RpcError) as exc:
         s.ft.UploadDataset(iter(parts), timeout=30)
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk" in exc.value.details()
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and where in exc.value.details()
 
 
 def test_duplicate_in_flight_request_id(srv: ThreadServer, s: Stubs) -> None:
