@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from zostream.engine.data import MAX_NESTING, too_deep
 from zostream.engine.errors import RequestError
 
 log = logging.getLogger("zostream.http")
@@ -74,10 +75,15 @@ def error_sse(exc: BaseException) -> bytes:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if too_deep(raw.decode("utf-8", errors="replace")):  # json.loads would recurse to Python's limit
+        raise RequestError(f"the request body nests JSON more than {MAX_NESTING} levels deep", "body")
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})", "body") from None
+    except ValueError as exc:  # an integer past int_max_str_digits
+        raise RequestError(f"the request body is not valid JSON ({str(exc)[:160]})", "body") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", "body")
     return body
