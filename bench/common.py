@@ -468,6 +468,12 @@ def mb(nbytes: float | None) -> float | None:
     return None if nbytes is None else nbytes / 1e6
 
 
+def real_model_args(p: Any) -> None:
+    """--model and --threads, as real_model reads them."""
+    p.add_argument("--model", default=None, help="model dir (default: the cached demo model)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
 def real_model(p: Any, a: Any) -> Path:
     """The benches on the real model: --model, or the cached demo model (p.error when it is missing);
     --threads N > 0 sets torch's CPU threads first."""

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, real_model, table
+from common import log, real_model, real_model_args, table
 
 from zostream.engine import data as D
 from zostream.engine import finetune
@@ -80,13 +80,12 @@ def compare(ref: list[float], low: list[float]) -> list[object]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model dir (default: the cached demo model)")
+    real_model_args(p)
     p.add_argument("--task", default="topic", choices=("sentiment", "topic"))
     p.add_argument("--eps", default="3e-3,1e-2,3e-2")
     p.add_argument("--probes", type=int, default=30, help="grzo steps probed per ε and dtype")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     model = real_model(p, a)
     root = Path(tempfile.mkdtemp(prefix="zo-lora-precision-"))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, machine_line, real_model, table
+from common import log, machine_line, real_model, real_model_args, table
 
 from zostream.engine import data as D
 from zostream.engine import finetune, zo
@@ -111,12 +111,11 @@ def run(a: argparse.Namespace, model: Path, task: Path, masked: bool, root: Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model dir (default: the cached demo model)")
+    real_model_args(p)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--train", type=int, default=256)
     p.add_argument("--eval", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     model = real_model(p, a)
     root = Path(tempfile.mkdtemp(prefix="zo-mask-"))

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import log, machine_line, real_model, table
+from common import log, machine_line, real_model, real_model_args, table
 
 from zostream.engine import data as D
 from zostream.engine import trainer as T
@@ -142,11 +142,10 @@ def zostream_forwards(model_dir: Path, ids: torch.Tensor, steps: int) -> tuple[f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="model dir (default: the cached demo model)")
+    real_model_args(p)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--methods", default="full,lora")
     a = p.parse_args(argv)
     model_dir = real_model(p, a)

@@ -44,8 +44,9 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
             if isinstance(exc, RequestError):
                 raise
-            # Hostile JSON the record parser does not name: nesting past the recursion limit, integers past
-            # int_max_str_digits, lone surrogates in strings (the tokenizer refuses them).
+            # Hostile JSON the record parser does not name: integers past int_max_str_digits, lone surrogates
+            # in strings (the tokenizer refuses them); RecursionError only as a backstop, since the parser
+            # refuses nesting past data.MAX_NESTING before json.loads.
             why = f"{type(exc).__name__}: {str(exc)[:160]}"
             raise RequestError(
                 f"a record cannot be read ({why}); send one flat JSON object per line, with UTF-8 text",
