@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSONL records → token examples with loss masks, batch order, and loss reductions.
+"""Fine-tuning data: JSONL records → token examples with loss masks, batch order and collation.
+(The token NLL they are scored by is engine/losses.py.)
 
 Four record kinds, one per file, detected from the first record and checked on every line:
   completion  {"prompt": str, "completion": str}        loss on completion tokens (+ EOS)
@@ -397,81 +398,3 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 # ---------------------------------------------------------------------------------------------- losses
-
-
-# Rows log-softmaxed at a time. A chunk of 8 fp32 rows of a 49152-token vocabulary (1.5 MiB) stays in
-# cache: ~6x less CPU than one [N, V] call on SmolLM2's head (bench/RESULTS.md); rows are independent.
-NLL_CHUNK_ROWS = 8
-
-
-def target_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [N], targets [N]) int64: the flat positions b*T + t whose next token is a target, and those
-    targets (labels[b, t+1]). The last position of each row predicts nothing."""
-    b = labels.shape[0]
-    targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE)], dim=1).reshape(-1)
-    rows = (targets != IGNORE).nonzero().squeeze(1)
-    return rows, targets.index_select(0, rows)
-
-
-def rows_nll(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_rows: int = NLL_CHUNK_ROWS,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[N] float32 NLL of targets[n] under logits[rows[n]] (logits [*, V]; rows None: logits is [N, V]).
-
-    Each row is gathered and log-softmaxed in float32 `chunk_rows` at a time, so no [N, V] fp32 copy
-    exists; a row's value does not depend on the chunking."""
-    n = targets.numel()
-    out = torch.empty(n, dtype=torch.float32, device=logits.device)
-    for s in range(0, n, chunk_rows):
-        x = logits[s : s + chunk_rows] if rows is None else logits.index_select(0, rows[s : s + chunk_rows])
-        logp = torch.log_softmax(x.float(), dim=-1)  # [chunk, V] fp32
-        out[s : s + chunk_rows] = -logp.gather(1, targets[s : s + chunk_rows].unsqueeze(1)).squeeze(1)
-    return out
-
-
-def place_nll(nll: torch.Tensor, rows: torch.Tensor, b: int, t: int) -> torch.Tensor:
-    """Per-token NLL [B, T] (column t: the NLL of token t, 0 where not a target) from rows_nll's [N]."""
-    out = torch.zeros(b * t, dtype=torch.float32, device=nll.device)
-    out[rows] = nll
-    # shift back so column t holds the NLL of token t (as labels index it); column 0 is always 0
-    return torch.cat([out.new_zeros(b, 1), out.view(b, t)[:, :-1]], dim=1)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """Per-token NLL [B, T] float32 (0 where not a target): logits[:, t] predict labels[:, t+1].
-
-    Only target rows are gathered and log-softmaxed in float32, `chunk_rows` rows at a time (rows_nll).
-    """
-    b, t, v = logits.shape
-    if labels.shape != (b, t):
-        raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {(b, t)}")
-    rows, targets = target_rows(labels)
-    nll = rows_nll(logits.reshape(b * t, v), targets, chunk_rows or NLL_CHUNK_ROWS, rows)
-    return place_nll(nll, rows, b, t)
-
-
-def nll_sum(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
-) -> tuple[torch.Tensor, int]:
-    """(sum of target-token NLL as a float32 scalar, number of target tokens)."""
-    nll = token_nll(logits, labels, chunk_rows)
-    return nll.sum(), int((labels[:, 1:] != IGNORE).sum())
-
-
-def mean_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean NLL over target tokens (float32 scalar)."""
-    total, count = nll_sum(logits, labels, chunk_rows)
-    if count == 0:
-        raise ValueError("no target tokens in the batch (every label is -100)")
-    return total / count
-
-
-def nll_per_example(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (NLL sum [B] float32, target count [B] int64); -sum/count is the length-normalised
-    log-likelihood that scores a choice candidate."""
-    return token_nll(logits, labels, chunk_rows).sum(1), (labels[:, 1:] != IGNORE).sum(1)

@@ -67,17 +67,17 @@ class LossWorkload:
         b, t, hidden = self.h.shape
         h, self.h = self.h.reshape(b * t, hidden), None
         if self.index is None:
-            rows, targets = D.target_rows(self.labels)
-            nll = D.rows_nll(
+            rows, targets = LS.target_rows(self.labels)
+            nll = LS.rows_nll(
                 self.fam.head(h.index_select(0, rows), o, self.spec, self._out(h, len(rows))), targets
             )
-            self.sums = D.place_nll(nll, rows, b, t).sum(1)  # the reduction of data.nll_per_example
+            self.sums = LS.place_nll(nll, rows, b, t).sum(1)  # the reduction of losses.nll_per_example
             self.counts = (self.labels[:, 1:] != D.IGNORE).sum(1)
             return
         # Candidates: each scored position once (single-token candidates of a record share one).
         at, inv = torch.unique(self.index.rows * t + self.index.pos, return_inverse=True)
         logits = self.fam.head(h.index_select(0, at), o, self.spec, self._out(h, len(at)))  # [positions, V]
-        self.loglik = LS.summed_loglik(-D.rows_nll(logits, self.index.tok, rows=inv), self.index)  # [N]
+        self.loglik = LS.summed_loglik(-LS.rows_nll(logits, self.index.tok, rows=inv), self.index)  # [N]
         ce = LS.candidate_ce(self.loglik, self.index, self.choice_score)
         self.sums, self.counts = ce, torch.ones_like(ce, dtype=torch.int64)
 

@@ -26,11 +26,8 @@ from zostream.engine.data import (
     collate,
     load_dataset,
     load_records,
-    mean_loss,
-    nll_per_example,
-    nll_sum,
-    rows_nll,
 )
+from zostream.engine.losses import mean_loss, nll_per_example, nll_sum, rows_nll
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
