@@ -76,11 +76,15 @@ def error_sse(exc: BaseException) -> bytes:
 
 async def read_json(request: Request) -> dict[str, Any]:
     raw = await request.body()
-    if too_deep(raw.decode("utf-8", errors="replace")):  # json.loads would recurse to Python's limit
+    try:
+        text = raw.decode("utf-8")  # once: the depth check and the parser read the same text
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request body is not UTF-8 JSON ({exc})", "body") from None
+    if too_deep(text):  # json.loads would recurse to Python's limit
         raise RequestError(f"the request body nests JSON more than {MAX_NESTING} levels deep", "body")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})", "body") from None
     except ValueError as exc:  # an integer past int_max_str_digits
         raise RequestError(f"the request body is not valid JSON ({str(exc)[:160]})", "body") from None

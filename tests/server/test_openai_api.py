@@ -101,6 +101,7 @@ def test_bad_chat_requests(url: str, model: str, client: openai.OpenAI) -> None:
     deep = b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # past the recursion limit
     assert_error(post(url, "/v1/chat/completions", deep), 400, "body")
     assert_error(post(url, "/v1/chat/completions", b'{"n": 1' + b"0" * 5000 + b"}"), 400, "body")
+    assert_error(post(url, "/v1/chat/completions", b'{"model": "\xff"}'), 400, "body")  # not UTF-8
     with pytest.raises(openai.BadRequestError) as exc:  # the official client sees the same
         client.chat.completions.create(model=model, messages=chat["messages"], max_completion_tokens=0)
     assert exc.value.status_code == 400 and exc.value.body["param"] == "max_completion_tokens"
