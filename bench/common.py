@@ -487,3 +487,25 @@ def real_model(p: Any, a: Any) -> Path:
     if not demo_model.is_complete(model):
         p.error(f"no demo model in {model}: run `zostream model fetch-demo` first, or pass --model")
     return model
+
+
+@dataclass(frozen=True)
+class RealTask:
+    """A bench task on the real model: its weights, pad id and the task's train / held-out datasets."""
+
+    store: Any  # engine.store.WeightStore
+    pad: int
+    train: Any  # engine.data.Dataset
+    held: Any
+
+
+def real_task(model: Path, task: Path, max_len: int = 256) -> RealTask:
+    """Open `model` and load `task`/train.jsonl and eval.jsonl (a bench/*_task.py directory)."""
+    from zostream.engine import data as D
+    from zostream.engine.engine_setup import load_tokenizer
+    from zostream.engine.store import WeightStore
+
+    tok = load_tokenizer(str(model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    load = lambda name: D.load_dataset(task / name, tok, max_len=max_len)  # noqa: E731
+    return RealTask(WeightStore(model), pad, load("train.jsonl"), load("eval.jsonl"))

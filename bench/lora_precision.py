@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, real_model, real_model_args, table
+from common import log, real_model, real_model_args, real_task, table
 
-from zostream.engine import data as D
 from zostream.engine import finetune
 from zostream.engine.config import StreamConfig, ZOConfig
-from zostream.engine.engine_setup import load_tokenizer
 from zostream.engine.forward import run_pass
-from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
 
 TITLE = "LoRA loss differences: bf16 compute against fp32"
@@ -46,17 +43,15 @@ def deltas(
 ) -> list[float]:
     """Δ_d = L+_d - L-_d of every group of the first grzo step of --probes jobs (job seeds seed..seed +
     probes - 1: each its own records and directions), all at a fresh job's adapter; nothing is applied."""
-    store = WeightStore(model)
-    tok = load_tokenizer(str(model))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = D.load_dataset(task / "train.jsonl", tok, max_len=256)
+    t = real_task(model, task)
+    store = t.store
     sc = StreamConfig(gpu_memory_bytes=None)
     base = LayerStreamer(store, torch.device("cpu"), dtype, sc)  # the frozen base the adapter rides on
     out: list[float] = []
     for k in range(a.probes):
         cfg = ZOConfig(method="lora", steps=1, batch_size=a.batch, seed=a.seed + k, max_len=256, eps=eps)
         job = root / f"job-{eps:g}-{dtype}-{k}".replace("torch.", "")
-        tr = finetune.open_trainer(cfg, job, store, train, pad, torch.device("cpu"), dtype, base, sc)
+        tr = finetune.open_trainer(cfg, job, store, t.train, t.pad, torch.device("cpu"), dtype, base, sc)
         try:
             wl = tr.workload()
             run_pass(tr.streamer, [wl])

@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import log, machine_line, real_model, real_model_args, table
+from common import log, machine_line, real_model, real_model_args, real_task, table
 
-from zostream.engine import data as D
 from zostream.engine import finetune, zo
 from zostream.engine.config import StreamConfig, ZOConfig
-from zostream.engine.engine_setup import load_tokenizer
 from zostream.engine.store import WeightStore
 
 TITLE = "Full-parameter fine-tune with and without the update mask"
@@ -61,11 +59,8 @@ def rms_change(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) ->
 
 
 def run(a: argparse.Namespace, model: Path, task: Path, masked: bool, root: Path) -> list[object]:
-    store = WeightStore(model)
-    tok = load_tokenizer(str(model))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = D.load_dataset(task / "train.jsonl", tok, max_len=256)
-    held = D.load_dataset(task / "eval.jsonl", tok, max_len=256)
+    t = real_task(model, task)
+    store, held = t.store, t.held
     cfg = ZOConfig(method="full", steps=a.steps, batch_size=a.batch, seed=0, max_len=256)
     real = finetune.log_header
     if not masked:  # the header of a log from before masks: no update_mask entry, so none is applied
@@ -79,8 +74,8 @@ def run(a: argparse.Namespace, model: Path, task: Path, masked: bool, root: Path
             cfg,
             root / f"job-{masked}",
             store,
-            train,
-            pad,
+            t.train,
+            t.pad,
             torch.device("cpu"),
             store.dtype,
             None,
