@@ -1,6 +1,7 @@
-"""The divergence guard's slow-climb rule: a pure function over the logged training losses of accepted steps.
+"""The divergence guard: the outlier rule for one step, and the slow-climb rule, a pure function over the
+logged training losses of accepted steps.
 
-The outlier rule (zo.divergence_check) skips one step whose |g| is far above the recent median. A slow
+The outlier rule (divergence_check, below) skips one step whose |g| is far above the recent median. A slow
 climb is different: every step looks ordinary (MeZO at too large an lr: |g| grows 2 -> 5-10 over dozens
 of steps while the loss drifts up, then a huge step), so no single step is an outlier. This rule compares
 the mean loss of the last `window` accepted steps with the lowest mean of any earlier window of the same
@@ -24,6 +25,7 @@ from them keep the outlier rule only.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -102,3 +104,31 @@ def replay_state(losses: Iterable[float | None], rule: ClimbRule) -> ClimbState:
         if loss is not None:
             state, _ = observe(state, loss, rule)
     return state
+
+
+def divergence_check(
+    g: float,
+    loss_plus: float,
+    loss_minus: float,
+    history: list[float],
+    max_ratio: float = 20.0,
+    min_history: int = 8,
+) -> str | None:
+    """None if the step looks sane, else a short reason to skip it.
+
+    history: recent accepted g values; outliers are judged against the median |g| once it holds
+    min_history finite entries (a zero median gives no scale, so nothing is flagged then).
+    """
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        return f"non-finite loss (L+={loss_plus}, L-={loss_minus})"
+    if not math.isfinite(g):
+        return f"non-finite projected gradient g={g}"
+    finite = [abs(h) for h in history if math.isfinite(h)]
+    if len(finite) >= min_history:
+        median = statistics.median(finite)
+        if median > 0 and abs(g) > max_ratio * median:
+            return (
+                f"|g|={abs(g):.4g} is over {max_ratio:g}x the median |g| {median:.4g} "
+                f"of the last {len(finite)} steps"
+            )
+    return None

@@ -176,7 +176,7 @@ class ZOConfig:
     max_len: int = D.MAX_LEN
     eval_every: int = D.EVAL_EVERY
     checkpoint_every: int = D.CHECKPOINT_EVERY  # 0: only the export after the last step
-    # The divergence guard: skip outlier steps (zo.divergence_check) and back the lr off on a slow climb of
+    # The divergence guard: skip outlier steps (climb.divergence_check) and back the lr off on a slow climb of
     # the training loss (engine/climb.py; a new job's log header keeps the climb_* three, resume uses those).
     divergence_guard: bool = True
     climb_window: int = 20  # steps per window of the slow-climb rule

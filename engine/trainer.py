@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import climb, rng, zo
+from . import climb, rng, schedule, zo
 from . import data as D
 from . import estimators as E
 from . import losses as LS
@@ -79,7 +79,7 @@ class ZOTrainer:
         # maps its partials [m, 2q+1] to every rank's, in rank order. Single process: (0, 1), None.
         self.shard: tuple[int, int] = (0, 1)
         self.reducer: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-        self.schedule = zo.LRSchedule(
+        self.schedule = schedule.LRSchedule(
             cfg.schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
         )
         # The divergence guard's reference: |g| of accepted steps, rebuilt from the log on resume.
@@ -197,7 +197,7 @@ class ZOTrainer:
             # group often carries most of it: only non-finite losses are outliers there.
             history = [] if cfg.estimator == "grzo" else self.g_history
             for (lp, lm), g in zip(losses, gs, strict=True):
-                reason = reason or zo.divergence_check(g, lp, lm, history)
+                reason = reason or climb.divergence_check(g, lp, lm, history)
         lr = self.schedule.lr_at(wl.step)
         rule = self.climb_rule
         if rule is not None:  # backoff ** trips: exact in float32, so the logged lr is the applied one

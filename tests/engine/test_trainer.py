@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.tiny import TINY_CONFIGS, make_tiny_model
 from zostream.engine import data as D
-from zostream.engine import rng, trainer, zo
+from zostream.engine import rng, schedule, trainer, zo
 from zostream.engine.config import StreamConfig, ZOConfig
 from zostream.engine.errors import PreconditionError
 from zostream.engine.finetune import checkpoint, export, open_trainer
@@ -188,7 +188,7 @@ class TextbookMeZO:
         else:
             self.base = {n: t.float() for n, t in self.base.items()}
             self.master = lora_init(self.base, self.fam.layer_prefix, self.spec.num_layers, cfg)
-        self.schedule = zo.LRSchedule(
+        self.schedule = schedule.LRSchedule(
             cfg.schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
         )
         self.initial = {n: t.clone() for n, t in self.master.items()}
@@ -832,7 +832,7 @@ def test_cosine_warmup_lr_column(models, tmp_path):
     tr = open_job(model, tmp_path / "job", cfg)
     reported = [tr.run_step()["lr"] for _ in range(cfg.steps)]
     logged = [s.lr for s in UpdateLog.open(tmp_path / "job" / "update.log").steps()]
-    sched = zo.LRSchedule("cosine", 1e-2, 9, 3, 0.1)
+    sched = schedule.LRSchedule("cosine", 1e-2, 9, 3, 0.1)
 
     def textbook(t: int) -> float:  # HF get_cosine_schedule_with_warmup with a floor, as float32
         cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 3) / 6))

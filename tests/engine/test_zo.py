@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from zostream.engine import rng, zo
+from zostream.engine import climb, rng, schedule, zo
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KINDS = ["gaussian", "rademacher"]
@@ -321,7 +321,7 @@ def _is_f32(x: float) -> bool:
 
 
 def test_lr_schedule_values():
-    const = zo.LRSchedule("constant", 0.01, total_steps=100, warmup_steps=4)
+    const = schedule.LRSchedule("constant", 0.01, total_steps=100, warmup_steps=4)
     assert [const.lr_at(s) for s in (0, 1, 2, 4, 99, 500)] == [
         0.0,
         float(np.float32(0.0025)),
@@ -330,11 +330,11 @@ def test_lr_schedule_values():
         float(np.float32(0.01)),
         float(np.float32(0.01)),
     ]
-    lin = zo.LRSchedule("linear", 1e-3, total_steps=10, warmup_steps=2)
+    lin = schedule.LRSchedule("linear", 1e-3, total_steps=10, warmup_steps=2)
     # After warmup: base * (10 - step) / 8.
     for step, hand in [(1, 5e-4), (2, 1e-3), (6, 5e-4), (9, 1.25e-4), (10, 0.0), (12, 0.0)]:
         assert lin.lr_at(step) == pytest.approx(hand, rel=1e-7, abs=0) and _is_f32(lin.lr_at(step))
-    cos = zo.LRSchedule("cosine", 2e-3, total_steps=10, min_lr_ratio=0.1)
+    cos = schedule.LRSchedule("cosine", 2e-3, total_steps=10, min_lr_ratio=0.1)
     # min + (base - min) (1 + cos(pi step / 10)) / 2 with min = 2e-4.
     for step, hand in [
         (0, 2e-3),
@@ -363,24 +363,24 @@ def test_lr_schedule_values():
 def test_lr_schedule_validation(kwargs: dict, field: str):
     args = {"kind": "linear", "base_lr": 1e-3, "total_steps": 10} | kwargs
     with pytest.raises(ValueError, match=field):
-        zo.LRSchedule(**args)
+        schedule.LRSchedule(**args)
 
 
 def test_lr_schedule_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        zo.LRSchedule("constant", 1e-3, 10).base_lr = 1.0  # type: ignore[misc]
+        schedule.LRSchedule("constant", 1e-3, 10).base_lr = 1.0  # type: ignore[misc]
 
 
 def test_divergence_check():
     history = [1.0, -0.8, 1.2, -1.1, 0.9, 1.0, -1.3, 0.7, 1.05]  # median |g| = 1.0
-    assert zo.divergence_check(15.0, 2.0, 1.9, history) is None
-    assert "median" in zo.divergence_check(-25.0, 2.0, 1.9, history)
-    assert zo.divergence_check(25.0, 2.0, 1.9, history, max_ratio=30.0) is None
-    assert zo.divergence_check(1e6, 2.0, 1.9, history[:7]) is None  # too little history to judge
-    assert "loss" in zo.divergence_check(1.0, float("nan"), 1.9, history)
-    assert "loss" in zo.divergence_check(1.0, 2.0, float("inf"), [])
-    assert "g" in zo.divergence_check(float("inf"), 2.0, 1.9, [])
-    assert zo.divergence_check(5.0, 2.0, 1.9, [0.0] * 10) is None  # zero median: no scale to judge by
+    assert climb.divergence_check(15.0, 2.0, 1.9, history) is None
+    assert "median" in climb.divergence_check(-25.0, 2.0, 1.9, history)
+    assert climb.divergence_check(25.0, 2.0, 1.9, history, max_ratio=30.0) is None
+    assert climb.divergence_check(1e6, 2.0, 1.9, history[:7]) is None  # too little history to judge
+    assert "loss" in climb.divergence_check(1.0, float("nan"), 1.9, history)
+    assert "loss" in climb.divergence_check(1.0, 2.0, float("inf"), [])
+    assert "g" in climb.divergence_check(float("inf"), 2.0, 1.9, [])
+    assert climb.divergence_check(5.0, 2.0, 1.9, [0.0] * 10) is None  # zero median: no scale to judge by
 
 
 # ---------------------------------------------------------------- CPU == CUDA
