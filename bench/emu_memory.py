@@ -27,7 +27,8 @@ import torch
 from common import default_root, log, machine_line, make_model
 
 from zostream.engine import data as D
-from zostream.engine.codecs import decode_block, get_codec, open_codec_cache
+from zostream.engine.codec_cache import open_codec_cache
+from zostream.engine.codecs import decode_block, get_codec
 from zostream.engine.config import CodecConfig, StreamConfig, ZOConfig
 from zostream.engine.emu import EmuDevice
 from zostream.engine.finetune import open_trainer

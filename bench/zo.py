@@ -51,7 +51,8 @@ from common import (
 )
 
 from zostream.engine import data as D
-from zostream.engine.codecs import decode_block, get_codec, open_codec_cache
+from zostream.engine.codec_cache import open_codec_cache
+from zostream.engine.codecs import decode_block, get_codec
 from zostream.engine.config import CodecConfig, StreamConfig, ZOConfig
 from zostream.engine.errors import PreconditionError
 from zostream.engine.finetune import open_trainer

@@ -62,7 +62,8 @@ def open_codec(store: WeightStore, cfg: EngineConfig, device: torch.device):
     """(codec, its cache of packed blocks), or (None, None) for the raw weights."""
     if cfg.codec.name == "none":
         return None, None
-    from .codecs import get_codec, open_codec_cache
+    from .codec_cache import open_codec_cache
+    from .codecs import get_codec
 
     codec = get_codec(cfg.codec)
     return codec, open_codec_cache(store, cfg.codec, device=device if device.type == "cuda" else None)

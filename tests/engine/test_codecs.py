@@ -11,18 +11,16 @@ import torch
 
 from tests.tiny import make_tiny_model
 from zostream.engine import codecs
+from zostream.engine.codec_cache import CodecCache, default_cache_root, open_codec_cache
 from zostream.engine.codecs import (
-    CodecCache,
     Int8Codec,
     NF4Codec,
     NoneCodec,
     block_layout,
     decode_block,
-    default_cache_root,
     encode_block,
     encodes,
     get_codec,
-    open_codec_cache,
 )
 from zostream.engine.config import CodecConfig
 from zostream.engine.store import WeightStore

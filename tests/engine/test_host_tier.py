@@ -152,7 +152,8 @@ def test_bad_host_budget_names_the_field():
 
 @LINUX_PROC
 def test_codec_cache_is_mapped_read_only_and_streams_through_the_tier(tmp_path):
-    from zostream.engine.codecs import decode_block, get_codec, open_codec_cache
+    from zostream.engine.codec_cache import open_codec_cache
+    from zostream.engine.codecs import decode_block, get_codec
     from zostream.engine.config import CodecConfig
 
     d = _big_llama(tmp_path)
