@@ -11,8 +11,9 @@ bfloat16 (the first step of --probes jobs, each its own --batch records and dire
 Per ε, it reports the RMS of the fp32 Δ, the relative RMS error of the bf16 Δ against it, their
 correlation, and the share of directions whose sign differs (a sign error turns that direction's step
 round). A relative error r adds about r² to the variance of each Δ (the step normalises by their RMS).
+--keep lifts some of the bf16 roundings (bench/mixed_forward.py: head, resid, lora) to find which carry it.
 
-  python bench/lora_precision.py [--model DIR] [--task topic] [--eps 3e-3,1e-2,3e-2] [--probes 30]
+  python bench/lora_precision.py [--model DIR] [--task topic] [--eps 3e-3,1e-2,3e-2] [--probes 30] [--keep K]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mixed_forward
 import torch
 from common import log, real_model, real_model_args, real_task, table
 
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", type=int, default=30, help="grzo steps probed per ε and dtype")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", default="", help="bf16 roundings to lift: a comma list of head,resid,lora")
     a = p.parse_args(argv)
+    mixed_forward.patch(a.keep)  # fp32 weights run the same arithmetic patched or not
     model = real_model(p, a)
     root = Path(tempfile.mkdtemp(prefix="zo-lora-precision-"))
     rows = []
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     heads = ["ε", "Δ's", "RMS Δ (fp32)", "bf16 rel. RMS error", "correlation", "sign flips"]
-    print(table(f"{TITLE} ({a.task}, grzo, batch {a.batch}, {a.probes} probes)", heads, rows))
+    kept = f", bf16 keeps {a.keep} in fp32" if a.keep else ""
+    print(table(f"{TITLE} ({a.task}, grzo, batch {a.batch}, {a.probes} probes{kept})", heads, rows))
     return 0
 
 
