@@ -20,6 +20,11 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
 A forward is one pass of the batch (B records); a grzo or MeZO step costs 2, an FZOO step q+1. Output: a table
 per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
 
+A job scores the held-out set in its compute dtype (bf16 for the demo model), the peer in fp32. The scoring
+precision moves a four-label task's accuracy by 0.01-0.03 (bench/RESULTS.md): --score-dtype float32 scores
+every evaluated checkpoint of the engine's jobs again in fp32 (rebuilt from the update log: `zostream log
+export --upto K`, then `zostream eval --dtype float32`), for a comparison at equal scoring precision.
+
   python bench/finetune.py --model DIR --out DIR [--method lora] [--seeds 0,1,2] [--forwards 1200]
 """
 
@@ -79,7 +84,7 @@ def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: 
     evals = {r["step"]: r for r in rows if r.get("type") == "eval"}  # the latest line per step
     steps_rows = [r for r in rows if r.get("type") == "step"]
     diverged = any(r.get("skipped") for r in steps_rows)
-    return [
+    points = [
         {
             "forwards": s * per,
             "accuracy": r.get("accuracy"),
@@ -88,6 +93,25 @@ def run_engine(a: argparse.Namespace, task_dir: Path, run: str, seed: int, job: 
         }
         for s, r in sorted(evals.items())
     ]
+    if a.score_dtype != "job":
+        for s, point in zip(sorted(evals), points, strict=True):
+            point["accuracy_job"] = point["accuracy"]  # the job's own score, in its compute dtype
+            scored = rescore(a.model, a.method, job, s, task_dir / "eval.jsonl", a.score_dtype)
+            point["accuracy"] = scored["accuracy"]
+    return points
+
+
+def rescore(model: str, method: str, job: Path, step: int, data: Path, dtype: str) -> dict:
+    """`zostream eval --json` (accuracy, loss) of the job's checkpoint after `step` steps, scored in `dtype`:
+    the checkpoint is rebuilt from the update log (what training produced, bit for bit) into job/rescore/."""
+    out = job / "rescore" / str(step)
+    zs = [sys.executable, "-m", "zostream"]
+    export = [*zs, "log", "export", "--base", model, "--out", str(out), "--upto", str(step)]
+    subprocess.run([*export, "--json", str(job / "update.log")], check=True, stdout=subprocess.DEVNULL)
+    target = ["--model", model, "--adapter", str(out)] if method == "lora" else ["--model", str(out)]
+    cmd = [*zs, "eval", *target, "--data", str(data), "--batch-size", "32", "--device", "cpu"]
+    res = subprocess.run([*cmd, "--dtype", dtype, "--json"], check=True, capture_output=True, text=True)
+    return json.loads(res.stdout)
 
 
 # ---------------------------------------------------------------------------------------------- peer
@@ -278,6 +302,12 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--results", type=Path, help="append the tables here (e.g. bench/RESULTS.md)")
     ap.add_argument(
+        "--score-dtype",
+        default="job",
+        choices=("job", "float32", "bfloat16"),
+        help="score the engine's checkpoints again in this dtype (default job: the job's own evaluation)",
+    )
+    ap.add_argument(
         "--merge",
         type=Path,
         nargs="*",
@@ -328,7 +358,7 @@ def main() -> None:
         "default hyperparameters)\n\n"
         f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} CPUs, model {Path(a.model).name}. Command: "
         f"`python bench/finetune.py --model MODEL --out OUT --method {a.method} --seeds {a.seeds} "
-        f"--forwards {a.forwards} --tasks {a.tasks} --runs {a.runs}`\n\n"
+        f"--forwards {a.forwards} --tasks {a.tasks} --runs {a.runs} --score-dtype {a.score_dtype}`\n\n"
     )
     text = head + "\n".join(table(t, c, a.forwards) + "\n" + points(t, c) for t, c in all_curves.items())
     print(text)

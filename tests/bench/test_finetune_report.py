@@ -54,3 +54,40 @@ def test_points_lists_every_evaluation_with_its_loss(ft):
     assert "| run | seed | 0 | 100 | 200 |" in lines
     assert "| a | 0 | 0.500 (2.00) | 0.600 (1.00) | 0.800 (0.50) |" in lines
     assert "| a | 1 | 0.500 (2.00) | 0.700 | - |" in lines
+
+
+def test_rescore_rebuilds_each_checkpoint_and_scores_it_as_the_job_did(ft, tmp_path, monkeypatch):
+    """--score-dtype: in the job's own dtype, the checkpoint rebuilt from the update log and scored by
+    `zostream eval` gets the accuracy and held-out loss the job's in-process evaluation logged (two code
+    paths: log replay + the eval command against the trainer's own evaluation), at every evaluated step."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.clients.test_cli import _tokenizer
+    from tests.tiny import make_tiny_model
+
+    monkeypatch.setenv("ZOSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    model = make_tiny_model(tmp_path, "llama", dtype=torch.bfloat16)
+    _tokenizer().save_pretrained(model)
+    recs = [
+        {"prompt": "the cat sat on the", "candidates": [" mat", " park"], "answer": 0},
+        {"prompt": "paris is in", "candidates": [" italy", " france"], "answer": 1},
+        {"prompt": "rome is in", "candidates": [" italy", " france"], "answer": 0},
+        {"prompt": "a dog ran in the", "candidates": [" mat", " park"], "answer": 1},
+    ]
+    data = tmp_path / "choice.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    job = tmp_path / "job"
+    train = [sys.executable, "-m", "zostream", "train", "--model", str(model), "--method", "lora"]
+    train += ["--data", str(data), "--eval", str(data), "--out", str(job), "--steps", "4"]
+    train += ["--batch-size", "2", "--eval-every", "4", "--max-len", "16", "--device", "cpu"]
+    subprocess.run(train, check=True)
+    rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if r.get("type") == "eval"}
+    assert sorted(evals) == [0, 4]
+    for step, r in evals.items():
+        got = ft.rescore(str(model), "lora", job, step, data, "bfloat16")
+        assert (got["accuracy"], got["loss"]) == (r["accuracy"], r["loss"]), step
