@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zostream.engine import metrics as M
+from zostream.engine import metric_catalog as C
 from zostream.engine.metrics import DOCS, Metrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -87,7 +87,7 @@ EXPECTED = {
 def test_names_docs_and_units() -> None:
     assert tuple(DOCS) == Metrics.METRIC_NAMES
     for kind, names in EXPECTED.items():
-        assert {s.name for s in M._SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
+        assert {s.name for s in C.SPECS if s.kind == kind} == {f"zostream_{n}" for n in names.split()}, kind
     assert len(Metrics.METRIC_NAMES) == 45
     for name, doc in DOCS.items():
         assert name.startswith("zostream_") and doc and "\n" not in doc
@@ -96,7 +96,7 @@ def test_names_docs_and_units() -> None:
 def test_finish_reasons_match_the_engine() -> None:
     from zostream.engine.generation import FinishReason
 
-    assert set(M.FINISH_REASONS) == {r.value for r in FinishReason}
+    assert set(C.FINISH_REASONS) == {r.value for r in FinishReason}
 
 
 def test_every_family_is_exposed_after_one_step() -> None:
@@ -184,7 +184,7 @@ def test_climb_trip_counted() -> None:
 def test_train_step_of_an_unknown_method_is_recorded_but_not_counted() -> None:
     m = Metrics()  # the job ended during the pass, so the loop cannot name its method
     m.observe_step(full_step(), codec="nf4", running=1, waiting=0, method=None)
-    assert all(val(m, "zostream_finetune_steps_total", method=k) == 0 for k in M.METHODS)
+    assert all(val(m, "zostream_finetune_steps_total", method=k) == 0 for k in C.METHODS)
     assert val(m, "zostream_finetune_loss") == 2.5
     assert val(m, "zostream_finetune_step_seconds_count") == 1
     m.observe_step(Stats(seconds=0.1, train=train_dict(method="full")), codec="nf4", running=0, waiting=0)
@@ -203,7 +203,7 @@ def test_failed_train_step_counts_the_pass_only() -> None:
 def test_idle_step_observes_no_pass() -> None:
     m = Metrics()
     m.observe_step(Stats(seconds=0.01), codec="none", running=0, waiting=0)
-    assert all(val(m, "zostream_pass_seconds_count", kind=k) == 0 for k in M.PASS_KINDS)
+    assert all(val(m, "zostream_pass_seconds_count", kind=k) == 0 for k in C.PASS_KINDS)
     assert val(m, "zostream_layer_compute_seconds_total") == 0
 
 
@@ -248,7 +248,7 @@ def test_gauges_jobs_memory_residency() -> None:
     m = Metrics()
     m.set_jobs({"running": 1, "queued": 3, "succeeded": 7})
     m.set_jobs({"running": 1, "succeeded": 8})  # queued drained: back to 0
-    assert {s: val(m, "zostream_jobs", status=s) for s in M.JOB_STATUSES} == {
+    assert {s: val(m, "zostream_jobs", status=s) for s in C.JOB_STATUSES} == {
         "queued": 0, "running": 1, "cancelling": 0, "succeeded": 8, "failed": 0, "cancelled": 0,
     }  # fmt: skip
     assert not any(n == "zostream_gpu_memory_bytes" for n, _ in samples(m))  # none until the server sets it
