@@ -3,23 +3,20 @@ stubs, percentiles, and the JSON + markdown report every driver prints."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.server.conftest import Stubs, free_port, make_model
+from tests.server.conftest import Stubs, free_port, make_model, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,19 +89,7 @@ class ServerProc:
 
     def wait_serving(self, timeout: float = 120.0) -> None:
         assert self.channel is not None and self.proc is not None
-        h = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(grpc.RpcError):
-                if (
-                    h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"server not SERVING after {timeout} s:\n{self.output()}")
+        wait_serving(self.channel, self.proc, self.output, timeout)
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid) if self.alive() else 0  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,19 +189,7 @@ class ProcServer:
         return self.log.read_text(errors="replace")[-4000:]
 
     def wait_serving(self, timeout: float = 60.0) -> None:
-        h = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(grpc.RpcError):
-                if (
-                    h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"server not SERVING after {timeout} s:\n{self.output()}")
+        wait_serving(self.channel, self.proc, self.output, timeout)
 
     def kill(self, sig: int) -> int | None:
         """Send sig; for SIGKILL wait for the exit. Returns the exit code if the process ended."""
@@ -256,3 +244,23 @@ def stop_process(ps: ProcServer) -> None:
         except subprocess.TimeoutExpired:
             ps.proc.kill()
             ps.proc.wait(10)
+
+
+def wait_serving(
+    channel: grpc.Channel, proc: subprocess.Popen, output: Callable[[], str], timeout: float
+) -> None:
+    """Poll the health service until SERVING; RuntimeError with the server's `output()` if the process
+    exits first or `timeout` seconds pass."""
+    h = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{output()}")
+        with contextlib.suppress(grpc.RpcError):
+            if (
+                h.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not SERVING after {timeout} s:\n{output()}")
