@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from tests.engine.test_losses import CHOICES, choice_dataset, hf_ce, peft_model
+from tests.engine.test_losses import CHOICES, choice_dataset, hf_ce, peft_model, spy_losses
 from tests.engine.test_trainer import (
     PAD,
     TextbookMeZO,
@@ -33,20 +33,6 @@ from zostream.engine.config import ZOConfig
 from zostream.engine.finetune import export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def spy_losses(tr) -> list[list[tuple[float, float]]]:
-    seen: list[list[tuple[float, float]]] = []
-    orig = tr.workload
-
-    def spy():
-        wl = orig()
-        inner = wl.losses
-        wl.losses = lambda: seen.append(inner()) or seen[-1]
-        return wl
-
-    tr.workload = spy
-    return seen
 
 
 @pytest.mark.parametrize(("ds", "q"), [(CHOICES, 4), (choice_dataset(multi=False), 2)])

@@ -39,6 +39,21 @@ VOCAB = 101
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def spy_losses(tr) -> list[list[tuple[float, float]]]:
+    """Record what each of the trainer's step workloads reports: per step, its (L+, L-) per direction."""
+    seen: list[list[tuple[float, float]]] = []
+    orig = tr.workload
+
+    def spy():
+        wl = orig()
+        inner = wl.losses
+        wl.losses = lambda: seen.append(inner()) or seen[-1]
+        return wl
+
+    tr.workload = spy
+    return seen
+
+
 def choice_dataset(n: int = 12, seed: int = 0, multi: bool = True) -> D.Dataset:
     """Random prompts; every other record has single-token candidates, the rest 3 multi-token ones."""
     g = torch.Generator().manual_seed(seed)
@@ -101,16 +116,7 @@ def test_candidates_loss_matches_transformers(models, tmp_path, score):
     assert tr.loss == "candidates" and tr.cfg.estimator == "fzoo"
     hf = peft_model(model, cfg)
     names = {n: n.replace(".weight", ".default.weight") for n in tr.adapter.tensors}
-    seen: list[list[tuple[float, float]]] = []
-    orig = tr.workload
-
-    def spy():
-        wl = orig()
-        inner = wl.losses
-        wl.losses = lambda: seen.append(inner()) or seen[-1]
-        return wl
-
-    tr.workload = spy
+    seen = spy_losses(tr)  # each step's (L+, L-) per direction, as the trainer read them
     with torch.inference_mode():
         for t in range(2):
             tr.flush()  # the previous step's update is applied lazily, inside the next pass
