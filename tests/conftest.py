@@ -1,7 +1,9 @@
-"""Shared fixtures for the whole test tree."""
+"""Shared fixtures for the whole test tree: the demo model, and one torch thread for the modules that ask for
+it (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,14 @@ def demo_model() -> Path:
             "(run `zostream model fetch-demo` to see the full output)",
             pytrace=False,
         )
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: thread fan-out only costs time (and thrashes on a loaded 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

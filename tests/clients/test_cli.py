@@ -63,13 +63,7 @@ def model(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and spinning OpenMP workers on a busy CI box cost 5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only cost time
 
 
 @pytest.fixture(autouse=True)

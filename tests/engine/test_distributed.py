@@ -67,12 +67,7 @@ CPU = torch.device("cpu")
 TIMEOUT_S = 5  # --dist-timeout of the launched ranks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only cost time
 
 
 @pytest.fixture(scope="module")
