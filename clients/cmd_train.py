@@ -78,7 +78,7 @@ def resume_config(cfg: Any, store: Any, log_path: Path) -> Any:
     """The config to reopen an existing job with (engine/session.py): a flag that differs from the log
     is a UsageError naming it."""
     from zostream.engine.errors import RequestError
-    from zostream.engine.session import resume_config as resolve
+    from zostream.engine.resume import resume_config as resolve
     from zostream.engine.update_log_format import LogCorruptError
 
     try:

@@ -942,7 +942,7 @@ def test_log_from_before_masks_resumes_unmasked(models, tmp_path, monkeypatch):
     """A job whose log has no update_mask entry (written before masks) resumes under its own header:
     its later steps are applied unmasked too, so the whole log replays one way. A new job gets the entry."""
     from zostream.engine import finetune
-    from zostream.engine.session import resume_config
+    from zostream.engine.resume import resume_config
 
     model = models("llama")
     cfg = base_cfg("full", steps=3)
