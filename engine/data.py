@@ -395,6 +395,3 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
         ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.int64)
         labels[b, : len(e.labels)] = torch.tensor(e.labels, dtype=torch.int64)
     return ids, labels, lens
-
-
-# ---------------------------------------------------------------------------------------------- losses

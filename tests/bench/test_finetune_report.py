@@ -66,17 +66,17 @@ def test_rescore_rebuilds_each_checkpoint_and_scores_it_as_the_job_did(ft, tmp_p
 
     import torch
 
-    from tests.clients.test_cli import _tokenizer
+    from tests.server.conftest import write_tokenizer
     from tests.tiny import make_tiny_model
 
     monkeypatch.setenv("ZOSTREAM_CACHE_DIR", str(tmp_path / "cache"))
     model = make_tiny_model(tmp_path, "llama", dtype=torch.bfloat16)
-    _tokenizer().save_pretrained(model)
+    write_tokenizer(model)  # the text "i" is token i
     recs = [
-        {"prompt": "the cat sat on the", "candidates": [" mat", " park"], "answer": 0},
-        {"prompt": "paris is in", "candidates": [" italy", " france"], "answer": 1},
-        {"prompt": "rome is in", "candidates": [" italy", " france"], "answer": 0},
-        {"prompt": "a dog ran in the", "candidates": [" mat", " park"], "answer": 1},
+        {"prompt": "3 4 5", "candidates": [" 6", " 9"], "answer": 0},
+        {"prompt": "10 20", "candidates": [" 7", " 30"], "answer": 1},
+        {"prompt": "2 4", "candidates": [" 6", " 8"], "answer": 0},
+        {"prompt": "11 12 13", "candidates": [" 40", " 14"], "answer": 1},
     ]
     data = tmp_path / "choice.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def mixed(monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("mixed_forward", None)
 
 
-def logits(store: WeightStore, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+def logits(store: WeightStore | SimpleNamespace, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     """The family's forward as the workloads run it: embed, every block, head -> [B, T, V] float32."""
     fam, spec, outer = store.family, store.spec, store.outer()
     attn = AttentionBatch.build(lens, ids.shape[1])
@@ -68,10 +69,13 @@ def test_each_lifted_rounding_brings_bf16_closer_to_fp32(tmp_path: Path, mixed, 
     def as_fp32(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.float() for k, t in w.items()}
 
-    fp32_store = type("F32", (), {})()  # the same bf16 values, computed in fp32
-    fp32_store.family, fp32_store.spec, fp32_store.num_layers = store.family, store.spec, store.num_layers
-    fp32_store.outer = lambda: as_fp32(store.outer())
-    fp32_store.block = lambda i: as_fp32(store.block(i))
+    fp32_store = SimpleNamespace(  # the same bf16 values, computed in fp32
+        family=store.family,
+        spec=store.spec,
+        num_layers=store.num_layers,
+        outer=lambda: as_fp32(store.outer()),
+        block=lambda i: as_fp32(store.block(i)),
+    )
     ref = logits(fp32_store, ids, lens)
     mixed.patch(keep)
     got = logits(store, ids, lens)
