@@ -219,6 +219,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
     max_new = _int(body, max_name, 1, engine.limits.max_new_tokens)
     top_k = _int(body, "top_k", 0, 1 << 20)  # extras some OpenAI clients send (vLLM's names)
     rep = _num(body, "repetition_penalty", 0.0, 100.0)
+    ignore_eos = _bool(body, "ignore_eos")
     opts = body.get("stream_options")
     if opts is not None and (
         not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)
@@ -242,6 +243,7 @@ def _plan(body: dict, engine: Any, prompts: list, max_name: str, top: int | None
         if max_new is not None:
             pb.stopping.max_new_tokens = max_new
         pb.stopping.stop.extend(stop)
+        pb.stopping.ignore_eos = ignore_eos
         req = _convert(pb, engine, max_name)
         req.logprobs = top
         # the n choices as gRPC makes them: choice i samples with seed + i (one seed picked if unset)

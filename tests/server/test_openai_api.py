@@ -190,10 +190,24 @@ def test_logprobs_after_a_stop_cut_cover_every_generated_token(client: openai.Op
     assert [t for x in streamed if x for t in x.tokens] == lp.tokens
 
 
+def test_ignore_eos_runs_to_max_tokens(client: openai.OpenAI, url: str, model: str) -> None:
+    """vLLM's ignore_eos extra: greedy decoding of PROMPT ends on EOS after a few tokens; with it, it
+    runs to max_tokens."""
+    kw: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    plain = client.completions.create(**kw)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    full = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    assert_error(post(url, "/v1/completions", {**kw, "ignore_eos": "yes"}), 400, "ignore_eos")
+
+
 def test_client_going_away_aborts_the_request(server: ThreadServer, url: str, model: str) -> None:
     labels = {"finish_reason": "cancelled", "api": "http"}
     before = server.app.metrics.registry.get_sample_value("zostream_requests_total", labels)
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 400, "temperature": 1.0, "stream": True}
+    # ignore_eos: the tiny model samples EOS within a few tokens, which would finish the request normally
+    # before the server notices the client has gone (a race); without EOS it runs until cancelled.
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 500, "temperature": 1.0, "stream": True}
+    body["ignore_eos"] = True
     with httpx.stream(
         "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
     ) as r:
