@@ -18,30 +18,22 @@ Checks a GPU cannot make, recorded in `violations` (the tests assert it stays em
 The copy timeline (stream, tag, bytes, start, end) shows what overlapped; it also holds the spans
 during which compute used a block ("kernels") and those during which the host waited ("host-wait").
 
-Compute memory: inside `track_compute()` (the streamer opens it around every pass on emu) each tensor a
-torch operation creates on the compute thread is device memory until its storage dies: activations,
-perturbed work copies, attention scores, logits. The allocator then counts every device byte: what the
-streamer places explicitly (slots, resident blocks, outer tensors, the decoded block, KV pools) and what
-compute allocates. Not counted: scratch an operator allocates and frees inside itself, and the slack of a
-caching allocator (a GPU's reserved memory is at least `peak`).
+Device memory, placed and compute-allocated, is counted by engine/emu_memory.py (EmuDevice's base).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import queue
 import random
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from .emu_memory import DeviceMemory
 
 
 @dataclass(frozen=True)
@@ -175,16 +167,14 @@ class EmuStream:
             self.dev._copy(self, dst, src, tag)
 
 
-class EmuDevice:
-    """Device memory, copy engines and the copy timeline of one emulated accelerator."""
+class EmuDevice(DeviceMemory):
+    """Device memory (emu_memory.DeviceMemory), copy engines and the copy timeline of one accelerator."""
 
     def __init__(self, options: EmuOptions | None = None) -> None:
+        super().__init__(threading.Condition())
         self.options = options or EmuOptions()
-        self.cond = threading.Condition()
         self._rng = random.Random(self.options.seed)
         self.killed = False
-        self.allocated = 0  # bytes of device memory now: placed + compute_bytes
-        self.peak = 0
         self.bytes_by_stream: dict[str, int] = {}
         self.timeline: list[CopyRecord] = []
         self.violations: list[str] = []
@@ -195,12 +185,6 @@ class EmuDevice:
         self.registered: set[int] = set()  # host pointers registered now
         self.compute = EmuStream(self, "compute", host=True)
         self._t0 = time.perf_counter()
-        # Compute memory (track_compute): storage pointer -> (weak ref, bytes) of live tensors compute made.
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.compute_bytes = 0  # of `allocated`, the part compute's tensors hold now
-        self.compute_peak = 0
-        self.placed_peak = 0  # peak of what the streamer placed (weights, slots, KV): the plan's budget
-        self._quiet = threading.local()  # device-internal allocations (counted explicitly) are not tracked
 
     # ---- memory ----------------------------------------------------------------------------------
     def empty(self, nbytes: int) -> torch.Tensor:
@@ -240,67 +224,6 @@ class EmuDevice:
 
     def unregister(self, ptrs: list[int]) -> None:
         self.registered.difference_update(ptrs)
-
-    def account(self, nbytes: int) -> None:
-        with self.cond:
-            self.allocated += nbytes
-            self.peak = max(self.peak, self.allocated)
-            self.placed_peak = max(self.placed_peak, self.allocated - self.compute_bytes)
-
-    def free(self, nbytes: int) -> None:
-        self.account(-nbytes)
-
-    # ---- compute memory ------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def track_compute(self) -> Iterator[None]:
-        """Count the tensors compute creates on this thread (see the module docstring) while inside.
-        Reentrant: a pass opened inside a tracked region is tracked once."""
-        if getattr(self._quiet, "tracking", False):
-            yield
-            return
-        self._quiet.tracking = True
-        try:
-            with _ComputeMemory(self):
-                yield
-        finally:
-            self._quiet.tracking = False
-            self.sweep()
-
-    @contextlib.contextmanager
-    def untracked(self) -> Iterator[None]:
-        """Allocations the caller counts itself (device buffers, the decoded block): not tracked."""
-        depth = getattr(self._quiet, "depth", 0)
-        self._quiet.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._quiet.depth = depth
-
-    def sweep(self) -> None:
-        """Uncount compute tensors whose storage has died."""
-        with self.cond:
-            dead = [p for p, (ref, _) in self._live.items() if ref.expired()]
-            for p in dead:
-                n = self._live.pop(p)[1]
-                self.allocated -= n
-                self.compute_bytes -= n
-
-    def _track(self, inputs: set[int], out: object) -> None:
-        if getattr(self._quiet, "depth", 0):
-            return
-        self.sweep()  # frees are seen before the new outputs count, so the peak is of live tensors
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            st = t.untyped_storage()
-            p, n = st.data_ptr(), st.nbytes()
-            if n == 0 or p in inputs or p in self._live:
-                continue  # a view of, or in-place on, memory counted elsewhere or already
-            with self.cond:
-                self._live[p] = (StorageWeakRef(st), n)
-                self.compute_bytes += n
-                self.compute_peak = max(self.compute_peak, self.compute_bytes)
-            self.account(n)
 
     # ---- streams, events, copies ------------------------------------------------------------------
     def stream(self, name: str) -> EmuStream:
@@ -392,24 +315,6 @@ class EmuDevice:
                 self._pending.remove(span)
             self.bytes_by_stream[stream.name] = self.bytes_by_stream.get(stream.name, 0) + n
             self.timeline.append(CopyRecord(stream.name, tag, n, t0 - self._t0, t1 - self._t0))
-
-
-class _ComputeMemory(TorchDispatchMode):
-    """Sees every torch operation on the thread that entered it; new storages are device memory."""
-
-    def __init__(self, dev: EmuDevice) -> None:
-        super().__init__()
-        self.dev = dev
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
-        }
-        self.dev._track(inputs, out)
-        return out
 
 
 def overlapped(timeline: list[CopyRecord], a: str, b: str, tag_b: str = "") -> float:
