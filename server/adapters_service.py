@@ -112,7 +112,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             if not rec.terminal:
                 raise PreconditionError("the job is still training; cancel it first", "adapter_id")
 
-        await self.app.on_engine(lambda: self.app.runner.delete_adapter(aid))  # the engine owns the adapters
+        await self.app.on_engine(lambda: self.app.adapters.delete(aid))  # the engine owns the adapters
         if aid in self.app.jobs.jobs:
             shutil.rmtree(self.app.jobs.job_dir(aid) / "adapter", ignore_errors=True)
         return adapters_pb2.DeleteAdapterResponse()
@@ -140,7 +140,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
         try:
             staged = W.stage_peft(self.app.jobs.root, aid, data)
             try:
-                await self.app.on_engine(lambda: self.app.runner.import_peft(aid, staged))
+                await self.app.on_engine(lambda: self.app.adapters.import_peft(aid, staged))
             except BaseException:
                 shutil.rmtree(staged.parent, ignore_errors=True)
                 raise
@@ -199,7 +199,7 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             with UpdateLog.open(tmp / "update.log", repair=False) as log:
                 if log.damage:
                     raise RequestError(f"the log is damaged: {log.damage}", "chunk")
-            await self.app.on_engine(lambda: self.app.runner.import_log(aid, tmp / "update.log"))
+            await self.app.on_engine(lambda: self.app.adapters.import_log(aid, tmp / "update.log"))
         except (ValueError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, RequestError):
