@@ -21,6 +21,7 @@ from . import climb, rng, schedule, zo
 from . import data as D
 from . import estimators as E
 from . import losses as LS
+from .batching import batch_order, collate
 from .config import ZOConfig
 from .forward import run_pass
 from .models.attention import LoraSet
@@ -156,8 +157,8 @@ class ZOTrainer:
 
     # ---- steps ---------------------------------------------------------------------------------
     def batch(self, step: int):
-        idx = D.batch_order(len(self.train.examples), self.cfg.batch_size, self.cfg.seed, step)
-        ids, labels, lens = D.collate([self.train.examples[i] for i in idx], self.pad_id)
+        idx = batch_order(len(self.train.examples), self.cfg.batch_size, self.cfg.seed, step)
+        ids, labels, lens = collate([self.train.examples[i] for i in idx], self.pad_id)
         return ids.to(self.device), labels.to(self.device), lens.to(self.device)
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -166,7 +167,7 @@ class ZOTrainer:
         grzo job cuts them at its groups' edges too: a forward runs one set of weights, so a slice holds
         one group's records (workloads.ZOStepWorkload)."""
         cfg, (rank, world) = self.cfg, self.shard
-        idx = D.batch_order(len(self.train.examples), cfg.batch_size, cfg.seed, step)
+        idx = batch_order(len(self.train.examples), cfg.batch_size, cfg.seed, step)
         per = cfg.batch_size // world
         idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
         if self.groups_apart:
@@ -175,11 +176,11 @@ class ZOTrainer:
         for i in range(0, per, mb):
             if self.loss == "candidates":
                 rows, index = LS.candidate_rows([self.train.choices[j] for j in idx[i : i + mb]])
-                ids, labels, lens = D.collate(rows, self.pad_id)
+                ids, labels, lens = collate(rows, self.pad_id)
                 d = self.device
                 out.append((ids.to(d), labels.to(d), lens.to(d), index.to(d)))
                 continue
-            ids, labels, lens = D.collate([self.train.examples[j] for j in idx[i : i + mb]], self.pad_id)
+            ids, labels, lens = collate([self.train.examples[j] for j in idx[i : i + mb]], self.pad_id)
             out.append((ids.to(self.device), labels.to(self.device), lens.to(self.device)))
         return out
 
@@ -285,7 +286,7 @@ def evaluate(
     def score(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = [], []
         for i in range(0, len(examples), batch_size):
-            ids, labels, lens = D.collate(examples[i : i + batch_size], pad_id)
+            ids, labels, lens = collate(examples[i : i + batch_size], pad_id)
             wl = LossWorkload(
                 fam, spec, (ids.to(device), labels.to(device), lens.to(device)), lora_fn=lora_fn
             )
@@ -301,7 +302,7 @@ def evaluate(
     lls, lengths = [], []
     for i in range(0, len(ds.choices), batch_size):
         rows, index = LS.candidate_rows(ds.choices[i : i + batch_size])
-        ids, labels, lens = D.collate(rows, pad_id)
+        ids, labels, lens = collate(rows, pad_id)
         batch = (ids.to(device), labels.to(device), lens.to(device), index.to(device))
         wl = LossWorkload(fam, spec, batch, lora_fn=lora_fn)
         run_pass(streamer, [wl])

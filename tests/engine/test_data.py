@@ -1,4 +1,4 @@
-"""Tests for zostream.engine.data: record kinds → masks, errors, batch order, collate, losses."""
+"""Tests for zostream.engine.data (record kinds → masks, errors) and engine/batching.py (order, collate)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from zostream.engine.batching import batch_order, collate
 from zostream.engine.data import (
     KINDS,
     MAX_NESTING,
     ChoiceExample,
     DataError,
     Example,
-    batch_order,
     choice_accuracy,
     choice_batches,
-    collate,
     load_dataset,
     load_records,
 )

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from tests.tiny import make_tiny_model
 from zostream.clients.cli import main
 from zostream.engine import data as D
+from zostream.engine.batching import batch_order
 from zostream.engine.config import StreamConfig, ZOConfig
 from zostream.engine.distributed import launch_env, micro_per_rank
 from zostream.engine.finetune import open_trainer
@@ -217,7 +218,7 @@ def test_micro_batches_give_the_token_weighted_loss_of_the_batch(model, tmp_path
         return open_trainer(cfg, tmp_path / job, store, ds, 1, CPU, torch.float32, base, sc)
 
     whole, micro = trainer("whole", None), trainer("micro", 2)
-    want = D.batch_order(len(ds.examples), 4, 3, 0)
+    want = batch_order(len(ds.examples), 4, 3, 0)
     for world in (1, 2, 4):
         rows = []
         for r in range(world):

@@ -29,6 +29,7 @@ from tests.engine.test_trainer import (
 from zostream.engine import data as D
 from zostream.engine import estimators as E
 from zostream.engine import rng, zo
+from zostream.engine.batching import batch_order, collate
 from zostream.engine.config import ZOConfig
 from zostream.engine.finetune import export
 
@@ -50,7 +51,7 @@ def test_group_losses_match_transformers(models, tmp_path, ds, q):
             tr.flush()
             master = {n: tr.adapter.tensors[n].clone() for n in names}
             tr.run_step()
-            idx = D.batch_order(len(ds.choices), cfg.batch_size, cfg.seed, t)
+            idx = batch_order(len(ds.choices), cfg.batch_size, cfg.seed, t)
             want = []
             for sign in (1, -1):
                 for d in range(q):
@@ -85,7 +86,7 @@ def test_token_loss_groups_and_micro_batches(models, tmp_path):
     seen2 = spy_losses(tr2)
     tr2.run_step()
     assert [x for p in seen2[0] for x in p] == pytest.approx([x for p in seen[0] for x in p], rel=1e-5)
-    idx = D.batch_order(len(ds.examples), 4, whole.seed, 0)
+    idx = batch_order(len(ds.examples), 4, whole.seed, 0)
     hf = peft_model(model, whole)
     names = {n: n.replace(".weight", ".default.weight") for n in tr.adapter.tensors}
     with torch.inference_mode():
@@ -158,11 +159,11 @@ class TextbookGRZO(TextbookMeZO):
     @torch.inference_mode()
     def step(self, t: int) -> None:
         cfg = self.cfg
-        idx = D.batch_order(len(self.ds.examples), cfg.batch_size, cfg.seed, t)
+        idx = batch_order(len(self.ds.examples), cfg.batch_size, cfg.seed, t)
         per = cfg.batch_size // cfg.q
         pairs, differ = [], []
         for d in range(cfg.q):
-            group = D.collate([self.ds.examples[i] for i in idx[d * per : (d + 1) * per]], PAD)
+            group = collate([self.ds.examples[i] for i in idx[d * per : (d + 1) * per]], PAD)
             seed = rng.step_seed(cfg.seed, t, d)
             plus, minus = (
                 {

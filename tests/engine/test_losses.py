@@ -29,6 +29,7 @@ from zostream.engine import data as D
 from zostream.engine import estimators as E
 from zostream.engine import losses as LS
 from zostream.engine import rng, zo
+from zostream.engine.batching import batch_order
 from zostream.engine.config import ZOConfig
 from zostream.engine.errors import RequestError
 from zostream.engine.finetune import export
@@ -122,7 +123,7 @@ def test_candidates_loss_matches_transformers(models, tmp_path, score):
             tr.flush()  # the previous step's update is applied lazily, inside the next pass
             master = {n: tr.adapter.tensors[n].clone() for n in names}
             tr.run_step()
-            idx = D.batch_order(len(CHOICES.choices), cfg.batch_size, cfg.seed, t)
+            idx = batch_order(len(CHOICES.choices), cfg.batch_size, cfg.seed, t)
             chs = [CHOICES.choices[i] for i in idx]
             want = [hf_ce(hf, {names[n]: v for n, v in master.items()}, chs, score)]
             for d in range(cfg.q):

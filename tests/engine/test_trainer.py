@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.tiny import TINY_CONFIGS, make_tiny_model
 from zostream.engine import data as D
 from zostream.engine import rng, schedule, trainer, zo
+from zostream.engine.batching import batch_order, collate
 from zostream.engine.config import StreamConfig, ZOConfig
 from zostream.engine.errors import PreconditionError
 from zostream.engine.finetune import checkpoint, export, open_trainer
@@ -195,8 +196,8 @@ class TextbookMeZO:
         self.history: list[tuple[list[tuple[float, float]], list[float], float]] = []
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = D.batch_order(len(self.ds.examples), self.cfg.batch_size, self.cfg.seed, step)
-        return D.collate([self.ds.examples[i] for i in idx], PAD)
+        idx = batch_order(len(self.ds.examples), self.cfg.batch_size, self.cfg.seed, step)
+        return collate([self.ds.examples[i] for i in idx], PAD)
 
     def loss(
         self,
@@ -470,8 +471,8 @@ def test_matches_transformers_reference(models, tmp_path, method, name):
     with torch.inference_mode():
         for t in range(3):
             got = tr.run_step()
-            idx = D.batch_order(len(DATA.examples), cfg.batch_size, cfg.seed, t)
-            batch = D.collate([DATA.examples[i] for i in idx], PAD)
+            idx = batch_order(len(DATA.examples), cfg.batch_size, cfg.seed, t)
+            batch = collate([DATA.examples[i] for i in idx], PAD)
             seed = rng.step_seed(cfg.seed, t, 0)
             lp, lm = (
                 hf_loss(
