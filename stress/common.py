@@ -53,7 +53,9 @@ class ServerProc:
     starts: int = 0
     log: Path = field(init=False)
 
-    def start(self, fault: str | None = None, timeout: float = 120.0, wait: bool = True) -> ServerProc:
+    def start(
+        self, fault: str | None = None, timeout: float = 120.0, wait: bool = True, only_job: str | None = None
+    ) -> ServerProc:
         self.port = free_port()
         self.starts += 1
         self.log = self.log_dir / f"server-{self.starts:03d}.log"
@@ -69,6 +71,7 @@ class ServerProc:
             str(self.port),
             *self.extra,
             *(["--fault", fault] if fault else []),
+            *(["--only-job", only_job] if only_job else []),
         ]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)

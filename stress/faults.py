@@ -5,7 +5,7 @@ byte for byte, those of the same jobs run uninterrupted.
     python -m stress.faults --kills 20 --seed 0 --json-out faults.json
 
 Each kill is one of (chosen at random, each kind at least once when there are enough kills):
-  signal      SIGKILL from outside once the job reaches a random step, plus a random sub-step delay
+  signal      SIGKILL from outside once the job has logged 1-2 more steps, plus a random sub-step delay
   bitflip     the same, then one random bit of the last logged record is flipped while the server is down
   log_write   step S's records written, not fsync'd         (stress/serve.py hooks, the process kills itself)
   log_torn    part of step S's records written (torn tail)
@@ -104,6 +104,21 @@ def logged(job_dir: Path) -> int:
 
 def status(job_dir: Path) -> str:
     return json.loads((job_dir / "status.json").read_text())["status"]
+
+
+def wait_running(job_dir: Path, timeout: float) -> None:
+    """Until the restarted server has picked the job up again (or `timeout` seconds): a kill before that
+    would hit a queued job, not a training one."""
+    end = time.monotonic() + timeout
+    while status(job_dir) != "running" and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+def wait_logged(job_dir: Path, step: int, timeout: float) -> None:
+    """Until `step` steps are logged, the job has left RUNNING, or `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while logged(job_dir) < step and status(job_dir) == "running" and time.monotonic() < end:
+        time.sleep(0.005)
 
 
 def digest(path: Path) -> str:
@@ -240,14 +255,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fault = choose_fault(kind, n, steps, rng)
             t0 = time.monotonic()
             note = ""
-            sp.start(fault, wait=False)
-            if fault is None:  # signal / bitflip: SIGKILL from outside at a random time after SERVING
+            sp.start(fault, wait=False, only_job=jid)  # the other job stays queued: it cannot run ahead
+            if fault is None:  # signal / bitflip: SIGKILL from outside at a random time once it trains
                 sp.wait_serving()
                 tokens = greedy(sp.stubs())
                 if tokens != base_tokens:
                     raise AssertionError(f"after restart {sp.starts} the base model answers {tokens}")
                 served_ok += 1
-                time.sleep(rng.uniform(0, 0.3))
+                wait_running(jdir, args.round_timeout)
+                wait_logged(jdir, min(steps - 2, n + rng.randint(1, 2)), args.round_timeout)
+                time.sleep(rng.uniform(0, 0.02))  # within a step of the tiny model
                 fired = status(jdir) == "running"
                 code = sp.kill9()
             else:
@@ -280,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
         # No kills left for this job: run it to the end (a clean SIGTERM stop afterwards, but the last).
         if status(jdir) not in ("succeeded", "failed", "cancelled"):
-            sp.start()
+            sp.start(only_job=jid)
             wait_terminal(sp.stubs(), jid, args.round_timeout * 4)
             if method != list(ids)[-1]:
                 sp.stop()

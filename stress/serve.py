@@ -13,6 +13,9 @@ engine/ or server/ knows about them. Steps are 0-based step indices unless said 
     event_torn:N    half of the "step" event line for N steps done is written to events.jsonl
     checkpoint:K    the K-th LoRA checkpoint is half written (in its .tmp directory, before the rename)
     export          the job's export is half written (in its .tmp directory, before the rename)
+
+`--only-job ID` leaves every other queued job queued (stress/faults.py: the kill rounds of one job do not
+let the next one run ahead).
 """
 
 from __future__ import annotations
@@ -129,6 +132,19 @@ def install_fault(spec: str) -> None:
             WorkingCopy.export = export_half
 
 
+def only_job(job_id: str) -> None:
+    """Start no queued job but `job_id` (the others stay queued, untouched)."""
+    from zostream.engine.job_runner import JobRunner
+
+    start = JobRunner._start
+
+    def start_only(self: Any, rec: Any) -> None:
+        if rec.id == job_id:
+            start(self, rec)
+
+    JobRunner._start = start_only
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stress.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
@@ -151,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (equal across runs compared bitwise)"
     )
     p.add_argument("--fault", default=None, help="KIND:ARGS, see the module docstring")
+    p.add_argument("--only-job", default=None, help="start no queued job but this one")
     return p.parse_args(argv)
 
 
@@ -164,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if a.fault:
         install_fault(a.fault)
+    if a.only_job:
+        only_job(a.only_job)
     limits = LimitsConfig(
         max_batch=a.max_batch,
         max_seq_len=a.max_seq_len,
