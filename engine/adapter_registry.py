@@ -37,17 +37,15 @@ class AdapterRegistry:
             if (d / "adapter" / "adapter_config.json").exists():
                 self.engine.put_adapter(d.name, self._load(d / "adapter"))
 
-    def _load(self, path) -> LoraAdapter:
+    def _load(self, path: Path) -> LoraAdapter:
         e = self.engine
         return LoraAdapter.load_peft(path, e.family, e.spec, e.device)
 
-    def import_log(self, adapter_id: str, log_path) -> int:
+    def import_log(self, adapter_id: str, log_path: Path) -> int:
         """Replay an imported LoRA log onto this base and serve it as `adapter_id`; returns steps."""
         e = self.engine
         with UpdateLog.open(log_path, repair=False) as log:
-            if (
-                log.header.base_fingerprint != e.store.fingerprint
-            ):  # not replay.check_base: it names server paths
+            if log.header.base_fingerprint != e.store.fingerprint:  # not replay.check_base: it names paths
                 raise PreconditionError(
                     f"the log was made on base {log.header.base_fingerprint}, this server serves "
                     f"{e.store.fingerprint}; import it on a server of the base model it was trained from",
