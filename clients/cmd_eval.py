@@ -41,7 +41,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     from zostream.engine.config import LimitsConfig
-    from zostream.engine.trainer import evaluate as run_eval
+    from zostream.engine.evaluation import evaluate as run_eval
 
     store = open_store(args.model)
     del store  # opened first so that a bad dir is reported as such
