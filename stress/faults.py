@@ -14,9 +14,10 @@ Each kill is one of (chosen at random, each kind at least once when there are en
   event_torn  half of a "step" event line written
   checkpoint  a LoRA checkpoint half written
   export      the job's export half written (always the job's last kill)
-Between restarts one greedy Generate must return the base model's tokens. At the end, for each job:
-events numbered 1..n with no gap, one "resumed" per kill that hit it running, one "log_repaired" per
-torn or flipped tail, one "succeeded"; update.log and the exported files bitwise equal to the reference.
+After each restart with an armed fault, one greedy Generate must return the base model's tokens. At the
+end, for each job: events numbered 1..n with no gap, one "resumed" per kill that hit it running, one
+"log_repaired" per torn or flipped tail, one "succeeded"; update.log and the exported files bitwise equal
+to the reference.
 """
 
 from __future__ import annotations
@@ -107,10 +108,10 @@ def status(job_dir: Path) -> str:
 
 
 def wait_running(job_dir: Path, timeout: float) -> None:
-    """Until the restarted server has picked the job up again (or `timeout` seconds): a kill before that
-    would hit a queued job, not a training one."""
+    """Until the restarted server has picked the job up again, it has ended, or `timeout` seconds: a kill
+    before that would hit a queued job, not a training one."""
     end = time.monotonic() + timeout
-    while status(job_dir) != "running" and time.monotonic() < end:
+    while status(job_dir) == "queued" and time.monotonic() < end:
         time.sleep(0.02)
 
 
@@ -256,12 +257,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             note = ""
             sp.start(fault, wait=False, only_job=jid)  # the other job stays queued: it cannot run ahead
-            if fault is None:  # signal / bitflip: SIGKILL from outside at a random time once it trains
+            if fault is None:  # signal / bitflip: SIGKILL from outside once it has trained 1-2 more steps
+                # No Generate first: the tiny job can run to its end in the time one takes.
                 sp.wait_serving()
-                tokens = greedy(sp.stubs())
-                if tokens != base_tokens:
-                    raise AssertionError(f"after restart {sp.starts} the base model answers {tokens}")
-                served_ok += 1
                 wait_running(jdir, args.round_timeout)
                 wait_logged(jdir, min(steps - 2, n + rng.randint(1, 2)), args.round_timeout)
                 time.sleep(rng.uniform(0, 0.02))  # within a step of the tiny model

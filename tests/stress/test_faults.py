@@ -53,6 +53,8 @@ def test_kill_9_short(tmp_path: Path) -> None:
     assert {("full", "export"), ("lora", "export")} <= kinds
     # Each job lost a record to a torn or flipped tail, and it was noticed.
     assert all(j["torn_or_flipped_tails"] >= 1 for j in fig["jobs"].values()), fig["kills"]
+    # The LoRA job stayed queued through the full job's rounds and their clean stop (--only-job).
+    assert next(k for k in fig["kills"] if k["job"] == "lora")["logged_before"] == 0, fig["kills"]
 
 
 @pytest.mark.slow
