@@ -262,6 +262,8 @@ def plot(all_curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(all_curves), figsize=(6 * len(all_curves), 4), squeeze=False)
+    names = list(dict.fromkeys(run for curves in all_curves.values() for run in curves))
+    colour = {run: f"C{i % 10}" for i, run in enumerate(names)}  # one colour per run in every panel
     for ax, (task, curves) in zip(axes[0], all_curves.items(), strict=True):
         for run, per_seed in curves.items():
             xs = sorted({c["forwards"] for cs in per_seed.values() for c in cs})
@@ -271,9 +273,9 @@ def plot(all_curves: dict, path: Path) -> None:
                 mean.append(sum(vals) / len(vals) if vals else math.nan)
                 lo.append(min(vals, default=math.nan))
                 hi.append(max(vals, default=math.nan))
-            line = ax.plot(xs, mean, marker="o", label=f"{run} (seeds: {len(per_seed)})")
+            ax.plot(xs, mean, marker="o", color=colour[run], label=f"{run} (seeds: {len(per_seed)})")
             if len(per_seed) > 1:  # the band: lowest to highest seed
-                ax.fill_between(xs, lo, hi, color=line[0].get_color(), alpha=0.15)
+                ax.fill_between(xs, lo, hi, color=colour[run], alpha=0.15)
         ax.set_title(f"{task}: held-out accuracy (mean, band = seed range)")
         ax.set_ylim(0, 1)
         ax.set_xlabel("batch forwards")
