@@ -31,6 +31,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,18 +110,17 @@ def status(job_dir: Path) -> str:
     return json.loads((job_dir / "status.json").read_text())["status"]
 
 
-def wait_running(job_dir: Path, timeout: float) -> None:
-    """Until the restarted server has picked the job up again, it has ended, or `timeout` seconds: a kill
-    before that would hit a queued job, not a training one."""
+def wait_logged(job_dir: Path, step: int, timeout: float, alive: Callable[[], bool]) -> None:
+    """Until the job has logged `step` steps, has ended, the server has exited, or `timeout` seconds pass.
+    Reads the job's files only: a restarted server queues the job again and trains it before a gRPC
+    channel's reconnect backoff would even see it SERVING (the tiny job can finish in that time)."""
     end = time.monotonic() + timeout
-    while status(job_dir) == "queued" and time.monotonic() < end:
-        time.sleep(0.02)
-
-
-def wait_logged(job_dir: Path, step: int, timeout: float) -> None:
-    """Until `step` steps are logged, the job has left RUNNING, or `timeout` seconds."""
-    end = time.monotonic() + timeout
-    while logged(job_dir) < step and status(job_dir) == "running" and time.monotonic() < end:
+    while (
+        logged(job_dir) < step
+        and status(job_dir) in ("queued", "running")
+        and alive()
+        and time.monotonic() < end
+    ):
         time.sleep(0.005)
 
 
@@ -269,9 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sp.stop()
             sp.start(fault, wait=False, only_job=jid)  # the other job stays queued: it cannot run ahead
             if fault is None:  # signal / bitflip: SIGKILL from outside once it has trained 1-2 more steps
-                sp.wait_serving()
-                wait_running(jdir, args.round_timeout)
-                wait_logged(jdir, min(steps - 2, n + rng.randint(1, 2)), args.round_timeout)
+                wait_logged(jdir, min(steps - 2, n + rng.randint(1, 2)), args.round_timeout, sp.alive)
                 time.sleep(rng.uniform(0, 0.02))  # within a step of the tiny model
                 fired = status(jdir) == "running"
                 code = sp.kill9()
