@@ -29,6 +29,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from tests.polling import wait_until
 from tests.server.conftest import (
     VOCAB,
     ProcServer,
@@ -110,13 +111,6 @@ def collect(messages) -> tuple[list[int], str, Any, int]:
         last, count = m, count + 1
     assert last is not None and last.finish_reason != G.FINISH_REASON_UNSPECIFIED, "no final message"
     return ids, "".join(texts), last, count
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)
 
 
 def text_records(n: int = 24, words: int = 10, offset: int = 0) -> bytes:

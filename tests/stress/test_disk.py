@@ -15,7 +15,6 @@ import os
 import shutil
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tests.polling import wait_until
 from tests.server.conftest import Stubs, server_config, thread_server
 from zostream.engine.jobs import JobStore
 from zostream.engine.update_log_tools import verify
@@ -58,13 +58,6 @@ def lora_job(s: Stubs, steps: int) -> str:
     return s.ft.CreateJob(
         F.CreateJobRequest(method=Cm.TUNING_METHOD_LORA, training_dataset="d", hyperparameters=hp), timeout=30
     ).id
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
 
 
 def job(s: Stubs, job_id: str) -> F.Job:
@@ -127,10 +120,10 @@ def test_disk_full_fails_the_job_and_the_server_serves_on(
         s = srv.stubs()
         upload(s)
         jid = lora_job(s, 100_000)
-        wait_for(lambda: job(s, jid).progress.steps_done >= 2, 60, "two steps")
+        wait_until(lambda: job(s, jid).progress.steps_done >= 2, 60, "two steps")
         gen, out = generate_in_thread(s, 120)  # generation in flight while the disk fills
         with refused(monkeypatch, data / "jobs" / jid, errno.ENOSPC) as hits:
-            wait_for(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
+            wait_until(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
             # The server serves while the disk is still full: a second generation completes.
             assert (
                 sum(
@@ -171,7 +164,7 @@ def test_disk_full_fails_the_job_and_the_server_serves_on(
         monkeypatch.undo()
         # The disk has room again: the next job runs to the end.
         nxt = lora_job(s, 3)
-        wait_for(lambda: job(s, nxt).status == F.JOB_STATUS_SUCCEEDED, 60, "the next job")
+        wait_until(lambda: job(s, nxt).status == F.JOB_STATUS_SUCCEEDED, 60, "the next job")
         s.channel.close()
 
 
@@ -184,13 +177,13 @@ def test_refused_write_fails_the_job_with_a_clear_error(
         upload(s)
         with refused(monkeypatch, data / "jobs", errno.EACCES, call="open", suffix="/update.log") as hits:
             jid = lora_job(s, 5)
-            wait_for(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
+            wait_until(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
         failed = job(s, jid)
         assert hits and failed.error.code == "FAILED_PRECONDITION", failed.error
         assert "Permission denied" in failed.error.message
         assert f"jobs/{jid}/" in failed.error.message and str(tmp_path) not in failed.error.message
         last = lambda: s.ft.ListJobEvents(F.ListJobEventsRequest(job_id=jid)).events[-1].type  # noqa: E731
-        wait_for(lambda: last() == "failed", 10, "the failed event")  # GetJob may see FAILED just before
+        wait_until(lambda: last() == "failed", 10, "the failed event")  # GetJob may see FAILED just before
         assert (
             s.health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         )
@@ -200,7 +193,7 @@ def test_refused_write_fails_the_job_with_a_clear_error(
         )
         assert sum(len(m.token_ids) for m in msgs) == 4
         nxt = lora_job(s, 2)
-        wait_for(lambda: job(s, nxt).status == F.JOB_STATUS_SUCCEEDED, 60, "the next job")
+        wait_until(lambda: job(s, nxt).status == F.JOB_STATUS_SUCCEEDED, 60, "the next job")
         s.channel.close()
 
 
@@ -217,7 +210,7 @@ def test_failing_job_goes_failed(tiny: Path, tmp_path: Path) -> None:
             (data / "datasets" / "d.jsonl").unlink()
         finally:
             gate.set()
-        wait_for(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
+        wait_until(lambda: job(s, jid).status == F.JOB_STATUS_FAILED, 30, "the job to fail")
         err = job(s, jid).error
         assert err.code == "NOT_FOUND" and "no dataset 'd'" in err.message and err.field == "training_dataset"
         assert json.loads((data / "jobs" / jid / "status.json").read_text())["status"] == "failed"
