@@ -66,7 +66,7 @@ class App:
         self.metrics = Metrics()
         self.engine = None
         self.runner = None
-        self.adapters = None  # engine/adapter_registry.py, once the engine is up
+        self.adapters = None  # engine/stored_adapters.py, once the engine is up
         self.engine_error: str | None = None
         self.inflight: set[str] = set()
         self.groups: dict[str, list[str]] = {}  # request id -> its completions' engine ids (n > 1)
@@ -162,16 +162,15 @@ class App:
         self._thread.start()
 
     def _engine_main(self) -> None:
-        from zostream.engine.adapter_registry import AdapterRegistry
         from zostream.engine.engine import Engine
         from zostream.engine.job_runner import JobRunner
         from zostream.engine.loop import EngineLoop
+        from zostream.engine.stored_adapters import StoredAdapters
 
         try:
             engine = Engine(self.cfg.engine)
             self.runner = JobRunner(engine, self.jobs, on_log_bytes=self.metrics.add_log_bytes)
-            self.adapters = AdapterRegistry(engine, self.jobs)
-            self.adapters.load_saved()
+            self.adapters = StoredAdapters.load(engine, self.jobs)
             if engine.device.type == "cuda":
                 import torch
 

@@ -18,14 +18,21 @@ from .replay import replay_lora
 from .update_log import UpdateLog
 
 
-class AdapterRegistry:
-    """Loads, imports and deletes the stored adapters of one data dir (JobStore) on one Engine."""
+class StoredAdapters:
+    """Loads, imports and deletes the stored adapters of one data dir (JobStore) on one Engine (whose
+    engine/adapters.py AdapterRegistry keeps them resident)."""
 
     def __init__(self, engine: Engine, store: JobStore) -> None:
         self.engine, self.store = engine, store
 
-    def load_saved(self) -> None:
-        """Serve what the data dir holds: each succeeded LoRA job's adapter and each imported adapter."""
+    @classmethod
+    def load(cls, engine: Engine, store: JobStore) -> StoredAdapters:
+        """The data dir's adapters, each served: succeeded LoRA jobs' and imported ones."""
+        stored = cls(engine, store)
+        stored._serve_saved()
+        return stored
+
+    def _serve_saved(self) -> None:
         for rec in self.store.list(("succeeded",)):
             adir = self.store.job_dir(rec.id) / "adapter"
             if rec.spec["method"] == "lora" and adir.exists():
