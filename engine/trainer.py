@@ -156,12 +156,12 @@ class ZOTrainer:
         st.applied(g, upto)
 
     # ---- steps ---------------------------------------------------------------------------------
-    def batch(self, step: int):
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """The step's whole batch as one token-loss slice (bench/zo.py times a forward of it)."""
         idx = batch_order(len(self.train.examples), self.cfg.batch_size, self.cfg.seed, step)
-        ids, labels, lens = collate([self.train.examples[i] for i in idx], self.pad_id)
-        return ids.to(self.device), labels.to(self.device), lens.to(self.device)
+        return self._slice(idx, candidates=False)
 
-    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
         """This process's micro-batches of the step's batch, in global order: rank r of W takes positions
         [r*B/W, (r+1)*B/W) of batch_order(...) and cuts them into micro_batch-sized slices. A full-parameter
         grzo job cuts them at its groups' edges too: a forward runs one set of weights, so a slice holds
@@ -172,17 +172,15 @@ class ZOTrainer:
         idx, mb = idx[rank * per : (rank + 1) * per], cfg.micro_batch_size
         if self.groups_apart:
             mb = math.gcd(mb, cfg.batch_size // cfg.q, per)
-        out = []
-        for i in range(0, per, mb):
-            if self.loss == "candidates":
-                rows, index = LS.candidate_rows([self.train.choices[j] for j in idx[i : i + mb]])
-                ids, labels, lens = collate(rows, self.pad_id)
-                d = self.device
-                out.append((ids.to(d), labels.to(d), lens.to(d), index.to(d)))
-                continue
-            ids, labels, lens = collate([self.train.examples[j] for j in idx[i : i + mb]], self.pad_id)
-            out.append((ids.to(self.device), labels.to(self.device), lens.to(self.device)))
-        return out
+        return [self._slice(idx[i : i + mb], self.loss == "candidates") for i in range(0, per, mb)]
+
+    def _slice(self, idx: list[int], candidates: bool) -> tuple[torch.Tensor, ...]:
+        """(ids, labels, lens) of records idx on the device; for the candidates loss, of their candidate
+        rows (one per candidate, losses.candidate_rows) with each row's record index added."""
+        if candidates:
+            rows, index = LS.candidate_rows([self.train.choices[j] for j in idx])
+            return tuple(t.to(self.device) for t in (*collate(rows, self.pad_id), index))
+        return tuple(t.to(self.device) for t in collate([self.train.examples[j] for j in idx], self.pad_id))
 
     def workload(self) -> ZOStepWorkload:
         return ZOStepWorkload(self, self.step, self.batches(self.step))
