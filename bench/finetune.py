@@ -261,10 +261,14 @@ def plot(all_curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(all_curves), figsize=(6 * len(all_curves), 4), squeeze=False)
+    cols = min(len(all_curves), 2 if len(all_curves) == 4 else 3)  # four panels: a 2 x 2 grid
+    rows = -(-len(all_curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(all_curves) :]:
+        ax.set_visible(False)
     names = list(dict.fromkeys(run for curves in all_curves.values() for run in curves))
     colour = {run: f"C{i % 10}" for i, run in enumerate(names)}  # one colour per run in every panel
-    for ax, (task, curves) in zip(axes[0], all_curves.items(), strict=True):
+    for ax, (task, curves) in zip(axes.flat, all_curves.items(), strict=False):
         for run, per_seed in curves.items():
             xs = sorted({c["forwards"] for cs in per_seed.values() for c in cs})
             mean, lo, hi = [], [], []
@@ -281,7 +285,7 @@ def plot(all_curves: dict, path: Path) -> None:
         ax.set_xlabel("batch forwards")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
