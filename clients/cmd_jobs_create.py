@@ -66,7 +66,11 @@ def register_create(jobs_sub: argparse._SubParsersAction, common: Callable[..., 
     )
     p.add_argument("--lora-r", type=positive_int, metavar="R", help="LoRA rank")
     p.add_argument("--lora-alpha", type=positive_float, metavar="A", help="LoRA alpha")
-    p.add_argument("--lora-targets", metavar="M1,M2", help="comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument(
+        "--lora-targets",
+        metavar="M1,M2",
+        help="comma-separated module names (e.g. q_proj,v_proj), or all-linear",
+    )
     p.add_argument("--codec", choices=CODECS, help="transfer codec of the frozen base")
     p.add_argument("--eval-every", type=nonneg_int, metavar="N", help="steps between evaluations")
     p.add_argument("--checkpoint-every", type=nonneg_int, metavar="N", help="steps between checkpoints")

@@ -153,6 +153,7 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
     from zostream.engine.distributed import attach, rank_dir
     from zostream.engine.errors import RequestError
     from zostream.engine.finetune import resolve_objective, validate_dataset
+    from zostream.engine.peft import resolve_targets
     from zostream.engine.session import Policy, TrainingSession
     from zostream.engine.update_log import read_header
     from zostream.engine.update_log_format import LogCorruptError
@@ -167,12 +168,10 @@ def _train(args: argparse.Namespace, cfg: Any, dist: Any) -> int:
         raise UsageError(f"--out: {out} exists and is not a directory")
     store = open_store(args.model)
     if cfg.method == "lora":  # checked before the job dir is created (the adapter is built after)
-        modules = store.family.module_names(store.spec)
-        if unknown := [t for t in cfg.lora_targets if t not in modules]:
-            raise UsageError(
-                f"--lora-targets: unknown module(s) {', '.join(unknown)}; this model has "
-                f"{', '.join(sorted(modules))}"
-            )
+        try:
+            resolve_targets(cfg.lora_targets, store.family.module_names(store.spec))
+        except RequestError as exc:
+            raise UsageError(f"--lora-targets: {exc.args[0]}") from None
     tok = load_tokenizer(args.model)
     job = out if dist is None else rank_dir(out, dist.rank)
     log_path = job / "update.log"

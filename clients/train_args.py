@@ -117,7 +117,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--lora-targets",
         default=",".join(d["lora_targets"]),
         metavar="M1,M2",
-        help="comma-separated module names (default: q_proj,v_proj)",
+        help=f"comma-separated module names, or all-linear: every linear layer of the blocks "
+        f"(default: {','.join(d['lora_targets'])})",
     )
     p.add_argument(
         "--micro-batch",

@@ -22,7 +22,7 @@ from . import estimators, losses, rng, zo
 from .config import StreamConfig, ZOConfig
 from .data import Dataset
 from .errors import PreconditionError, RequestError
-from .peft import LoraAdapter, LoraSpec
+from .peft import LoraAdapter, LoraSpec, resolve_targets
 from .store import WeightStore
 from .streamer import LayerStreamer
 from .trainer import Trainable, ZOTrainer, master_dtype_for
@@ -31,6 +31,12 @@ from .update_log_format import LogHeader
 from .working_copy import WorkingCopy
 
 _CKPT = re.compile(r"^step-(\d{6,})$")
+
+
+def lora_spec(cfg: ZOConfig, store: WeightStore) -> LoraSpec:
+    """A LoRA job's adapter shape, its targets resolved against the model ("all-linear": every module)."""
+    targets = resolve_targets(cfg.lora_targets, store.family.module_names(store.spec))
+    return LoraSpec(cfg.lora_r, cfg.lora_alpha, targets, cfg.seed)
 
 
 def log_header(
@@ -62,7 +68,7 @@ def log_header(
     if cfg.estimator != "mezo":
         extra["estimator"] = cfg.estimator
     if cfg.method == "lora":
-        scope = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed).to_scope()
+        scope = lora_spec(cfg, store).to_scope()
     return LogHeader(
         base_fingerprint=store.fingerprint,
         scope=scope,
@@ -110,13 +116,7 @@ def open_trainer(
             "codec",
         )
     if cfg.method == "lora":
-        modules = store.family.module_names(store.spec)
-        unknown = [t for t in cfg.lora_targets if t not in modules]
-        if unknown:  # before any file is written, so a bad request leaves no job directory behind
-            raise RequestError(
-                f"unknown module(s) {', '.join(unknown)}; this model has {', '.join(sorted(modules))}",
-                "lora_targets",
-            )
+        lora_spec(cfg, store)  # before any file is written, so a bad request leaves no job directory behind
     job = Path(job_dir)
     log_path = job / "update.log"
     logged = read_header(log_path) if log_path.exists() else None
@@ -140,7 +140,7 @@ def open_trainer(
     else:
         log = UpdateLog.create(log_path, header, loss=True)
     if cfg.method == "lora":
-        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, tuple(sorted(cfg.lora_targets)), cfg.seed)
+        spec = lora_spec(cfg, store)
         adapter, at = _latest_lora(job, store, device, len(log))
         if adapter is None:
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,28 @@ _PLAIN_LORA: dict[str, Any] = {
     "fan_in_fan_out": False,
     "modules_to_save": None,
 }
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear module of the blocks (never the LM head)
+
+
+def resolve_targets(targets: Sequence[str], modules: Iterable[str]) -> tuple[str, ...]:
+    """The LoRA target names a job uses, sorted: `targets` checked against the model's module short names,
+    or all of them for "all-linear" (given alone, as PEFT takes it). RequestError names lora_targets."""
+    modules = sorted(modules)
+    if ALL_LINEAR in targets:
+        if len(targets) > 1:
+            raise RequestError(f"{ALL_LINEAR} names every module: give it alone", "lora_targets")
+        return tuple(modules)
+    if not targets:
+        raise RequestError(f"name at least one module, e.g. q_proj,v_proj, or {ALL_LINEAR}", "lora_targets")
+    unknown = [t for t in targets if t not in modules]
+    if unknown:
+        raise RequestError(
+            f"unknown module(s) {', '.join(unknown)[:200]}; this model has {', '.join(modules)} "
+            f"(or {ALL_LINEAR})",
+            "lora_targets",
+        )
+    return tuple(sorted(targets))
 
 
 @dataclass(frozen=True)

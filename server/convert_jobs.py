@@ -145,19 +145,14 @@ def job_spec(
             "counts evaluations during training: set eval_every", "hyperparameters.early_stopping_patience"
         )
     if method == "lora":  # refuse now what would fail the job when it starts
-        from zostream.engine.peft import LoraSpec
+        from zostream.engine.peft import LoraSpec, resolve_targets
 
         try:
             LoraSpec(fields["lora_r"], fields["lora_alpha"], tuple(fields["lora_targets"]))
+            if modules is not None:
+                resolve_targets(fields["lora_targets"], modules)
         except RequestError as exc:
             raise wire_error(exc, HP_FIELDS, "hyperparameters.") from None
-        unknown = [t for t in fields["lora_targets"] if modules is not None and t not in modules]
-        if unknown:
-            raise RequestError(
-                f"unknown module(s) {', '.join(unknown)[:200]}; this model has "
-                f"{', '.join(sorted(modules or ()))}",
-                "hyperparameters.lora.target_modules",
-            )
     if method == "full" and codec != "none":
         from zostream.engine.errors import PreconditionError
 

@@ -36,15 +36,25 @@ from zostream.engine.finetune import export
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize(("ds", "q"), [(CHOICES, 4), (choice_dataset(multi=False), 2)])
-def test_group_losses_match_transformers(models, tmp_path, ds, q):
+@pytest.mark.parametrize(
+    ("ds", "q", "targets"),
+    [
+        (CHOICES, 4, ("q_proj", "v_proj")),
+        (choice_dataset(multi=False), 2, ("q_proj", "v_proj")),
+        (CHOICES, 4, ("all-linear",)),  # every projection, the MLP's too; PEFT resolves the shorthand itself
+    ],
+)
+def test_group_losses_match_transformers(models, tmp_path, ds, q, targets):
     model = models("llama")
-    cfg = ZOConfig(method="lora", steps=2, batch_size=4, seed=5, eps=0.05, q=q, estimator="grzo")
+    cfg = ZOConfig(
+        method="lora", steps=2, batch_size=4, seed=5, eps=0.05, q=q, estimator="grzo", lora_targets=targets
+    )
     tr = open_job(model, tmp_path / "job", cfg, ds)
     assert tr.loss == "candidates"
     seen = spy_losses(tr)
     hf = peft_model(model, cfg)
     names = {n: n.replace(".weight", ".default.weight") for n in tr.adapter.tensors}
+    assert sorted(names.values()) == sorted(n for n, _ in hf.named_parameters() if "lora_" in n)
     per = cfg.batch_size // q
     with torch.inference_mode():
         for t in range(cfg.steps):

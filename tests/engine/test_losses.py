@@ -100,9 +100,9 @@ def peft_model(model_dir: Path, cfg: ZOConfig):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lc = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.lora_targets)
-    )
+    # "all-linear" goes to PEFT as its own shorthand: PEFT picks the modules (an independent resolution)
+    targets = "all-linear" if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
     return get_peft_model(hf, lc).eval()
 
 

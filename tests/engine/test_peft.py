@@ -3,6 +3,8 @@ as the engine's own LoRA forward (fresh and trained), and PEFT-made adapters loa
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 
 import pytest
@@ -110,3 +112,32 @@ def test_adapter_with_options_that_change_the_math_is_refused(models, tmp_path, 
         LoraAdapter.load_peft(tmp_path / "peft", tr.fam, tr.spec, torch.device("cpu"))
     assert err.value.field == "adapter"
     tr.log.close()
+
+
+def test_all_linear_is_stored_resolved_and_resumes(models, tmp_path):
+    """ "all-linear" is stored as the modules it resolved to (the log header and the exported adapter_config
+    list them, as PEFT saves its shorthand); the job reopens when asked for all-linear or for those names,
+    refuses another set naming lora_targets, and a bad target list leaves no job directory behind."""
+    from zostream.engine.resume import resume_config
+    from zostream.engine.store import WeightStore
+
+    model = models("llama")
+    cfg = base_cfg("lora", steps=2, lora_targets=("all-linear",))
+    tr = open_job(model, tmp_path / "job", cfg)
+    for _ in range(cfg.steps):
+        tr.run_step()
+    names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # Llama's blocks
+    assert tr.log.header.scope["targets"] == names
+    out = export(tr, tmp_path / "job", base_model=str(model))
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == names
+    tr.log.close()
+    store, log = WeightStore(model), tmp_path / "job" / "update.log"
+    for ask in (("all-linear",), tuple(reversed(names))):
+        assert resume_config(dataclasses.replace(cfg, lora_targets=ask), store, log).lora_targets == ask
+    with pytest.raises(RequestError, match="targets=") as err:
+        resume_config(dataclasses.replace(cfg, lora_targets=("q_proj",)), store, log)
+    assert err.value.field == "lora_targets"
+    for bad, why in ((("all-linear", "q_proj"), "give it alone"), (("nope_proj",), "unknown module")):
+        with pytest.raises(RequestError, match=why) as err:
+            open_job(model, tmp_path / "bad", dataclasses.replace(cfg, lora_targets=bad))
+        assert err.value.field == "lora_targets" and not (tmp_path / "bad").exists()

@@ -645,6 +645,18 @@ BAD_REQUESTS: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("job-q-too-big", lambda s, j: _job(s, q=65), INV, "hyperparameters.q"),
     ("job-bad-lora-rank", lambda s, j: _job(s, lora=Cm.LoraConfig(r=100000)), INV, "hyperparameters.lora.r"),
     (
+        "job-unknown-lora-target",
+        lambda s, j: _job(s, lora=Cm.LoraConfig(target_modules=["nope_proj"])),
+        INV,
+        "hyperparameters.lora.target_modules",
+    ),
+    (
+        "job-all-linear-not-alone",
+        lambda s, j: _job(s, lora=Cm.LoraConfig(target_modules=["all-linear", "q_proj"])),
+        INV,
+        "hyperparameters.lora.target_modules",
+    ),
+    (
         "job-warmup-past-steps",
         lambda s, j: _job(s, steps=3, warmup_steps=4),
         INV,
