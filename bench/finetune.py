@@ -16,6 +16,8 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
   mezo-tokens      MeZO on token NLL: what every job ran before there was a choice
   peer             plain MeZO-LoRA on transformers + peft (fp32, torch.manual_seed noise, candidates CE),
                    lr 1e-3, eps 1e-2: the loop of the MeZO paper, in this script
+  peer-all-linear  the same loop with PEFT's target_modules="all-linear" (every linear layer of the blocks)
+                   instead of MeZO's q_proj, v_proj
 
 A forward is one pass of the batch (B records); a grzo or MeZO step costs 2, an FZOO step q+1. Output: a table
 per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
@@ -41,7 +43,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-RUNS = ("default", "grzo-tokens", "fzoo-candidates", "mezo-candidates", "fzoo-tokens", "mezo-tokens", "peer")
+RUNS = (
+    "default",
+    "grzo-tokens",
+    "fzoo-candidates",
+    "mezo-candidates",
+    "fzoo-tokens",
+    "mezo-tokens",
+    "peer",
+    "peer-all-linear",
+)
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
 
@@ -119,11 +130,16 @@ def rescore(model: str, method: str, job: Path, step: int, data: Path, dtype: st
 
 
 def run_peer(
-    a: argparse.Namespace, task_dir: Path, seed: int, on_point: Callable[[list[dict]], None]
+    a: argparse.Namespace,
+    task_dir: Path,
+    seed: int,
+    on_point: Callable[[list[dict]], None],
+    targets: str | list[str] = ("q_proj", "v_proj"),
 ) -> list[dict]:
     """MeZO-LoRA, the paper's loop: z from torch.manual_seed(step seed), θ ± εz in place, g·z update.
 
-    on_point(curve) runs after every evaluation, so a run cut short still leaves its points on disk."""
+    targets: PEFT's target_modules (a list, or its "all-linear" shorthand). on_point(curve) runs after every
+    evaluation, so a run cut short still leaves its points on disk."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +147,7 @@ def run_peer(
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    lc = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(model, lc).eval()
     params = [p for n, p in model.named_parameters() if "lora_" in n]
 
@@ -342,7 +358,7 @@ def main() -> None:
             for seed in seeds:
                 if str(seed) in curves.get(run, {}):
                     continue
-                if run == "peer":
+                if run.startswith("peer"):
                     if a.method != "lora":
                         continue
 
@@ -350,7 +366,8 @@ def main() -> None:
                         curves.setdefault(run, {})[str(seed)] = points
                         curves_path.write_text(json.dumps(all_curves, indent=1))
 
-                    curve = run_peer(a, task_dir, seed, save)
+                    targets = "all-linear" if run == "peer-all-linear" else ["q_proj", "v_proj"]
+                    curve = run_peer(a, task_dir, seed, save, targets)
                 else:
                     job = a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
                     curve = run_engine(a, task_dir, run, seed, job)
