@@ -55,6 +55,7 @@ RUNS = (
 )
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
+PEER_TARGETS = {"peer": ["q_proj", "v_proj"], "peer-all-linear": "all-linear"}  # PEFT's target_modules
 
 
 def forwards_per_step(run: str) -> int:
@@ -134,7 +135,7 @@ def run_peer(
     task_dir: Path,
     seed: int,
     on_point: Callable[[list[dict]], None],
-    targets: str | list[str] = ("q_proj", "v_proj"),
+    targets: str | list[str],
 ) -> list[dict]:
     """MeZO-LoRA, the paper's loop: z from torch.manual_seed(step seed), θ ± εz in place, g·z update.
 
@@ -358,7 +359,7 @@ def main() -> None:
             for seed in seeds:
                 if str(seed) in curves.get(run, {}):
                     continue
-                if run.startswith("peer"):
+                if run in PEER_TARGETS:
                     if a.method != "lora":
                         continue
 
@@ -366,8 +367,7 @@ def main() -> None:
                         curves.setdefault(run, {})[str(seed)] = points
                         curves_path.write_text(json.dumps(all_curves, indent=1))
 
-                    targets = "all-linear" if run == "peer-all-linear" else ["q_proj", "v_proj"]
-                    curve = run_peer(a, task_dir, seed, save, targets)
+                    curve = run_peer(a, task_dir, seed, save, PEER_TARGETS[run])
                 else:
                     job = a.out / "jobs" / f"{task}-{a.method}-{run}-{seed}"
                     curve = run_engine(a, task_dir, run, seed, job)

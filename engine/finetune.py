@@ -115,8 +115,8 @@ def open_trainer(
             "updates would vanish in the quantisation); use --codec none, or --method lora",
             "codec",
         )
-    if cfg.method == "lora":
-        lora_spec(cfg, store)  # before any file is written, so a bad request leaves no job directory behind
+    # Checked before any file is written, so a bad request leaves no job directory behind
+    spec = lora_spec(cfg, store) if cfg.method == "lora" else None
     job = Path(job_dir)
     log_path = job / "update.log"
     logged = read_header(log_path) if log_path.exists() else None
@@ -139,8 +139,7 @@ def open_trainer(
         log = UpdateLog.open(log_path, expect=header)
     else:
         log = UpdateLog.create(log_path, header, loss=True)
-    if cfg.method == "lora":
-        spec = lora_spec(cfg, store)
+    if spec is not None:
         adapter, at = _latest_lora(job, store, device, len(log))
         if adapter is None:
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0

@@ -43,14 +43,13 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear module of the blocks
 
 def resolve_targets(targets: Sequence[str], modules: Iterable[str]) -> tuple[str, ...]:
     """The LoRA target names a job uses, sorted: `targets` checked against the model's module short names,
-    or all of them for "all-linear" (given alone, as PEFT takes it). RequestError names lora_targets."""
+    or all of them for "all-linear" (given alone, as PEFT takes it). RequestError names lora_targets; an empty
+    list is LoraSpec's to refuse."""
     modules = sorted(modules)
     if ALL_LINEAR in targets:
         if len(targets) > 1:
             raise RequestError(f"{ALL_LINEAR} names every module: give it alone", "lora_targets")
         return tuple(modules)
-    if not targets:
-        raise RequestError(f"name at least one module, e.g. q_proj,v_proj, or {ALL_LINEAR}", "lora_targets")
     unknown = [t for t in targets if t not in modules]
     if unknown:
         raise RequestError(
