@@ -18,6 +18,7 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
                    lr 1e-3, eps 1e-2: the loop of the MeZO paper, in this script
   peer-all-linear  the same loop with PEFT's target_modules="all-linear" (every linear layer of the blocks)
                    instead of MeZO's q_proj, v_proj
+  peer-mlp         the same loop on the MLP projections alone (gate_proj, up_proj, down_proj)
 
 A forward is one pass of the batch (B records); a grzo or MeZO step costs 2, an FZOO step q+1. Output: a table
 per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
@@ -52,10 +53,15 @@ RUNS = (
     "mezo-tokens",
     "peer",
     "peer-all-linear",
+    "peer-mlp",
 )
 TASKS = {"sentiment": "bench/sentiment_task.py", "topic": "bench/topic_task.py"}
 PEER_LR, PEER_EPS = 1e-3, 1e-2
-PEER_TARGETS = {"peer": ["q_proj", "v_proj"], "peer-all-linear": "all-linear"}  # PEFT's target_modules
+PEER_TARGETS = {
+    "peer": ["q_proj", "v_proj"],
+    "peer-all-linear": "all-linear",
+    "peer-mlp": ["gate_proj", "up_proj", "down_proj"],
+}  # PEFT's target_modules
 
 
 def forwards_per_step(run: str) -> int:
