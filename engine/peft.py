@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,40 @@ def resolve_targets(targets: Sequence[str], modules: Iterable[str]) -> tuple[str
             "lora_targets",
         )
     return tuple(sorted(targets))
+
+
+def saved_targets(value: Any, family: Any, mspec: Any, where: Path) -> tuple[str, ...]:
+    """The module short names of a saved adapter_config's target_modules, as PEFT reads it: a list of names,
+    "all-linear", or any other string as a regular expression fullmatched against each module's full name
+    ("model.layers.3.self_attn.q_proj"). The engine's adapters cover every block alike, so a pattern must pick
+    the same modules in every block. RequestError names the adapter."""
+    modules = family.module_names(mspec)  # short -> block-local name
+    if isinstance(value, str) and value != ALL_LINEAR:
+        shown = repr(value)[:200]
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise RequestError(
+                f"{where}: target_modules {shown} is not a regular expression ({exc})", "adapter"
+            ) from None
+        picked = [
+            frozenset(t for t, local in modules.items() if pattern.fullmatch(family.layer_prefix(i) + local))
+            for i in range(mspec.num_layers)
+        ]
+        if len(set(picked)) > 1 or not picked[0]:
+            raise RequestError(
+                f"{where}: target_modules {shown} picks "
+                + ("no module" if not any(picked) else "different modules in different layers")
+                + "; the engine serves LoRA on the same modules of every layer",
+                "adapter",
+            )
+        value = sorted(picked[0])
+    if not isinstance(value, list | tuple | str) or not all(isinstance(t, str) for t in value):
+        raise RequestError(f"{where}: target_modules must be a list of module names or a string", "adapter")
+    try:
+        return resolve_targets([value] if isinstance(value, str) else list(value), modules)
+    except RequestError as exc:
+        raise RequestError(f"{where}: target_modules: {exc.args[0]}", "adapter") from None
 
 
 @dataclass(frozen=True)
@@ -220,8 +255,7 @@ class LoraAdapter:
                 "LoRA adapter (scale lora_alpha / r on every targeted module)",
                 "adapter",
             )
-        targets = cfg["target_modules"]
-        targets = tuple(sorted(targets)) if isinstance(targets, list) else (targets,)
+        targets = saved_targets(cfg.get("target_modules"), family, mspec, d)
         _, meta = read_safetensors_header(d / "adapter_model.safetensors")
         seed = int(cfg.get(INIT_SEED_KEY, meta.get(INIT_SEED_KEY, 0)))  # in the config: older exports
         spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, seed)

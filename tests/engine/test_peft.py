@@ -141,3 +141,53 @@ def test_all_linear_is_stored_resolved_and_resumes(models, tmp_path):
         with pytest.raises(RequestError, match=why) as err:
             open_job(model, tmp_path / "bad", dataclasses.replace(cfg, lora_targets=bad))
         assert err.value.field == "lora_targets" and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_peft_adapter_saved_with_a_pattern_or_all_linear_loads(models, tmp_path, name):
+    """PEFT saves a string target_modules as given and reads it as a regular expression fullmatched against
+    each module's full name ("all-linear" aside): an adapter PEFT made from a pattern loads into the engine
+    with PEFT's logits, one saved as "all-linear" loads as every module, and a pattern that picks modules in
+    some layers only (or none) is refused naming the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = models(name)
+    torch.manual_seed(0)  # init_lora_weights=False draws B from the global RNG
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(k_proj|v_proj)", init_lora_weights=False),
+    ).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == r".*\.(k_proj|v_proj)"  # PEFT kept the pattern, not a list
+    with torch.no_grad():
+        want = pm(IDS).logits
+    tr = open_job(model, tmp_path / "job", base_cfg("lora"))
+    ad = LoraAdapter.load_peft(tmp_path / "peft", tr.fam, tr.spec, torch.device("cpu"))
+    assert ad.spec.targets == ("k_proj", "v_proj")
+    torch.testing.assert_close(engine_logits(tr.streamer, tr.fam, tr.spec, IDS, lora_fn(ad)), want)
+
+    every = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    every.save_pretrained(tmp_path / "every")
+    cfg_path = tmp_path / "every" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = "all-linear"  # as a hand-written config would say it
+    cfg_path.write_text(json.dumps(cfg))
+    ad = LoraAdapter.load_peft(tmp_path / "every", tr.fam, tr.spec, torch.device("cpu"))
+    assert ad.spec.targets == tuple(sorted(tr.fam.module_names(tr.spec)))
+
+    for pattern, why in (
+        (r".*layers\.0\..*q_proj", "different modules"),
+        ("nothing_here", "no module"),
+        ("(", "not a regular expression"),
+    ):
+        cfg["target_modules"] = pattern
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(RequestError, match=why) as err:
+            LoraAdapter.load_peft(tmp_path / "every", tr.fam, tr.spec, torch.device("cpu"))
+        assert err.value.field == "adapter"
+    tr.log.close()
