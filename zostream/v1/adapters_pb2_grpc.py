@@ -131,7 +131,9 @@ class AdaptersServicer:
         message carries the metadata, the following ones its files (adapter_config.json and
         adapter_model.safetensors). It is validated against the served base (target modules and
         tensor shapes; INVALID_ARGUMENT naming what does not fit) and served by id at once. It has no
-        update log (Adapter.update_log_bytes is 0).
+        update log (Adapter.update_log_bytes is 0). target_modules is read as PEFT reads it: a list of
+        module names, "all-linear", or a regular expression fullmatched against each module's full name
+        ("model.layers.3.self_attn.q_proj"), which must pick the same modules in every layer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
