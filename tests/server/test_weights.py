@@ -30,9 +30,12 @@ def base(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_peft_adapter(model_dir: Path, out: Path, r: int = 4) -> Path:
+def make_peft_adapter(
+    model_dir: Path, out: Path, r: int = 4, targets: list[str] | str = ("q_proj", "v_proj")
+) -> Path:
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    targets = targets if isinstance(targets, str) else list(targets)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
     model = peft.get_peft_model(base(model_dir), cfg)
     model.save_pretrained(out)
     return out
@@ -100,6 +103,17 @@ def test_peft_made_adapter_imports_and_serves(
         "adapter_model.safetensors",
     ]
     check_generate_matches(client, peft.PeftModel.from_pretrained(base(model_dir), out).eval(), "from-peft")
+
+
+def test_peft_adapter_targeted_by_a_pattern_imports_and_serves(
+    client: ZostreamClient, model_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT keeps a string target_modules as the pattern it was given; the import reads it as PEFT does
+    (fullmatched against module names) and serves PEFT's logits."""
+    d = make_peft_adapter(model_dir, tmp_path / "pattern", targets=r".*\.(k_proj|o_proj)")
+    ad = client.import_peft(d, adapter_id="from-pattern")
+    assert sorted(ad["lora"]["target_modules"]) == ["k_proj", "o_proj"]
+    check_generate_matches(client, peft.PeftModel.from_pretrained(base(model_dir), d).eval(), "from-pattern")
 
 
 def test_an_import_cut_short_by_a_crash_is_not_served_after_restart(model_dir: Path, tmp_path: Path) -> None:
