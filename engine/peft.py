@@ -261,6 +261,13 @@ class LoraAdapter:
         spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, seed)
         raw = open_safetensors(d / "adapter_model.safetensors")
         want = cls.expected(spec, family, mspec)
+        extra = sorted(n for n in raw if n not in want)  # e.g. a pattern that also picked lm_head
+        if extra:
+            raise RequestError(
+                f"{d}: adapter tensor(s) {', '.join(extra[:3])[:300]} are not on the same modules of every "
+                "layer; the engine would not apply them",
+                "adapter",
+            )
         tensors = {}
         for name, shape in want.items():
             if name not in raw or tuple(raw[name].shape) != shape:

@@ -190,4 +190,13 @@ def test_peft_adapter_saved_with_a_pattern_or_all_linear_loads(models, tmp_path,
         with pytest.raises(RequestError, match=why) as err:
             LoraAdapter.load_peft(tmp_path / "every", tr.fam, tr.spec, torch.device("cpu"))
         assert err.value.field == "adapter"
+
+    head = get_peft_model(  # the pattern picks q_proj in every block and the LM head besides
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.q_proj|lm_head"),
+    )
+    head.save_pretrained(tmp_path / "head")
+    with pytest.raises(RequestError, match="lm_head") as err:
+        LoraAdapter.load_peft(tmp_path / "head", tr.fam, tr.spec, torch.device("cpu"))
+    assert err.value.field == "adapter"
     tr.log.close()

@@ -31,7 +31,7 @@ def base(model_dir: Path):
 
 
 def make_peft_adapter(
-    model_dir: Path, out: Path, r: int = 4, targets: list[str] | str = ("q_proj", "v_proj")
+    model_dir: Path, out: Path, r: int = 4, targets: tuple[str, ...] | str = ("q_proj", "v_proj")
 ) -> Path:
     torch.manual_seed(0)
     targets = targets if isinstance(targets, str) else list(targets)
