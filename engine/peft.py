@@ -86,7 +86,7 @@ def saved_targets(value: Any, family: Any, mspec: Any, where: Path) -> tuple[str
                 + "; the engine serves LoRA on the same modules of every layer",
                 "adapter",
             )
-        value = sorted(picked[0])
+        return tuple(sorted(picked[0]))  # names of `modules` itself: nothing left to check
     if not isinstance(value, list | tuple | str) or not all(isinstance(t, str) for t in value):
         raise RequestError(f"{where}: target_modules must be a list of module names or a string", "adapter")
     try:
