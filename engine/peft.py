@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,37 +62,53 @@ def resolve_targets(targets: Sequence[str], modules: Iterable[str]) -> tuple[str
 
 
 def saved_targets(value: Any, family: Any, mspec: Any, where: Path) -> tuple[str, ...]:
-    """The module short names of a saved adapter_config's target_modules, as PEFT reads it: a list of names,
-    "all-linear", or any other string as a regular expression fullmatched against each module's full name
-    ("model.layers.3.self_attn.q_proj"). The engine's adapters cover every block alike, so a pattern must pick
-    the same modules in every block. RequestError names the adapter."""
+    """The module short names of a saved adapter_config's target_modules, as PEFT reads it: "all-linear"; any
+    other string as a regular expression fullmatched against each module's full name
+    ("model.layers.3.self_attn.q_proj"); a list whose entries each match a full name equal to it or ending in
+    "." + it ("q_proj", "self_attn.q_proj"; an entry matching no block module, as "c_attn" on a llama, is
+    ignored as PEFT ignores it). The engine's adapters cover every block alike, so the modules picked must be
+    the same in every block. RequestError names the adapter."""
     modules = family.module_names(mspec)  # short -> block-local name
+    shown = repr(value)[:200]
     if isinstance(value, str) and value != ALL_LINEAR:
-        shown = repr(value)[:200]
         try:
             pattern = re.compile(value)
         except re.error as exc:
             raise RequestError(
                 f"{where}: target_modules {shown} is not a regular expression ({exc})", "adapter"
             ) from None
-        picked = [
-            frozenset(t for t, local in modules.items() if pattern.fullmatch(family.layer_prefix(i) + local))
-            for i in range(mspec.num_layers)
-        ]
-        if len(set(picked)) > 1 or not picked[0]:
-            raise RequestError(
-                f"{where}: target_modules {shown} picks "
-                + ("no module" if not any(picked) else "different modules in different layers")
-                + "; the engine serves LoRA on the same modules of every layer",
-                "adapter",
-            )
-        return tuple(sorted(picked[0]))  # names of `modules` itself: nothing left to check
+        return _same_in_every_layer(pattern.fullmatch, family, mspec, where, shown)
     if not isinstance(value, list | tuple | str) or not all(isinstance(t, str) for t in value):
         raise RequestError(f"{where}: target_modules must be a list of module names or a string", "adapter")
-    try:
-        return resolve_targets([value] if isinstance(value, str) else list(value), modules)
-    except RequestError as exc:
-        raise RequestError(f"{where}: target_modules: {exc.args[0]}", "adapter") from None
+    if value == ALL_LINEAR or ALL_LINEAR in value:  # also in a list, as a hand-written config may say it
+        try:
+            return resolve_targets([value] if isinstance(value, str) else list(value), modules)
+        except RequestError as exc:
+            raise RequestError(f"{where}: target_modules: {exc.args[0]}", "adapter") from None
+    keys = set(value)
+    return _same_in_every_layer(
+        lambda full: full in keys or any(full.endswith("." + k) for k in keys), family, mspec, where, shown
+    )
+
+
+def _same_in_every_layer(
+    match: Callable[[str], Any], family: Any, mspec: Any, where: Path, shown: str
+) -> tuple[str, ...]:
+    """The short names `match` picks by full module name, which must be the same non-empty set in every
+    layer."""
+    modules = family.module_names(mspec)
+    picked = [
+        frozenset(t for t, local in modules.items() if match(family.layer_prefix(i) + local))
+        for i in range(mspec.num_layers)
+    ]
+    if len(set(picked)) > 1 or not picked[0]:
+        raise RequestError(
+            f"{where}: target_modules {shown} picks "
+            + ("no module" if not any(picked) else "different modules in different layers")
+            + f"; the engine serves LoRA on the same modules of every layer ({', '.join(sorted(modules))})",
+            "adapter",
+        )
+    return tuple(sorted(picked[0]))
 
 
 @dataclass(frozen=True)

@@ -146,9 +146,10 @@ def test_all_linear_is_stored_resolved_and_resumes(models, tmp_path):
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_peft_adapter_saved_with_a_pattern_or_all_linear_loads(models, tmp_path, name):
     """PEFT saves a string target_modules as given and reads it as a regular expression fullmatched against
-    each module's full name ("all-linear" aside): an adapter PEFT made from a pattern loads into the engine
-    with PEFT's logits, one saved as "all-linear" loads as every module, and a pattern that picks modules in
-    some layers only (or none) is refused naming the adapter."""
+    each module's full name ("all-linear" aside), and a list entry as a full name or its dotted suffix: an
+    adapter PEFT made from a pattern loads into the engine with PEFT's logits, one saved as "all-linear" loads
+    as every module, one saved from ["self_attn.q_proj", "v_proj", "c_attn"] as q_proj and v_proj, and a
+    pattern or list that picks modules in some layers only (or none) is refused naming the adapter."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -186,6 +187,20 @@ def test_peft_adapter_saved_with_a_pattern_or_all_linear_loads(models, tmp_path,
         ("(", "not a regular expression"),
     ):
         cfg["target_modules"] = pattern
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(RequestError, match=why) as err:
+            LoraAdapter.load_peft(tmp_path / "every", tr.fam, tr.spec, torch.device("cpu"))
+        assert err.value.field == "adapter"
+
+    suffixed = get_peft_model(  # list entries match a full name's dotted suffix; "c_attn" matches nothing
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["self_attn.q_proj", "v_proj", "c_attn"]),
+    )
+    suffixed.save_pretrained(tmp_path / "suffixed")
+    ad = LoraAdapter.load_peft(tmp_path / "suffixed", tr.fam, tr.spec, torch.device("cpu"))
+    assert ad.spec.targets == ("q_proj", "v_proj")
+    for names, why in ((["layers.0.self_attn.q_proj"], "different modules"), (["c_attn"], "no module")):
+        cfg["target_modules"] = names
         cfg_path.write_text(json.dumps(cfg))
         with pytest.raises(RequestError, match=why) as err:
             LoraAdapter.load_peft(tmp_path / "every", tr.fam, tr.spec, torch.device("cpu"))

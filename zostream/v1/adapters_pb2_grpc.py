@@ -132,8 +132,9 @@ class AdaptersServicer:
         adapter_model.safetensors). It is validated against the served base (target modules and
         tensor shapes; INVALID_ARGUMENT naming what does not fit) and served by id at once. It has no
         update log (Adapter.update_log_bytes is 0). target_modules is read as PEFT reads it: a list of
-        module names, "all-linear", or a regular expression fullmatched against each module's full name
-        ("model.layers.3.self_attn.q_proj"), which must pick the same modules in every layer.
+        module names or dotted suffixes ("q_proj", "self_attn.q_proj"; entries matching no module are
+        ignored), "all-linear", or a regular expression fullmatched against each module's full name
+        ("model.layers.3.self_attn.q_proj"); what it picks must be the same modules in every layer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
