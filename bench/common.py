@@ -335,22 +335,6 @@ def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-_RETAINED: list[object] = []
-
-
-def retain_registered(streamer: Any) -> None:
-    """Keep a CUDA streamer's host mappings alive for the rest of the run.
-
-    The streamer cudaHostRegister()s its mmap'd files and never unregisters them. If the mapping
-    were freed, a later mmap could land on the same addresses, its register would fail as
-    "already registered", and that streamer would silently fall back to the staging ring: the
-    bench would then measure the fallback. Keeping the (pinned) mappings costs host RAM only.
-    """
-    slots = getattr(streamer, "_cuda", None)
-    if slots is not None and getattr(slots, "registered", False):
-        _RETAINED.append((streamer.store, streamer.source))
-
-
 def release(device: torch.device) -> None:
     import gc
 

@@ -152,7 +152,7 @@ def pipeline(a: argparse.Namespace) -> None:
     for mutable in (False, True):
         store = WeightStore(work / "m", writable=True) if mutable else WeightStore(model)
         st = LayerStreamer(store, device, store.dtype, StreamConfig(0, 3), mutable=mutable, emu=emu)
-        path = "registered" if st._slots is not None and st._slots.registered else "staging"
+        path = st.host_path()
 
         _one_pass(st)
         s0 = st.stats.h2d_bytes + st.stats.d2h_bytes

@@ -44,7 +44,6 @@ from common import (
     ratio,
     release,
     resolve_device,
-    retain_registered,
     split_list,
     table,
 )
@@ -179,14 +178,12 @@ def streamed_bytes(eng: Engine) -> tuple[int, int]:
 
 
 def host_path(eng: Engine) -> str:
-    # The streamer's private CUDA state says whether the mmap was registered or copies are staged:
-    # the two run at very different rates, so the tables must say which one was measured.
-    slots = getattr(eng.streamer, "_cuda", None)
+    # The two host paths run at very different rates, so the tables say which one was measured.
     if eng.device.type != "cuda":
         return "cpu (no copy)"
-    if slots is None:
-        return "resident"
-    return "registered mmap" if slots.registered else "pinned staging"
+    return {"none": "resident", "registered": "registered mmap", "staging": "pinned staging"}[
+        eng.streamer.host_path()
+    ]
 
 
 @torch.inference_mode()
@@ -291,7 +288,7 @@ def run_shape(
                     path,
                 ]
             )
-        retain_registered(eng.streamer)
+        eng.streamer.close()  # unregister the mmap before it goes away
         del eng
         release(device)
     krows = []

@@ -44,7 +44,6 @@ from common import (
     release,
     reset_peak,
     resolve_device,
-    retain_registered,
     split_list,
     table,
     zo_step_floor,
@@ -224,7 +223,7 @@ def run_case(
         }
         if gpu_memory is None:
             out["fwd"] = block_forwards(tr, device)
-        retain_registered(tr.streamer)
+        tr.streamer.close()  # unregister the mmap before it goes away
         return out
     finally:
         tr = base = None  # noqa: F841 - drop the device tensors before the next case

@@ -61,8 +61,8 @@ class CudaDevice:
     def stream(self, name: str) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)
 
-    def event(self) -> torch.cuda.Event:
-        return torch.cuda.Event()
+    def event(self, timing: bool = False) -> torch.cuda.Event:
+        return torch.cuda.Event(enable_timing=timing)  # timing off unless asked: cheaper to record
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream, tag: str = "") -> None:
         with torch.cuda.stream(stream):

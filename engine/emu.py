@@ -80,6 +80,7 @@ class EmuEvent:
         self.dev = dev
         self.recorded = 0  # generation of the latest record()
         self.completed = 0  # highest generation that has completed
+        self.completed_at = 0.0  # perf_counter() when it last completed (elapsed_time)
 
     def record(self, stream: EmuStream) -> None:
         with self.dev.cond:
@@ -99,9 +100,15 @@ class EmuEvent:
             self.dev._host_wait(lambda: self.completed >= gen or self.dev.stopped(), "synchronize")
         self.dev.raise_errors()
 
+    def elapsed_time(self, end: EmuEvent) -> float:
+        """Milliseconds from this event's completion to `end`'s, as torch.cuda.Event.elapsed_time."""
+        with self.dev.cond:
+            return (end.completed_at - self.completed_at) * 1e3
+
     def _complete(self, gen: int) -> None:
         with self.dev.cond:
             self.completed = max(self.completed, gen)
+            self.completed_at = time.perf_counter()
             self.dev.cond.notify_all()
 
 
@@ -229,7 +236,7 @@ class EmuDevice(DeviceMemory):
     def stream(self, name: str) -> EmuStream:
         return EmuStream(self, name)
 
-    def event(self) -> EmuEvent:
+    def event(self, timing: bool = False) -> EmuEvent:  # noqa: ARG002 - every emulated event is timed
         return EmuEvent(self)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: EmuStream, tag: str = "") -> None:

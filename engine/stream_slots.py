@@ -46,6 +46,7 @@ class StreamSlots:
         self.next_issue = 0
         self.prefetched = False  # the next pass's first blocks were issued at the end of this one
         self.pending: list[tuple[Any, int, Any]] = []  # (event, group, tag) of write-backs in flight
+        self.timed: list[tuple[Any, Any]] = []  # (start, end) timed events of uploads not yet counted
         self.decoded = 0  # bytes of the frozen block decoded from the slot now in use
         self.registered: list[int] = []
         # Under a host budget the tier decides what stays in RAM; registering the whole mapping would pin
@@ -67,6 +68,9 @@ class StreamSlots:
                 st = t.untyped_storage()
                 spans[st.data_ptr()] = st.nbytes()
         return self.o.dev.register(sorted(spans.items()), read_only=not self.o.mutable)
+
+    def host_path(self) -> str:
+        return "registered" if self.registered else "staging"
 
     def close(self) -> None:
         _unregister(self.o.dev, self.registered)
@@ -111,14 +115,22 @@ class StreamSlots:
         if self.staging is not None:
             self.landed[i].synchronize()  # the host reads the host copy itself here
             self.staged[s].synchronize()  # the previous upload from this staging buffer is done
+            t0 = time.perf_counter()
             for name, off, n in lay.items:
                 self.staging[s][off : off + n].copy_(_flat(host[name]))
+            o.stats.transfer_seconds += time.perf_counter() - t0  # the host's share of the move
+        # The copies' own time on the H2D stream (after its waits), counted once `end` has completed.
+        start, end = dev.event(timing=True), dev.event(timing=True)
+        start.record(self.h2d)
+        if self.staging is not None:
             dev.copy(slot[: lay.nbytes], self.staging[s][: lay.nbytes], self.h2d, f"h2d {i}")
         else:
             for name, off, n in lay.items:
                 dev.copy(slot[off : off + n], _flat(host[name]), self.h2d, f"h2d {i}")
         if o.kv_travel is not None:
             o.kv_travel.upload(i, s, self.h2d)  # the layer's KV blocks follow its weights
+        end.record(self.h2d)
+        self.timed.append((start, end))
         self.staged[s].record(self.h2d)
         self.ready[s].record(self.h2d)
         o.stats.h2d_bytes += sum(n for _, _, n in lay.items)
@@ -171,10 +183,14 @@ class StreamSlots:
         self._poll()
 
     def _poll(self) -> None:
-        """Move the counters of write-backs that have landed (in order; never blocks)."""
+        """Move the counters of write-backs that have landed and count the uploads that are done (in order;
+        never blocks)."""
         while self.pending and self.pending[0][0].query():
             _ev, g, tag = self.pending.pop(0)
             self.o.notify_write_back(g, tag, True)
+        while self.timed and self.timed[0][1].query():
+            start, end = self.timed.pop(0)
+            self.o.stats.transfer_seconds += start.elapsed_time(end) / 1e3  # elapsed_time: milliseconds
 
     def end_pass(self) -> None:
         """Wait for this pass's write-backs to land and move their counters."""
@@ -182,6 +198,7 @@ class StreamSlots:
             ev, g, tag = self.pending.pop(0)
             ev.synchronize()
             self.o.notify_write_back(g, tag, True)
+        self._poll()  # uploads done by now; the rest (e.g. the next pass's prefetches) at a later poll
 
 
 def _unregister(dev: Any, ptrs: list[int]) -> None:

@@ -49,7 +49,8 @@ from .stream_slots import CLEAN, StreamSlots
 class StreamStats:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
-    transfer_seconds: float = 0.0  # CPU: decode time; CUDA: copy-stream time (resolved lazily)
+    transfer_seconds: float = 0.0  # direct CPU path: decode time; slots (emu, CUDA): the uploads' H2D
+    # stream time from timed events, counted once they complete (and a staging ring's host copies)
     stall_seconds: float = 0.0  # compute waiting on a transfer
     passes: int = 0
     _pending: list = field(default_factory=list)
@@ -202,6 +203,11 @@ class LayerStreamer:
 
     def resident_block(self, i: int) -> dict[str, torch.Tensor] | None:
         return self._resident.get(i)
+
+    def host_path(self) -> str:
+        """How streamed blocks reach the device: "none" (the direct CPU path, or every block resident),
+        "registered" (copied from the registered mmap) or "staging" (through the pinned staging ring)."""
+        return "none" if self._slots is None else self._slots.host_path()
 
     def close(self) -> None:
         """Unregister host memory (before its mapping goes away); stop the host tier's readahead."""

@@ -8,6 +8,7 @@ checks can fail."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -262,6 +263,31 @@ def test_timeline_records_block_compute_spans(models):
         assert span.start >= [u for u in ups if u.tag == f"h2d {k % 3}"][k // 3].end
 
 
+@pytest.mark.parametrize("register", [True, False])
+def test_transfer_seconds_are_the_uploads_time_on_the_copy_stream(models, register):
+    """stats.transfer_seconds (zostream_layer_transfer_seconds_total) on the slot path: each upload's span
+    on the H2D stream, from timed events read once they completed (plus the staging ring's host copies).
+    Checked against the copy engine's own timeline: at least the copies of the two passes' uploads, at most
+    every upload issued (the next pass's prefetches may be counted already) with scheduling slack."""
+    store = WeightStore(models("llama"))
+    dev = emu(delay=0.002, register=register)
+    st = LayerStreamer(store, CPU, torch.float32, StreamConfig(0, 2), emu=dev)
+    assert st.host_path() == ("registered" if register else "staging")
+    assert st.stats.transfer_seconds == 0
+    for _ in range(2):
+        with st.open_pass() as blocks:
+            for _i, _w in blocks:
+                pass
+    ups = [
+        list(g) for _, g in itertools.groupby((r for r in dev.timeline if r.stream == "h2d"), lambda r: r.tag)
+    ]
+    assert [u[0].tag for u in ups[:6]] == [f"h2d {i}" for i in range(3)] * 2
+    copies = sum(r.end - r.start for u in ups[:6] for r in u)
+    spans = sum(u[-1].end - u[0].start for u in ups)
+    assert copies > 0.002 and copies <= st.stats.transfer_seconds <= spans + 0.005 * len(ups)
+    st.close()
+
+
 def test_release_on_exception(models):
     """A workload raising mid-pass: the block in use is released, the next pass runs normally."""
     from zostream.engine.forward import run_pass
@@ -441,7 +467,7 @@ def test_staging_path_when_registration_is_refused(models, tmp_path):
     ref = run_job(model, tmp_path / "ref", cfg, 3, 0, emu=emu())
     dev = emu(delay=0.002, register=False)
     tr = run_job(model, tmp_path / "job", cfg, 3, 0, emu=dev)
-    assert tr.streamer._slots.staging is not None and not dev.registered
+    assert tr.streamer.host_path() == "staging" and not dev.registered
     assert_same_tensors(exported(tmp_path / "job", "full"), exported(tmp_path / "ref", "full"))
     ref.log.close()
     tr.log.close()
