@@ -181,9 +181,12 @@ def host_path(eng: Engine) -> str:
     # The two host paths run at very different rates, so the tables say which one was measured.
     if eng.device.type != "cuda":
         return "cpu (no copy)"
-    return {"none": "resident", "registered": "registered mmap", "staging": "pinned staging"}[
-        eng.streamer.host_path()
-    ]
+    return {
+        "none": "resident",
+        "registered": "registered mmap",
+        "staging": "pinned staging",
+        "registered+staging": "registered mmap + staging",
+    }[eng.streamer.host_path()]
 
 
 @torch.inference_mode()

@@ -29,6 +29,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,11 @@ class CopyRecord:
     nbytes: int
     start: float
     end: float
+    pinned: bool = False  # its host side was registered or pinned(): on CUDA an asynchronous DMA
+
+
+def _inside(span: tuple[int, int], ranges: Iterable[tuple[int, int]]) -> bool:
+    return any(lo <= span[0] and span[1] <= hi for lo, hi in ranges)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -189,7 +195,8 @@ class EmuDevice(DeviceMemory):
         self._pending: list[tuple[int, int]] = []  # destination spans of queued / running copies
         self._in_use: dict[tuple[int, int], str] = {}  # spans compute is reading, and what they hold
         self._use_start: dict[tuple[int, int], float] = {}
-        self.registered: set[int] = set()  # host pointers registered now
+        self.registered: dict[int, int] = {}  # host pointer -> bytes of each registration now
+        self._pinned: dict[int, tuple[int, int]] = {}  # id -> span of each live pinned() buffer
         self.compute = EmuStream(self, "compute", host=True)
         self._t0 = time.perf_counter()
 
@@ -219,24 +226,43 @@ class EmuDevice(DeviceMemory):
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         """Host staging memory (not device memory: not counted)."""
-        return torch.empty(nbytes, dtype=torch.uint8)
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        with self.cond:
+            self._pinned[id(t)] = _span(t)
+        weakref.finalize(t, self._unpin, id(t))
+        return t
+
+    def _unpin(self, key: int) -> None:
+        with self.cond:
+            self._pinned.pop(key, None)
 
     def register(self, spans: list[tuple[int, int]], read_only: bool) -> list[int]:
-        """Host registration: all or nothing, as on CUDA; EmuOptions.host_register=False refuses it."""
-        if not self.options.host_register:
+        """Host registration: all or nothing, as on CUDA, which also refuses a range overlapping one
+        registered already; EmuOptions.host_register=False refuses it."""
+        ranges = sorted((p, p + n) for p, n in spans) + sorted((p, p + n) for p, n in self.registered.items())
+        if not self.options.host_register or any(
+            _overlap(a, b) for k, a in enumerate(ranges) for b in ranges[k + 1 :]
+        ):
             return []
-        ptrs = [p for p, _ in spans]
-        self.registered.update(ptrs)
-        return ptrs
+        self.registered.update(spans)
+        return [p for p, _ in spans]
 
     def unregister(self, ptrs: list[int]) -> None:
-        self.registered.difference_update(ptrs)
+        for p in ptrs:
+            self.registered.pop(p, None)
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        """Whether t's bytes lie in registered or pinned() host memory."""
+        span = _span(t)
+        with self.cond:
+            regs = [(p, p + n) for p, n in self.registered.items()]
+            return _inside(span, regs) or _inside(span, self._pinned.values())
 
     # ---- streams, events, copies ------------------------------------------------------------------
     def stream(self, name: str) -> EmuStream:
         return EmuStream(self, name)
 
-    def event(self, timing: bool = False) -> EmuEvent:  # noqa: ARG002 - every emulated event is timed
+    def event(self, timing: bool = False) -> EmuEvent:  # every emulated event is timed
         return EmuEvent(self)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: EmuStream, tag: str = "") -> None:
@@ -317,11 +343,12 @@ class EmuDevice(DeviceMemory):
         dst.copy_(src)
         t1 = time.perf_counter()
         n = dst.numel() * dst.element_size()
+        pinned = self.is_pinned(src) or self.is_pinned(dst)
         with self.cond:
             if not stream.host:
                 self._pending.remove(span)
             self.bytes_by_stream[stream.name] = self.bytes_by_stream.get(stream.name, 0) + n
-            self.timeline.append(CopyRecord(stream.name, tag, n, t0 - self._t0, t1 - self._t0))
+            self.timeline.append(CopyRecord(stream.name, tag, n, t0 - self._t0, t1 - self._t0, pinned))
 
 
 def overlapped(timeline: list[CopyRecord], a: str, b: str, tag_b: str = "") -> float:

@@ -150,6 +150,10 @@ class HostTier:
         self._scratch = bytearray(READ_CHUNK)
         self.stats = HostStats()
 
+    def keeps(self, i: int) -> bool:
+        """Whether block i stays in RAM (read once, never dropped), rather than streaming from the file."""
+        return i not in self._streamed
+
     # ---- the streamer's hooks --------------------------------------------------------------------
     def before(self, i: int) -> None:
         """Block i is about to be read: wait until it is in RAM, and read ahead the next ones."""

@@ -7,6 +7,7 @@ owner of streams, events and registered host memory.
 
 from __future__ import annotations
 
+import mmap
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from .residency import block_nbytes, group_of_block
 if TYPE_CHECKING:
     from .streamer import LayerStreamer
 
+PAGE = mmap.PAGESIZE
 CLEAN = object()  # a released block's tag when it was not marked dirty: nothing to write back
 
 
@@ -49,28 +51,41 @@ class StreamSlots:
         self.timed: list[tuple[Any, Any]] = []  # (start, end) timed events of uploads not yet counted
         self.decoded = 0  # bytes of the frozen block decoded from the slot now in use
         self.registered: list[int] = []
-        # Under a host budget the tier decides what stays in RAM; registering the whole mapping would pin
-        # all of it, so streamed blocks go through the pinned staging ring (pins depth x slot bytes).
-        # TODO(host tier): register the spans of owner.tier.plan.resident and stage only the rest.
-        if owner.cfg.register_host_memory and owner.tier is None:
-            self.registered = self._register_host()
+        # Streamed blocks that stay in host RAM upload straight from their registered pages; under a host
+        # budget the blocks read from the file every pass go through the pinned staging ring instead
+        # (pinning them would defeat the budget, and their pages are dropped behind each pass).
+        kept = [i for i in self.order if owner.tier is None or owner.tier.keeps(i)]
+        if owner.cfg.register_host_memory and kept:
+            self.registered = self._register_host(kept)
+        self.direct = frozenset(kept) if self.registered else frozenset()
         self.staging = None
-        if not self.registered:
+        if len(self.direct) < len(self.order):
             self.staging = [dev.pinned(slot_bytes) for _ in range(depth)]
         weakref.finalize(self, _unregister, dev, list(self.registered))
 
-    def _register_host(self) -> list[int]:
-        """Register every mapped file once (read-only for frozen blocks): mmap -> device at the pinned rate.
-        Fails as a whole (memlock, a kernel refusing a writable pin of a shared file mapping...): staging."""
-        spans: dict[int, int] = {}
-        for i in self.order:
-            for t in self.o.source(i).values():
-                st = t.untyped_storage()
-                spans[st.data_ptr()] = st.nbytes()
-        return self.o.dev.register(sorted(spans.items()), read_only=not self.o.mutable)
+    def _register_host(self, blocks: list[int]) -> list[int]:
+        """Register the whole pages under `blocks`' host tensors, adjacent ranges merged (read-only for a
+        frozen base): mmap -> device at the pinned rate. Only those pages are pinned, not the outer weights
+        or blocks resident on the device (each uploaded once). Fails as a whole (memlock, a kernel refusing
+        a writable pin of a shared file mapping...): then staging."""
+        ranges = sorted(
+            (t.data_ptr() // PAGE * PAGE, -(-(t.data_ptr() + t.nbytes) // PAGE) * PAGE)
+            for i in blocks
+            for t in self.o.source(i).values()
+            if t.numel()
+        )
+        merged: list[list[int]] = []
+        for lo, hi in ranges:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        return self.o.dev.register([(lo, hi - lo) for lo, hi in merged], read_only=not self.o.mutable)
 
     def host_path(self) -> str:
-        return "registered" if self.registered else "staging"
+        if not self.direct:
+            return "staging"
+        return "registered" if self.staging is None else "registered+staging"
 
     def close(self) -> None:
         _unregister(self.o.dev, self.registered)
@@ -112,7 +127,8 @@ class StreamSlots:
         tier = o.tier
         if tier is not None:
             tier.before(i)  # its pages are in RAM (read ahead); the staging copies below are synchronous
-        if self.staging is not None:
+        staged = i not in self.direct
+        if staged:
             self.landed[i].synchronize()  # the host reads the host copy itself here
             self.staged[s].synchronize()  # the previous upload from this staging buffer is done
             t0 = time.perf_counter()
@@ -122,7 +138,7 @@ class StreamSlots:
         # The copies' own time on the H2D stream (after its waits), counted once `end` has completed.
         start, end = dev.event(timing=True), dev.event(timing=True)
         start.record(self.h2d)
-        if self.staging is not None:
+        if staged:
             dev.copy(slot[: lay.nbytes], self.staging[s][: lay.nbytes], self.h2d, f"h2d {i}")
         else:
             for name, off, n in lay.items:

@@ -206,7 +206,8 @@ class LayerStreamer:
 
     def host_path(self) -> str:
         """How streamed blocks reach the device: "none" (the direct CPU path, or every block resident),
-        "registered" (copied from the registered mmap) or "staging" (through the pinned staging ring)."""
+        "registered" (copied from the registered mmap), "staging" (through the pinned staging ring) or
+        "registered+staging" (under a host budget: the blocks kept in RAM registered, the rest staged)."""
         return "none" if self._slots is None else self._slots.host_path()
 
     def close(self) -> None:

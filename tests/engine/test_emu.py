@@ -473,6 +473,30 @@ def test_staging_path_when_registration_is_refused(models, tmp_path):
     tr.log.close()
 
 
+def test_registration_refuses_overlaps_and_copies_record_their_host_memory():
+    """As CUDA: registering a range that overlaps a registered one fails, all or nothing; each copy's
+    record says whether its host side was page-locked (registered or pinned()) or pageable."""
+    dev = emu()
+    host = torch.arange(4096, dtype=torch.uint8)
+    p = host.data_ptr()
+    assert dev.register([(p, 1024)], read_only=True) == [p]
+    assert dev.register([(p + 2048, 512), (p + 512, 1024)], read_only=True) == []  # the second overlaps
+    assert dev.registered == {p: 1024}
+    slot, staging = dev.empty(1024), dev.pinned(1024)
+    s = dev.stream("h2d")
+    dev.copy(slot, host[:1024], s, "registered")
+    dev.copy(slot, staging, s, "staged")
+    dev.copy(slot, host[1024:2048], s, "pageable")
+    s.synchronize()
+    assert [(r.tag, r.pinned) for r in dev.timeline if r.stream == "h2d"] == [
+        ("registered", True),
+        ("staged", True),
+        ("pageable", False),
+    ]
+    dev.unregister([p])
+    assert not dev.registered
+
+
 def test_streamer_unregisters_host_memory(models):
     store = WeightStore(models("llama"))
     dev = emu()

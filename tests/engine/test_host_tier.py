@@ -183,3 +183,46 @@ def test_codec_cache_is_mapped_read_only_and_streams_through_the_tier(tmp_path):
         if i == 2:
             assert all(torch.equal(w[k], want[k]) for k in want)
     tier.close()
+
+
+@LINUX_PROC
+def test_blocks_kept_in_ram_upload_from_registered_pages_the_rest_through_staging(tmp_path):
+    """Under a host budget on a device that copies: the streamed blocks the tier keeps in RAM are registered
+    (their whole pages; of the blocks read from the file every pass at most a page shared with a kept
+    neighbour) and upload straight from the mapping, one copy per tensor; the others go through the pinned
+    staging ring, one copy per block. Every upload's host side is page-locked, and the blocks reach the
+    device as the file holds them."""
+    import itertools
+    import mmap
+
+    from zostream.engine.emu import EmuDevice
+
+    d = _big_llama(tmp_path)
+    store = WeightStore(d)
+    sizes = [store.block_nbytes(i) for i in range(6)]
+    budget = store.outer_nbytes() + 3 * max(sizes) + sizes[0] + sizes[1] + 1000  # blocks 0-1 kept in RAM
+    dev = EmuDevice()
+    sc = StreamConfig(gpu_memory_bytes=0, host_memory_bytes=budget)
+    st = LayerStreamer(store, CPU, torch.float32, sc, emu=dev)
+    assert st.tier is not None and st.tier.plan.resident == (0, 1) and st.host_path() == "registered+staging"
+    regs = [(p, p + n) for p, n in dev.registered.items()]
+
+    def pinned_bytes(t: torch.Tensor) -> int:
+        a, b = t.data_ptr(), t.data_ptr() + t.nbytes
+        return sum(max(0, min(b, hi) - max(a, lo)) for lo, hi in regs)
+
+    for i in range(6):
+        block = store.block(i).values()
+        got, full = sum(pinned_bytes(t) for t in block), sum(t.nbytes for t in block)
+        assert got == full if i < 2 else got <= (mmap.PAGESIZE if i == 2 else 0), i
+    with st.open_pass() as blocks:
+        for i, w in blocks:
+            for name, t in store.block(i).items():
+                assert torch.equal(w[name], t.float()), (i, name)
+    h2d = (r for r in dev.timeline if r.stream == "h2d")
+    ups = [list(g) for _, g in itertools.groupby(h2d, lambda r: r.tag)]
+    assert [u[0].tag for u in ups[:6]] == [f"h2d {i}" for i in range(6)]
+    assert [len(u) for u in ups[:6]] == [len(store.block(0))] * 2 + [1] * 4
+    assert all(r.pinned for u in ups for r in u)
+    st.close()
+    assert not dev.registered
