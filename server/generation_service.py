@@ -39,7 +39,8 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
     @rpc
     async def Generate(self, request, context):
         engine = self.app.ready_engine()
-        req = CG.generate_request(request, engine, context.time_remaining())
+        # Tokenizing (a long prompt, a chat template) runs off the event loop: other RPCs go on meanwhile.
+        req = await asyncio.to_thread(CG.generate_request, request, engine, context.time_remaining())
         subs = CG.completions(req, request.n)  # n > 1: one engine request per completion
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -101,7 +102,7 @@ class TextGeneration(generation_pb2_grpc.TextGenerationServicer):
         engine = self.app.ready_engine()
         if request.WhichOneof("input") is None:
             raise RequestError("set text or chat", "input")
-        ids = CG.prompt_ids(request, engine)
+        ids = await asyncio.to_thread(CG.prompt_ids, request, engine)
         return generation_pb2.TokenizeResponse(
             token_ids=ids, tokens=engine.tokenizer.convert_ids_to_tokens(ids)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -54,11 +55,13 @@ def routes(app: Any) -> list[Route]:
 
     async def chat(request: Request) -> Response:
         body = await read_json(request)
-        return await _respond(app, P.chat_plan(body, app.ready_engine()), chat=True)
+        # Tokenizing runs off the event loop (as in the gRPC service): other requests go on meanwhile.
+        return await _respond(app, await asyncio.to_thread(P.chat_plan, body, app.ready_engine()), chat=True)
 
     async def completions(request: Request) -> Response:
         body = await read_json(request)
-        return await _respond(app, P.completion_plan(body, app.ready_engine()), chat=False)
+        plan = await asyncio.to_thread(P.completion_plan, body, app.ready_engine())
+        return await _respond(app, plan, chat=False)
 
     return [
         Route("/v1/models", models, methods=["GET"]),

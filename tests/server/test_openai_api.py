@@ -383,3 +383,45 @@ def test_serve_refuses_a_bad_http_port(model_dir: Path, tmp_path: Path, capsys) 
     assert "--http-port 50999: the gRPC server listens there" in capsys.readouterr().err
     assert cli.main([*base, "--http-port", "70000"]) == 2
     assert "--http-port 70000: use a port in 0..65535" in capsys.readouterr().err
+
+
+def test_tokenizing_runs_off_the_event_loops(server: ThreadServer, url: str, model: str, monkeypatch) -> None:
+    """A prompt being tokenized (a 1 MB one takes about a second) holds up no other request: a gRPC
+    Tokenize and an HTTP completion wait inside the tokenizer while GetModelInfo and GET /v1/models answer,
+    then both finish with the real tokens."""
+    import concurrent.futures
+    import threading
+
+    from zostream.v1 import generation_pb2
+
+    engine = server.app.engine
+    real, gate, entered = engine.encode_prompt, threading.Event(), threading.Semaphore(0)
+
+    def held(*a: Any, **k: Any) -> list[int]:
+        entered.release()
+        assert gate.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "encode_prompt", held)
+    stubs = server.stubs()
+    meta = [("authorization", f"Bearer {KEY}")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            tok = stubs.gen.Tokenize.future(
+                generation_pb2.TokenizeRequest(text=PROMPT), metadata=meta, timeout=60
+            )
+            assert entered.acquire(timeout=30), "Tokenize never reached the tokenizer"
+            info = stubs.gen.GetModelInfo(generation_pb2.GetModelInfoRequest(), metadata=meta, timeout=10)
+            assert info.model_id
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+            done = pool.submit(post, url, "/v1/completions", body)
+            assert entered.acquire(timeout=30), "the completion never reached the tokenizer"
+            r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+            assert r.status_code == 200 and not tok.done() and not done.done()
+        finally:
+            gate.set()
+        assert list(tok.result().token_ids) == real(PROMPT)
+        r = done.result()
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(real(PROMPT))
+    stubs.channel.close()
