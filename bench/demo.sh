@@ -10,6 +10,7 @@ MODEL="${1:?usage: demo.sh MODEL_DIR}"
 WORK="${ZOSTREAM_DEMO_DIR:-$(mktemp -d -t zostream-demo.XXXXXX)}"
 PORT="${ZOSTREAM_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 STEPS="${ZOSTREAM_DEMO_STEPS:-600}"
+EVAL_EVERY=$(( STEPS >= 6 ? STEPS / 6 : STEPS ))  # held-out accuracy six times along the run
 SERVER="127.0.0.1:$PORT"
 echo "== work dir $WORK, server $SERVER"
 
@@ -39,8 +40,8 @@ echo "== 2. fine-tune: LoRA, zeroth-order (grzo: one +/- pair of forwards per st
 python3 bench/sentiment_task.py "$WORK/task" --train 512 --eval 64 >/dev/null
 JOB=$(zostream jobs create --server "$SERVER" --method lora --data "$WORK/task/train.jsonl" \
       --eval "$WORK/task/eval.jsonl" --steps "$STEPS" --batch-size 16 --estimator grzo --seed 0 \
-      --eval-every "$STEPS" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-echo "job $JOB (eval events show held-out loss/accuracy before training and after)"
+      --eval-every "$EVAL_EVERY" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "job $JOB (eval events: held-out loss/accuracy before training and every $EVAL_EVERY steps)"
 zostream jobs events --server "$SERVER" "$JOB" --follow
 zostream jobs get --server "$SERVER" "$JOB" --json | python3 -c '
 import json, sys

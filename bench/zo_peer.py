@@ -31,12 +31,12 @@ import torch
 from common import log, machine_line, real_model, real_model_args, table
 
 from zostream.engine import data as D
-from zostream.engine import trainer as T
 from zostream.engine.config import StreamConfig, ZOConfig
 from zostream.engine.finetune import open_trainer
 from zostream.engine.forward import run_pass
 from zostream.engine.store import WeightStore
 from zostream.engine.streamer import LayerStreamer
+from zostream.engine.workloads import LossWorkload
 
 TITLE = "ZO step vs a plain MeZO loop on transformers (s/step)"
 EPS, LR_FULL, LR_LORA = 1e-3, 1e-6, 1e-4
@@ -134,7 +134,7 @@ def zostream_forwards(model_dir: Path, ids: torch.Tensor, steps: int) -> tuple[f
     lens = torch.full((ids.shape[0],), ids.shape[1])
 
     def two() -> None:
-        wls = [T.LossWorkload(store.family, store.spec, (ids, labels, lens)) for _ in range(2)]
+        wls = [LossWorkload(store.family, store.spec, (ids, labels, lens)) for _ in range(2)]
         run_pass(streamer, wls)
 
     return timed(two, steps)
