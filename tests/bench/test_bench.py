@@ -145,3 +145,29 @@ def test_make_model_matches_transformers_layout(bench, cache):
         got["model.decoder.layers.0.final_layer_norm.weight"], torch.ones(256, dtype=torch.bfloat16)
     )
     assert not got["model.decoder.layers.0.fc2.bias"].any()
+
+
+def test_zo_peer_runs_every_row_on_a_tiny_model(tmp_path, capsys):
+    """bench/zo_peer.py end to end on a tiny llama (its rows call the engine's workloads and trainer, whose
+    names move: an import that went stale is caught here, not on the next machine that runs the bench)."""
+    from tests.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path, "llama")
+    saved = {n: sys.modules.pop(n) for n in ("common", "zo_peer") if n in sys.modules}
+    sys.path.insert(0, str(BENCH))
+    threads = torch.get_num_threads()
+    try:
+        zo_peer = importlib.import_module("zo_peer")
+        args = ["--model", str(model), "--batch", "2", "--seq", "8", "--steps", "1", "--threads", "1"]
+        assert zo_peer.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(BENCH))
+        for n in ("common", "zo_peer"):
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    rows = {
+        line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+    }
+    want = {"2 forwards (hf)", "2 forwards (zs)", "zostream full", "peer full", "zostream lora", "peer lora"}
+    assert want <= rows
