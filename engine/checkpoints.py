@@ -49,7 +49,8 @@ def parse(aid: str, field: str = "adapter_id") -> tuple[str, int]:
 class CheckpointSource:
     """Checks and builds checkpoint adapters for the engine (`Engine.adapter_source`).
 
-    `check` runs on any thread (reads job records only); `build` runs on the engine thread."""
+    `check` runs on any thread (reads job records only); `build` on the engine's worker thread for the
+    checkpoint (it replays the log onto fresh LoRA factors, touching nothing the engine thread uses)."""
 
     def __init__(self, store: Any, engine: Any) -> None:
         self.store, self.engine = store, engine  # store: jobs.JobStore

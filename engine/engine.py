@@ -74,8 +74,10 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.adapters = AdapterRegistry(self.device, lim.max_resident_adapters)  # id -> peft.LoraAdapter
         # Adapters built on first use (checkpoints.CheckpointSource: `<job_id>:ckpt-step-<N>`); the job
-        # runner sets it. check(aid, field) raises RequestError; build(aid) runs on the engine thread.
+        # runner sets it. check(aid, field) raises RequestError; build(aid) runs on a worker thread.
         self.adapter_source: Any = None
+        # Checkpoint id -> the requests (and seeds) waiting for its build; engine thread only.
+        self._parked: dict[str, list[tuple[GenerateRequest, int]]] = {}
         self.trainers: dict[str, Any] = {}  # job id -> trainer with .workload() / .commit()
         self._inbox: list[Callable[[], None]] = []
         self._admitting = 0  # submitted requests still in the inbox: they count against max_waiting
@@ -135,7 +137,8 @@ class Engine:
         self._post(lambda: self._finish(request_id, FinishReason.CANCELLED))
 
     def abort_all(self) -> None:
-        for rid in list(self.seqs):
+        """Engine thread: cancel every request in flight, and those waiting for a checkpoint's build."""
+        for rid in [*self.seqs, *(r.request_id for w in self._parked.values() for r, _ in w)]:
             self.abort(rid)
 
     # ---- registries (engine thread only) ------------------------------------------------------
@@ -186,43 +189,67 @@ class Engine:
             fn()
 
     def _admit(self, req: GenerateRequest, seed: int) -> None:
+        aid = req.adapter_id
+        if aid and aid not in self.adapters and ":" in aid and self.adapter_source is not None:
+            self._park(req, seed)  # still counted in _admitting: it waits as a queued request does
+            return
         with self._lock:
             self._admitting -= 1
         try:
             if req.request_id in self.seqs:  # a second sequence under one id would leak its KV slot
                 raise RequestError(f"request {req.request_id!r} is already in flight", "request_id")
-            if req.adapter_id and req.adapter_id not in self.adapters and ":" in req.adapter_id:
-                self._build_adapter(req.adapter_id)
             if req.adapter_id and req.adapter_id not in self.adapters:  # deleted since submit()
                 raise NotFoundError(
                     f"no adapter {req.adapter_id!r}; list them with ListAdapters", "adapter_id"
                 )
             self.scheduler.add(req.request_id, len(req.prompt_ids), req.stopping.max_new_tokens)
         except RequestError as exc:
-            emit(
-                req,
-                TokenEvent(
-                    req.request_id, (), "", FinishReason.ERROR, len(req.prompt_ids), 0, seed, str(exc)
-                ),
-            )
+            _end_unstarted(req, seed, FinishReason.ERROR, str(exc))
             return
         self.seqs[req.request_id] = new_sequence(req, -1, seed, self.tokenizer, self.device)
 
+    def _park(self, req: GenerateRequest, seed: int) -> None:
+        """A checkpoint adapter on its first use: rebuilt from its job's log on a worker thread (replay:
+        steps x LoRA tensors) while the passes go on; the requests that asked for it wait, then are
+        admitted (or fail) once it is built."""
+        waiting = self._parked.setdefault(req.adapter_id, [])
+        waiting.append((req, seed))
+        if len(waiting) == 1:
+            threading.Thread(
+                target=self._build_adapter, args=(req.adapter_id,), name="zostream-checkpoint", daemon=True
+            ).start()
+
     def _build_adapter(self, adapter_id: str) -> None:
-        """A checkpoint adapter on its first use: rebuilt here, on the engine thread (the pass waits for
-        the replay: steps x LoRA tensors), then cached like any adapter (evicted by the registry's limits)."""
-        if self.adapter_source is None:
-            return
+        """Worker thread: build, then hand the result to the engine thread."""
+        adapter, error = None, None
         try:
             adapter = self.adapter_source.build(adapter_id)
-        except RequestError:
-            raise
-        except (OSError, ValueError) as exc:  # a damaged or unreadable log: this request fails, not the loop
+        except RequestError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a damaged or unreadable log fails its requests, not the loop
             why = type(exc).__name__  # its message may name server paths
-            raise RequestError(
+            error = RequestError(
                 f"the checkpoint could not be rebuilt from its job's log ({why})", "adapter_id"
-            ) from None
-        self.adapters.cache(adapter_id, adapter, in_use=(s.req.adapter_id for s in self.seqs.values()))
+            )
+        self._post(lambda: self._built(adapter_id, adapter, error))
+
+    def _built(self, adapter_id: str, adapter: Any, error: RequestError | None) -> None:
+        """Engine thread: cache the built adapter (evicted by the registry's limits) and admit its
+        requests, or fail them with the build's error."""
+        waiting = self._parked.pop(adapter_id, [])
+        if adapter is not None:
+            self.adapters.cache(adapter_id, adapter, in_use=(s.req.adapter_id for s in self.seqs.values()))
+        for req, seed in waiting:
+            if error is None:
+                self._admit(req, seed)
+            else:
+                self._unpark(req, seed, FinishReason.ERROR, str(error))
+
+    def _unpark(self, req: GenerateRequest, seed: int, reason: FinishReason, error: str) -> TokenEvent:
+        """End a parked request (its build failed, or it was cancelled): it leaves the queued count."""
+        with self._lock:
+            self._admitting -= 1
+        return _end_unstarted(req, seed, reason, error)
 
     # ---- one pass -----------------------------------------------------------------------------
     def _workloads(self, plan: PassPlan) -> list[tuple[str, Workload]]:
@@ -316,6 +343,11 @@ class Engine:
         stats.adapters_resident = len(self.adapters.resident)
 
     def _finish(self, request_id: str, reason: FinishReason, error: str = "") -> TokenEvent | None:
+        for waiting in self._parked.values():  # cancelled while its checkpoint was being built
+            for k, (req, seed) in enumerate(waiting):
+                if req.request_id == request_id:
+                    del waiting[k]
+                    return self._unpark(req, seed, reason, error)
         s = self.seqs.pop(request_id, None)
         self.scheduler.finish(request_id)
         if s is None:
@@ -345,3 +377,10 @@ def _is_train(wls: list[Workload]) -> bool:
     from .trainer import ZOStepWorkload
 
     return any(isinstance(w, ZOStepWorkload) for w in wls)
+
+
+def _end_unstarted(req: GenerateRequest, seed: int, reason: FinishReason, error: str) -> TokenEvent:
+    """The final event of a request that never generated (refused at admission, or ended while parked)."""
+    ev = TokenEvent(req.request_id, (), "", reason, len(req.prompt_ids), 0, seed, error)
+    emit(req, ev)
+    return ev

@@ -36,8 +36,8 @@ class EngineLoop:
 
     def run_until(self, done: Callable[[], bool]) -> None:
         """Step until done() (errors propagate: the caller's requests are all there is)."""
-        while not done():
-            self.tick(idle_wait=0.0, catch=False)
+        while not done():  # idle (e.g. a checkpoint building on its worker thread): wait for a post
+            self.tick(idle_wait=0.01, catch=False)
 
     def tick(self, idle_wait: float = 0.05, catch: bool = True) -> None:
         """One iteration. catch: a failing pass is logged and its requests aborted, the loop goes on."""

@@ -1,5 +1,6 @@
 """The adapters a server keeps on disk and serves: succeeded LoRA jobs' and imported ones (a PEFT
-directory, or an update log replayed onto this base). Runs on the engine thread, which owns the adapters."""
+directory, or an update log replayed onto this base). Runs on the engine thread, which owns the adapters,
+except `replay_log`, which builds new factors on a worker thread."""
 
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ class StoredAdapters:
         e = self.engine
         return LoraAdapter.load_peft(path, e.family, e.spec, e.device)
 
-    def import_log(self, adapter_id: str, log_path: Path) -> int:
-        """Replay an imported LoRA log onto this base and serve it as `adapter_id`; returns steps."""
+    def replay_log(self, log_path: Path) -> LoraAdapter:
+        """An imported LoRA log replayed onto this base and saved beside it as a PEFT adapter. Runs on a
+        worker thread (a long log replays for minutes): it reads the base's header and builds new
+        factors, touching nothing the engine thread uses; `serve` then makes it an adapter there."""
         e = self.engine
         with UpdateLog.open(log_path, repair=False) as log:
             if log.header.base_fingerprint != e.store.fingerprint:  # not replay.check_base: it names paths
@@ -65,14 +68,16 @@ class StoredAdapters:
             except ValueError as err:  # its noise would replay differently
                 raise PreconditionError(str(err), "chunk") from None
             adapter = replay_lora(e.store, log, device=e.device)
-            n = len(log)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.tensors.values()):
             raise RequestError(
                 "the log replays to non-finite weights (inf or NaN); it cannot be served", "chunk"
             )
         adapter.save_peft(log_path.parent / "adapter", str(e.store.dir))
-        e.put_adapter(adapter_id, adapter)
-        return n
+        return adapter
+
+    def serve(self, adapter_id: str, adapter: LoraAdapter) -> None:
+        """Engine thread: serve an adapter built elsewhere (`replay_log`) as adapter_id."""
+        self.engine.put_adapter(adapter_id, adapter)
 
     def import_peft(self, adapter_id: str, adapter_dir: Path) -> None:
         """Serve a PEFT LoRA directory as `adapter_id`, validated against this base (targets, shapes)."""

@@ -199,7 +199,10 @@ class Adapters(adapters_pb2_grpc.AdaptersServicer):
             with UpdateLog.open(tmp / "update.log", repair=False) as log:
                 if log.damage:
                     raise RequestError(f"the log is damaged: {log.damage}", "chunk")
-            await self.app.on_engine(lambda: self.app.adapters.import_log(aid, tmp / "update.log"))
+            # The replay (steps x LoRA tensors: minutes for a long log) runs off the engine thread, which
+            # goes on generating; serving the result is the engine thread's.
+            adapter = await asyncio.to_thread(self.app.adapters.replay_log, tmp / "update.log")
+            await self.app.on_engine(lambda: self.app.adapters.serve(aid, adapter))
         except (ValueError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, RequestError):

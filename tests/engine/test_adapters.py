@@ -6,11 +6,13 @@ test_peft.py); what this checks is that eviction and reloading never change a re
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.engine.test_generation import PROMPTS, make_engine
 from tests.tiny import make_tiny_model
 from zostream.engine.adapters import AdapterRegistry
+from zostream.engine.errors import ResourceExhaustedError
 from zostream.engine.generation import GenerateRequest, StopParams
 from zostream.engine.peft import LoraAdapter, LoraSpec
 from zostream.engine.sampling import SamplingParams
@@ -111,3 +113,85 @@ def test_cached_adapters_beyond_the_cap_leave_the_host_unless_in_use() -> None:
     assert reg.cached == ["c1", "c4"] and "c3" not in reg
     reg["c4"] = Fake()  # registered for good: no longer cached
     assert reg.cached == ["c1"] and "c4" in reg
+
+
+class HeldBuilds:
+    """An adapter_source whose builds wait for `gate` (a long replay) and whose `fail` ids raise as a
+    damaged log does; `built` counts builds per id."""
+
+    def __init__(self, ads: dict[str, LoraAdapter], fail: tuple[str, ...] = ()) -> None:
+        import threading
+
+        self.ads, self.fail, self.gate, self.built = ads, fail, threading.Event(), {}
+
+    def check(self, aid: str, field: str = "adapter_id") -> None:
+        pass
+
+    def build(self, aid: str, field: str = "adapter_id") -> LoraAdapter:
+        assert self.gate.wait(60)
+        self.built[aid] = self.built.get(aid, 0) + 1
+        if aid in self.fail:
+            raise OSError(f"/secret/path/{aid}: truncated")
+        return self.ads[aid].clone()
+
+
+def test_checkpoints_build_off_the_engine_thread_while_generation_goes_on(tmp_path) -> None:
+    """A checkpoint id's first use rebuilds it on a worker thread: base requests finish while it builds,
+    its requests then run with it (the same tokens as the adapter served directly), a request cancelled
+    while waiting ends CANCELLED and never runs, and a failed build ends its requests with an error that
+    names no server path. Every parked request leaves the queued count."""
+    from zostream.engine.generation import FinishReason
+    from zostream.engine.loop import EngineLoop
+
+    eng = make_engine(make_tiny_model(tmp_path, "llama"))
+    ads = {f"job:ckpt-step-{i}": ad for i, ad in enumerate(adapters(eng, 3).values())}
+    want = {}
+    for aid, ad in ads.items():  # reference: each adapter served under a plain id
+        eng.put_adapter("ref", ad.clone())
+        want[aid] = list(eng.generate([req("ref", PROMPTS[0], "ref")])["ref"].token_ids)
+        eng.drop_adapter("ref")
+    src = eng.adapter_source = HeldBuilds(ads, fail=("job:ckpt-step-2",))
+    finals, tokens = {}, {}
+
+    def on_event(ev) -> None:
+        tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+        if ev.finish_reason is not None:
+            finals[ev.request_id] = ev
+
+    def submit(rid: str, adapter: str | None) -> None:
+        r = req(rid, PROMPTS[0], adapter)
+        r.callback = on_event
+        eng.submit(r)
+
+    loop = EngineLoop(eng)
+    submit("a", "job:ckpt-step-0")
+    submit("a2", "job:ckpt-step-0")  # the same checkpoint: one build serves both
+    submit("c", "job:ckpt-step-1")
+    submit("f", "job:ckpt-step-2")
+    submit("base", None)
+    loop.run_until(lambda: "base" in finals)  # the base request ran while the builds were held
+    assert set(finals) == {"base"}
+    eng.abort("c")
+    loop.run_until(lambda: "c" in finals)
+    assert finals["c"].finish_reason == FinishReason.CANCELLED
+    src.gate.set()
+    loop.run_until(lambda: {"a", "a2", "f"} <= set(finals))
+    assert tokens["a"] == tokens["a2"] == want["job:ckpt-step-0"] != tokens["base"]
+    assert finals["f"].finish_reason == FinishReason.ERROR and "could not be rebuilt" in finals["f"].error
+    assert "/secret" not in finals["f"].error
+    assert src.built == {"job:ckpt-step-0": 1, "job:ckpt-step-1": 1, "job:ckpt-step-2": 1}
+    loop.run_until(lambda: not eng.has_work())
+    assert "c" not in eng.seqs and "job:ckpt-step-1" in eng.adapters  # built, cached, never used by "c"
+    for i in range(eng.limits.max_waiting):  # the queue is empty again: all of max_waiting fits
+        eng.submit(req(f"q{i}", PROMPTS[1], None))
+    with pytest.raises(ResourceExhaustedError):
+        eng.submit(req("one-too-many", PROMPTS[1], None))
+    for i in range(eng.limits.max_waiting):
+        eng.abort(f"q{i}")
+    loop.run_until(lambda: not eng.has_work())
+
+
+def req(rid: str, prompt: list[int], adapter: str | None) -> GenerateRequest:
+    return GenerateRequest(
+        rid, prompt, SamplingParams(), StopParams(max_new_tokens=6, ignore_eos=True), adapter
+    )

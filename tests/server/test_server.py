@@ -372,18 +372,44 @@ def test_lora_job_events_and_adapter(
 
 
 def test_update_log_export_import_reproduces_the_adapter(
-    server: ThreadServer, stubs: Stubs, finished_job: dict[str, Any], model_dir: Path, tmp_path: Path
+    server: ThreadServer,
+    stubs: Stubs,
+    finished_job: dict[str, Any],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """An exported log imported on a fresh server replays to the trained factors, bitwise. The replay
+    runs off the engine thread: held inside it, the server still generates."""
+    from zostream.engine import stored_adapters
+
     job_id = finished_job["job"].id
     data = export_log(stubs, job_id=job_id)
     assert data == (server.app.jobs.job_dir(job_id) / "update.log").read_bytes()
     assert export_log(stubs, adapter_id=job_id) == data
     trained = server.app.engine.adapters[job_id].tensors
     tuned = collect(stubs.gen.Generate(gen_request(n=16, adapter_id=job_id), timeout=30))[0]
+    base_tokens = collect(stubs.gen.Generate(gen_request(n=16), timeout=30))[0]
 
     with thread_server(server_config(model_dir, tmp_path / "fresh")) as fresh:
         fs = fresh.stubs()
-        ad = import_log(fs, "from-elsewhere", data)
+        gate, held, replay = threading.Event(), threading.Event(), stored_adapters.replay_lora
+
+        def held_replay(*a: Any, **k: Any) -> Any:
+            held.set()
+            assert gate.wait(60)
+            return replay(*a, **k)
+
+        monkeypatch.setattr(stored_adapters, "replay_lora", held_replay)
+        parts = [A.ImportUpdateLogRequest(metadata=A.ImportUpdateLogMetadata(adapter_id="from-elsewhere"))]
+        parts += [A.ImportUpdateLogRequest(chunk=data[i : i + 4096]) for i in range(0, len(data), 4096)]
+        pending = fs.ad.ImportUpdateLog.future(iter(parts), timeout=60)
+        try:
+            assert held.wait(30), "the import never reached its replay"
+            assert collect(fs.gen.Generate(gen_request(n=16), timeout=10))[0] == base_tokens
+        finally:
+            gate.set()
+        ad = pending.result()
         assert (ad.id, ad.steps, ad.source_job_id, ad.status) == (
             "from-elsewhere",
             JOB_STEPS,
