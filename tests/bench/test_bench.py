@@ -7,33 +7,22 @@ writer are pure and checked against hand-computed values and independent readers
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench import bench_modules
 
 
 @pytest.fixture(scope="module")
-def bench() -> dict[str, ModuleType]:
+def bench() -> Iterator[dict[str, ModuleType]]:
     """bench/common.py, stream.py and zo.py, imported as the scripts see each other (by folder)."""
-    names = ("common", "stream", "zo")
-    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    threads = torch.get_num_threads()  # --quick runs with 1 thread: restore for the tests after these
-    try:
-        yield {n: importlib.import_module(n) for n in names}
-    finally:
-        torch.set_num_threads(threads)
-        sys.path.remove(str(BENCH))
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    with bench_modules("common", "stream", "zo") as mods:
+        yield mods
 
 
 @pytest.fixture(scope="module")
@@ -153,19 +142,9 @@ def test_zo_peer_runs_every_row_on_a_tiny_model(tmp_path, capsys):
     from tests.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path, "llama")
-    saved = {n: sys.modules.pop(n) for n in ("common", "zo_peer") if n in sys.modules}
-    sys.path.insert(0, str(BENCH))
-    threads = torch.get_num_threads()
-    try:
-        zo_peer = importlib.import_module("zo_peer")
-        args = ["--model", str(model), "--batch", "2", "--seq", "8", "--steps", "1", "--threads", "1"]
-        assert zo_peer.main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
-        sys.path.remove(str(BENCH))
-        for n in ("common", "zo_peer"):
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
+    args = ["--model", str(model), "--batch", "2", "--seq", "8", "--steps", "1", "--threads", "1"]
+    with bench_modules("common", "zo_peer") as mods:
+        assert mods["zo_peer"].main(args) == 0
     rows = {
         line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
     }
