@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ class StreamStats:
     # stream time from timed events, counted once they complete (and a staging ring's host copies)
     stall_seconds: float = 0.0  # compute waiting on a transfer
     passes: int = 0
-    _pending: list = field(default_factory=list)
 
 
 BlockSource = Callable[[int], dict[str, torch.Tensor]]  # host tensors of block i (packed or raw)
