@@ -146,6 +146,7 @@ def _create(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio,
             weight_decay=args.weight_decay,
+            average_decay=args.average_decay,
             noise=args.noise,
             master_dtype=args.master_dtype,
             codec=args.codec,

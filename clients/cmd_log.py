@@ -127,9 +127,11 @@ def log_info(args: argparse.Namespace) -> int:
         return 0
     h, sc = s["header"], s["header"]["scope"]
     scope = sc["kind"]
+    ex = h.get("extra", {})
     if scope == "lora":
         scope += f" r={sc['r']} alpha={sc['alpha']:g} targets={','.join(sc['targets'])}"
-    ex = h.get("extra", {})
+        avg = ex.get("average")
+        scope += f"; serves the EMA of its factors, decay {avg['decay']:g}" if avg else "; serves its factors"
     sched = f"{ex['lr_schedule']} (lr {ex.get('lr')})" if "lr_schedule" in ex else "n/a"
 
     def num(x: float | None, fmt: str = ".4g") -> str:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from zostream import defaults as D
 from zostream.clients.cli import UsageError
 from zostream.clients.common import nonneg_int, positive_float, positive_int, usage_error
 from zostream.engine.config import ESTIMATORS, LOSSES, LR_SCHEDULES, MASTER_DTYPES, METHODS, NOISE, ZOConfig
@@ -100,6 +101,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="final lr of linear/cosine schedules as a fraction of --lr (default: 0)",
     )
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default: 0")
+    p.add_argument(
+        "--average-decay",
+        type=float,
+        default=d["average_decay"],
+        metavar="D",
+        help="LoRA: evaluate, export and serve the EMA of the factors with this decay; 0: the last "
+        f"step's (default: {D.AVERAGE_DECAY['lora']:g} for lora, 0 for full)",
+    )
     p.add_argument(
         "--noise", choices=NOISE, default=d["noise"], help="perturbation distribution (default: gaussian)"
     )
@@ -205,6 +214,7 @@ def zo_config(args: argparse.Namespace) -> Any:
             warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio,
             weight_decay=args.weight_decay,
+            average_decay=args.average_decay,
             noise=args.noise,
             master_dtype=args.master_dtype,
             lora_r=args.lora_r,

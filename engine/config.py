@@ -168,6 +168,9 @@ class ZOConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    # What a LoRA job serves: the EMA of its factors with this decay (engine/averaging.py); 0: the last
+    # iterate. None: defaults.AVERAGE_DECAY for the method (full-parameter jobs keep none).
+    average_decay: float | None = None
     noise: str = "gaussian"
     master_dtype: str = "auto"  # auto: float32 for lora; the base dtype (stochastic rounding) for full
     lora_r: int = D.LORA_R
@@ -233,6 +236,15 @@ class ZOConfig:
             bad("warmup_steps", f"must be in 0..steps, got {self.warmup_steps!r}")
         if not 0 <= self.weight_decay < 1:
             bad("weight_decay", f"must be in [0, 1), got {self.weight_decay!r}")
+        ad = self.average_decay
+        if ad is not None and (isinstance(ad, bool) or not isinstance(ad, float | int) or not 0 <= ad < 1):
+            bad("average_decay", f"must be in [0, 1) (0: serve the last iterate), got {ad!r}")
+        if self.method == "full" and self.average:
+            bad(
+                "average_decay",
+                "a full-parameter job keeps no average of its weights (it would be a second copy of the "
+                "model); set 0, or use method lora",
+            )
         if self.noise not in NOISE:
             bad("noise", f"must be gaussian or rademacher, got {self.noise!r}")
         if self.master_dtype not in MASTER_DTYPES:
@@ -264,6 +276,13 @@ class ZOConfig:
         if self.estimator == "grzo":
             return GRZO_LR[self.method]
         return D.LR[self.method]
+
+    @property
+    def average(self) -> float:
+        """The decay of the average a LoRA job serves (engine/averaging.py); 0: none."""
+        if self.average_decay is not None:
+            return float(self.average_decay)
+        return D.AVERAGE_DECAY[self.method]
 
     @property
     def schedule(self) -> str:

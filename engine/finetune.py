@@ -3,7 +3,9 @@
 Job directory:
     update.log        the durable record: header + 20 bytes per step and direction (16 in old logs)
     working/          full-parameter master (job-owned copy of the base, shared mmap)
-    checkpoints/      LoRA adapters at flushed steps (step-000100/ ...)
+    checkpoints/      LoRA adapters at flushed steps (step-000100/ ...): what the job serves (the average of
+                      its factors, or the factors); a job that keeps an average also holds its factors, the
+                      state it resumes from, in step-*/factors/
     adapter/ | model/ the exported result at the end (PEFT adapter / HF model dir)
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from . import estimators, losses, rng, zo
+from .averaging import Average
 from .config import StreamConfig, ZOConfig
 from .data import Dataset
 from .errors import PreconditionError, RequestError
@@ -69,6 +72,9 @@ def log_header(
         extra["estimator"] = cfg.estimator
     if cfg.method == "lora":
         scope = lora_spec(cfg, store).to_scope()
+        average = Average.of(cfg.average)
+        if average is not None:  # only when kept: logs of jobs without one replay their iterates
+            extra["average"] = average.header_entry()
     return LogHeader(
         base_fingerprint=store.fingerprint,
         scope=scope,
@@ -131,8 +137,9 @@ def open_trainer(
             raise PreconditionError(f"cannot resume {job}: {err}", "generator_version") from None
         # A version-1 Rademacher log continues under its own header: its noise bits are unchanged. A log
         # keeps the update mask it started with (none before masks existed): its steps replay that way;
-        # and the slow-climb rule it started with (none before it existed), so resume decides as before.
-        kept = ("update_mask", "climb")
+        # and the slow-climb rule it started with (none before it existed), so resume decides as before;
+        # and the average it started with (none before averages existed), so it serves as it began.
+        kept = ("update_mask", "climb", "average")
         extra = {k: v for k, v in header.extra.items() if k not in kept}
         extra |= {k: logged.extra[k] for k in kept if k in logged.extra}
         header = dataclasses.replace(header, generator_version=logged.generator_version, extra=extra)
@@ -140,8 +147,9 @@ def open_trainer(
     else:
         log = UpdateLog.create(log_path, header, loss=True)
     if spec is not None:
-        adapter, at = _latest_lora(job, store, device, len(log))
-        if adapter is None:
+        averaged_kept = "average" in log.header.extra
+        adapter, averaged, at = _latest_lora(job, store, device, len(log), averaged_kept)
+        if adapter is None:  # from the initial factors: the trainer catches up on the whole log
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0
         tr = ZOTrainer(
             cfg,
@@ -155,6 +163,7 @@ def open_trainer(
             adapter=adapter,
             rounding=rounding,
             applied=[at] * (store.spec.num_layers + 1),
+            averaged=averaged,
         )
         return tr
     wc = WorkingCopy(job / "working", store, master, stream_cfg.master_dir)
@@ -217,20 +226,31 @@ def resolve_objective(cfg: ZOConfig, train: Dataset, logged: LogHeader | None) -
         raise RequestError(str(exc).removeprefix("loss: "), "loss") from None
 
 
-def _latest_lora(job: Path, store: WeightStore, device: torch.device, n_steps: int):
+def _latest_lora(job: Path, store: WeightStore, device: torch.device, n_steps: int, averaged: bool):
+    """(factors, average, step) of the latest checkpoint within the log, or (None, None, 0). The checkpoint
+    directory is the served adapter; a job that keeps an average resumes only from checkpoints that also
+    hold its factors (CHECKPOINT/factors/)."""
     ckpts = sorted(
         (int(m.group(1)), p)
         for p in (job / "checkpoints").glob("step-*")
-        if (m := _CKPT.match(p.name)) and (p / "adapter_config.json").exists()
+        if (m := _CKPT.match(p.name))
+        and (p / "adapter_config.json").exists()
+        and (not averaged or (p / "factors" / "adapter_config.json").exists())
     )
     for step, path in reversed(ckpts):
         if step <= n_steps:
-            return LoraAdapter.load_peft(path, store.family, store.spec, device), step
-    return None, 0
+            load = LoraAdapter.load_peft
+            served = load(path, store.family, store.spec, device)
+            if not averaged:
+                return served, None, step
+            return load(path / "factors", store.family, store.spec, device), served, step
+    return None, None, 0
 
 
 def checkpoint(tr: ZOTrainer, job_dir: str | os.PathLike, keep: int = 2) -> Path | None:
-    """Flush, then persist what the log cannot cheaply rebuild (LoRA factors at this step)."""
+    """Flush, then persist what the log cannot cheaply rebuild: a LoRA job's served adapter at this step (a
+    PEFT directory users can load), and when that is an average, the factors in CHECKPOINT/factors/ (the
+    state training resumes from, as an HF Trainer checkpoint keeps its optimizer's)."""
     tr.flush()
     job = Path(job_dir)
     if tr.adapter is None:
@@ -239,7 +259,10 @@ def checkpoint(tr: ZOTrainer, job_dir: str | os.PathLike, keep: int = 2) -> Path
     if not out.exists():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tr.adapter.save_peft(tmp)
+        served = tr.served_adapter()
+        served.save_peft(tmp)
+        if served is not tr.adapter:
+            tr.adapter.save_peft(tmp / "factors")
         os.replace(tmp, out)
     old = sorted(p for p in (job / "checkpoints").glob("step-*") if _CKPT.match(p.name))[:-keep]
     for p in old:
@@ -248,11 +271,12 @@ def checkpoint(tr: ZOTrainer, job_dir: str | os.PathLike, keep: int = 2) -> Path
 
 
 def export(tr: ZOTrainer, job_dir: str | os.PathLike, base_model: str = "") -> Path:
-    """The job's result: JOBDIR/adapter (PEFT) for LoRA, JOBDIR/model (HF dir) for full."""
+    """The job's result: JOBDIR/adapter (PEFT; the average of the factors when the job keeps one) for
+    LoRA, JOBDIR/model (HF dir) for full."""
     tr.flush()
     job = Path(job_dir)
-    if tr.adapter is not None:
-        return save_adapter(tr.adapter, job / "adapter", base_model)
+    if (served := tr.served_adapter()) is not None:
+        return save_adapter(served, job / "adapter", base_model)
     wc: WorkingCopy = tr.working_copy
     return wc.export(job / "model")
 

@@ -42,6 +42,7 @@ def zo_config(spec: dict[str, Any]) -> ZOConfig:
     if "lora_targets" in hp:
         hp["lora_targets"] = tuple(hp["lora_targets"])
     hp.pop("codec", None)
+    hp.setdefault("average_decay", 0.0)  # jobs stored before the field served their iterates
     for k in LIFECYCLE_KEYS:
         hp.pop(k, None)
     return ZOConfig(**hp)
@@ -148,8 +149,8 @@ class JobRunner:
             ses.close()  # cancelled while it was being opened: the next poll marks it CANCELLED
             return
         self.active[rec.id] = ActiveJob(rec, ses, cfg)
-        if tr.adapter is not None:
-            e.put_adapter(rec.id, tr.adapter.clone())
+        if (served := tr.served_adapter()) is not None:
+            e.put_adapter(rec.id, served.clone())
         if ses.eval_ds is not None and tr.step == 0:
             try:  # the baseline, so the job reports held-out loss/accuracy before and after
                 ses.begin()
@@ -213,8 +214,9 @@ class JobRunner:
             self.store.event(rec.id, "eval", "", step, data)
         elif kind == "checkpoint":
             aj = self.active.get(rec.id)
-            if aj is not None and aj.session.trainer.adapter is not None:
-                self.engine.put_adapter(rec.id, aj.session.trainer.adapter.clone())
+            served = aj.session.trainer.served_adapter() if aj is not None else None
+            if served is not None:
+                self.engine.put_adapter(rec.id, served.clone())
             self.store.event(rec.id, "checkpoint", data.get("message") or data["name"], step)
         elif kind == "best":
             aj = self.active.get(rec.id)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import rng
+from .averaging import Average
 from .errors import PreconditionError
 from .peft import LoraAdapter, LoraSpec
 from .store import WeightStore
 from .trainer import apply_step
-from .update_log import UpdateLog
+from .update_log import Step, UpdateLog
 from .update_log_format import LogHeader
 from .working_copy import WorkingCopy
 
@@ -45,10 +47,21 @@ def replay_lora(
     sc = h.scope
     spec = LoraSpec(int(sc["r"]), float(sc["alpha"]), tuple(sc["targets"]), int(sc["init_seed"]))
     adapter = LoraAdapter.init(spec, store.family, store.spec, torch.device(device))
-    steps = log.steps(0, upto)
-    for st in tqdm(steps, desc="replay", disable=not progress, unit="step"):
+    steps = tqdm(log.steps(0, upto), desc="replay", disable=not progress, unit="step")
+    return replay_steps(adapter, steps, h)
+
+
+def replay_steps(adapter: LoraAdapter, steps: Iterable[Step], h: LogHeader) -> LoraAdapter:
+    """What a LoRA job served after `steps`, from `adapter` at the steps' start (the initial factors,
+    updated in place): the average of the factors when the header keeps one (engine/averaging.py: it
+    moves after every step, as in training), else the factors."""
+    average = Average.from_header(h.extra)
+    mean = adapter.clone() if average is not None else None
+    for st in steps:
         apply_step(adapter.tensors, st, h)
-    return adapter
+        if average is not None:
+            average.update(mean.tensors, adapter.tensors)
+    return mean if mean is not None else adapter
 
 
 def replay(

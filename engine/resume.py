@@ -16,8 +16,8 @@ import numpy as np
 from . import finetune
 from .config import ZOConfig
 from .peft import LoraAdapter
+from .replay import replay_steps
 from .store import WeightStore
-from .trainer import apply_step
 from .update_log import UpdateLog
 
 if TYPE_CHECKING:
@@ -88,13 +88,12 @@ def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig
 
 
 def replay_adapter(tr: ZOTrainer, upto: int) -> LoraAdapter:
-    """A LoRA job's adapter after its first `upto` logged steps, rebuilt on the trainer's device from the
-    initial factors and the log (bitwise what training held at that step: invariant 4)."""
+    """What a LoRA job served after its first `upto` logged steps (its average, or its factors), rebuilt on
+    the trainer's device from the initial factors and the log (bitwise what training held at that step:
+    invariant 4)."""
     assert tr.adapter is not None
     adapter = LoraAdapter.init(tr.adapter.spec, tr.fam, tr.spec, tr.device)
-    for st in tr.log.steps(0, upto):
-        apply_step(adapter.tensors, st, tr.log.header)
-    return adapter
+    return replay_steps(adapter, tr.log.steps(0, upto), tr.log.header)
 
 
 def repair_log(job_dir: Path) -> str | None:

@@ -116,7 +116,8 @@ class Best:
 
 @dataclass(frozen=True)
 class Result:
-    """What finish() exported: the directory, the step its weights are at, and (LoRA) the adapter."""
+    """What finish() exported: the directory, the step its weights are at, and (LoRA) the adapter it
+    serves (the average of the factors when the job keeps one)."""
 
     path: Path
     step: int
@@ -263,7 +264,8 @@ class TrainingSession:
         tr = self.trainer
         if upto == self.step:
             out = finetune.export(tr, self.job_dir, str(self.base_dir))
-            return Result(out, upto, tr.adapter.clone() if tr.adapter is not None else None)
+            served = tr.served_adapter()
+            return Result(out, upto, served.clone() if served is not None else None)
         tr.flush()
         if tr.adapter is not None:
             adapter = replay_adapter(tr, upto)

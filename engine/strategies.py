@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .averaging import Average
 from .models.attention import LoraSet
 from .peft import LoraAdapter
 from .streamer import LayerStreamer
@@ -29,10 +30,21 @@ class Trainable:
 
 class LoraStrategy:
     """A LoRA job: the adapter's factors are the trainable tensors (group g > 0: layer g-1's; the outer
-    group has none). They live where compute runs, so an update applied is an update kept."""
+    group has none). They live where compute runs, so an update applied is an update kept. A job that keeps
+    an average (engine/averaging.py) moves it after every step applied to a group, and serves it."""
 
-    def __init__(self, adapter: LoraAdapter, num_layers: int) -> None:
+    def __init__(
+        self,
+        adapter: LoraAdapter,
+        num_layers: int,
+        average: Average | None = None,
+        averaged: LoraAdapter | None = None,
+    ) -> None:
+        """averaged: the average at the adapter's step (a resumed job's checkpoint), else the adapter's
+        own factors (a new job: ā_0 = θ_0)."""
         self.adapter, self.num_groups = adapter, num_layers + 1
+        self.average = average
+        self.averaged = None if average is None else (averaged if averaged is not None else adapter.clone())
 
     def tensors(self, g: int, _w: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Full name -> tensor of group g."""
@@ -43,13 +55,21 @@ class LoraStrategy:
         return True
 
     def on_written(self, g: int, step: int, done: bool) -> None:
-        pass  # the adapter's state is saved whole at checkpoints
+        # The adapter's state is saved whole at checkpoints; the average follows each applied step.
+        if done and self.average is not None and g > 0:
+            self.average.update(self.averaged.tensors, self.tensors(g, None))
 
     def applied(self, g: int, upto: int) -> None:
         pass
 
-    def lora_fn(self) -> Callable[[int], LoraSet | None]:
-        ad = self.adapter
+    def served(self) -> LoraAdapter:
+        """What the job evaluates, exports and serves: the average when it keeps one, else the factors."""
+        return self.averaged if self.averaged is not None else self.adapter
+
+    def lora_fn(self, served: bool = False) -> Callable[[int], LoraSet | None]:
+        """Layer i -> its LoRA weights: the trained factors (the unperturbed forward), or served=True the
+        served ones (evaluation)."""
+        ad = self.served() if served else self.adapter
         return lambda i: {m: [lw] for m, lw in ad.layer(i).items()}
 
     def unperturbed(self, dtype: torch.dtype):
@@ -86,7 +106,7 @@ class FullStrategy:
         if self.streamer.mutable:
             self.streamer.mark_dirty(g, upto)
 
-    def lora_fn(self) -> None:
+    def lora_fn(self, served: bool = False) -> None:
         return None
 
     def unperturbed(self, dtype: torch.dtype):

@@ -21,6 +21,7 @@ from . import climb, rng, schedule, zo
 from . import data as D
 from . import estimators as E
 from . import losses as LS
+from .averaging import Average
 from .batching import batch_order, collate
 from .config import ZOConfig
 from .evaluation import evaluate
@@ -55,9 +56,12 @@ class ZOTrainer:
         rounding: str = "nearest",
         applied: list[int] | None = None,
         working_copy: Any = None,
+        averaged: LoraAdapter | None = None,
     ) -> None:
         """applied: per group, the steps already in its master (resume); None: a fresh job.
-        working_copy: a full-parameter job's working_copy.WorkingCopy (what export copies)."""
+        working_copy: a full-parameter job's working_copy.WorkingCopy (what export copies).
+        averaged: a resumed LoRA job's average at the adapter's step (engine/averaging.py; the log's
+        header says whether the job keeps one)."""
         self.cfg, self.fam, self.spec = cfg, fam, spec
         self.streamer, self.log, self.train, self.pad_id = streamer, log, train, pad_id
         self.dtype, self.adapter, self.rounding = compute_dtype, adapter, rounding
@@ -67,7 +71,8 @@ class ZOTrainer:
             self.strategy: LoraStrategy | FullStrategy = FullStrategy(trainable, fam.layer_prefix, streamer)
         else:
             assert adapter is not None, "a trainer needs an adapter (LoRA) or trainable masters (full)"
-            self.strategy = LoraStrategy(adapter, spec.num_layers)
+            average = Average.from_header(log.header.extra)
+            self.strategy = LoraStrategy(adapter, spec.num_layers, average, averaged)
         self.steps: list[Step] = log.steps()
         # Per group: the steps in its master as the device holds it (the durable counters are the owner's).
         self.applied = list(applied) if applied is not None else [0] * self.strategy.num_groups
@@ -236,11 +241,17 @@ class ZOTrainer:
         self.catch_up(0, self.streamer.outer(), upto)
         self.strategy.flush(self, upto)
 
+    # ---- what the job serves ----------------------------------------------------------------------
+    def served_adapter(self) -> LoraAdapter | None:
+        """A LoRA job's result as it stands (after flush()): the average of its factors when it keeps one
+        (engine/averaging.py), else the factors; None for a full-parameter job."""
+        return self.strategy.served() if isinstance(self.strategy, LoraStrategy) else None
+
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ds: D.Dataset, batch_size: int = 8) -> dict[str, float]:
-        """Loss (and multiple-choice accuracy) with the current, flushed weights."""
+        """Loss (and multiple-choice accuracy) of what the job serves, with the current, flushed weights."""
         self.flush()
-        lora_fn = self.strategy.lora_fn()
+        lora_fn = self.strategy.lora_fn(served=True)
         return evaluate(self.fam, self.spec, self.streamer, ds, self.pad_id, self.device, lora_fn, batch_size)
 
 

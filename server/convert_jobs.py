@@ -105,7 +105,9 @@ def job_spec(
         fields["lr"] = float(hp.learning_rate)
     if hp.HasField("eps"):
         fields["eps"] = float(hp.eps)
-    for k in ("lr", "eps", "weight_decay", "min_lr_ratio"):
+    if hp.HasField("average_decay"):
+        fields["average_decay"] = float(hp.average_decay)
+    for k in ("lr", "eps", "weight_decay", "min_lr_ratio", "average_decay"):
         if k in fields and not math.isfinite(fields[k]):
             raise RequestError("must be a finite number", f"hyperparameters.{HP_FIELDS.get(k, k)}")
     if not 0.0 <= fields["min_lr_ratio"] <= 1.0:
@@ -125,10 +127,11 @@ def job_spec(
         name, _, msg = str(exc).partition(": ")
         raise RequestError(msg or str(exc), f"hyperparameters.{HP_FIELDS.get(name, name)}") from None
     # The job reports what it runs.
-    fields["q"], fields["estimator"], fields["lr_schedule"] = (
+    fields["q"], fields["estimator"], fields["lr_schedule"], fields["average_decay"] = (
         resolved.q,
         resolved.estimator,
         resolved.schedule,
+        resolved.average,
     )
     # The lifecycle's knobs (engine/session.py): they judge held-out evaluations, so they need some.
     fields["keep_best"], fields["early_stopping_patience"] = (
@@ -200,6 +203,7 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         max_len=hp["max_len"],
         checkpoint_every=hp["checkpoint_every"],
         min_lr_ratio=hp["min_lr_ratio"],
+        average_decay=hp.get("average_decay", 0.0),  # jobs stored before the field served their iterates
         keep_best=hp.get("keep_best", D.KEEP_BEST),
         early_stopping_patience=hp.get("early_stopping_patience", D.EARLY_STOPPING_PATIENCE),
         lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),

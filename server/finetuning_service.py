@@ -165,7 +165,7 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
         for p in sorted(d.glob("step-*")) if d.exists() else []:
             if p.name.endswith(".tmp"):
                 continue
-            size = sum(f.stat().st_size for f in p.iterdir())
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             step = int(p.name.split("-")[1])
             cps.append(
                 finetuning_pb2.Checkpoint(

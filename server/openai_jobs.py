@@ -43,6 +43,7 @@ EXTRAS = {
     "warmup_steps": "warmup_steps",
     "min_lr_ratio": "min_lr_ratio",
     "weight_decay": "weight_decay",
+    "average_decay": "average_decay",
     "max_len": "max_len",
     "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every",
@@ -255,7 +256,7 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
     if steps is None and epochs is not None:
         steps = max(1, math.ceil(epochs * n_records / (h.batch_size or ZOConfig().batch_size)))
     h.steps = int(steps or ZOConfig().steps)
-    for name in ("eps", "min_lr_ratio", "weight_decay"):
+    for name in ("eps", "min_lr_ratio", "weight_decay", "average_decay"):
         if (v := num(name)) is not None:
             setattr(h, name, v)
     for name, low in (

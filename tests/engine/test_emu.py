@@ -378,7 +378,7 @@ def test_kill_and_resume_is_bitwise_uninterrupted(models, tmp_path, method, budg
     model = models("llama")
     cfg = base_cfg(method, steps=6)
     kill_resume_uninterrupted(model, tmp_path, cfg, _budgets(model)[budget_kind], kill_after=3)
-    assert_same_tensors(exported(tmp_path / "job", method), T.TextbookMeZO(model, cfg).run(6).master)
+    assert_same_tensors(exported(tmp_path / "job", method), T.TextbookMeZO(model, cfg).run(6).served())
 
 
 def kill_resume_uninterrupted(model: Path, tmp_path: Path, cfg, budget: int | None, kill_after: int) -> None:

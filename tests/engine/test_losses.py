@@ -144,11 +144,12 @@ def test_evaluate_candidate_scores_match_transformers(models, tmp_path):
     cfg = ZOConfig(method="lora", steps=1, batch_size=4)
     tr = open_job(model, tmp_path / "job", cfg, CHOICES)
     torch.manual_seed(0)
-    for t in tr.adapter.tensors.values():  # a non-zero adapter, so the LoRA path counts
+    served = tr.served_adapter()  # what evaluate() scores (the average of the factors, at step 0 θ_0)
+    for t in served.tensors.values():  # a non-zero adapter, so the LoRA path counts
         t.add_(torch.randn_like(t) * 0.05)
     got = tr.evaluate(CHOICES, batch_size=5)
     hf = peft_model(model, cfg)
-    params = {n.replace(".weight", ".default.weight"): v for n, v in tr.adapter.tensors.items()}
+    params = {n.replace(".weight", ".default.weight"): v for n, v in served.tensors.items()}
     hits, nll, count, ce = 0, 0.0, 0, 0.0
     with torch.inference_mode():
         for ch in CHOICES.choices:

@@ -193,6 +193,10 @@ class TextbookMeZO:
             cfg.schedule, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio
         )
         self.initial = {n: t.clone() for n, t in self.master.items()}
+        # What a LoRA job serves: the EMA of its iterates, a_t = d a_(t-1) + (1 - d) θ_t from a_0 = θ_0,
+        # written out here (float32: each product and the sum rounded on its own).
+        self.decay = cfg.average if cfg.method == "lora" else 0.0
+        self.average = {n: t.clone() for n, t in self.master.items()} if self.decay else None
         self.history: list[tuple[list[tuple[float, float]], list[float], float]] = []
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +292,17 @@ class TextbookMeZO:
     def run(self, steps: int) -> TextbookMeZO:
         for t in range(steps):
             self.step(t)
+            if self.average is not None:
+                d, rest = (
+                    torch.tensor(self.decay, dtype=torch.float32),
+                    torch.tensor(1.0 - self.decay).float(),
+                )
+                self.average = {n: a * d + self.master[n] * rest for n, a in self.average.items()}
         return self
+
+    def served(self) -> dict[str, torch.Tensor]:
+        """The weights the job exports: the average of the iterates for a LoRA job that keeps one."""
+        return self.average if self.average is not None else self.master
 
     def log_bytes(self, engine_log: Path, tmp: Path) -> bytes:
         """The engine's header followed by this loop's records (with each step's mean loss over its 2q
@@ -317,7 +331,7 @@ def check_runs_match_textbook(model: Path, tmp_path: Path, cfg: ZOConfig, ref: T
             assert list(tr.steps[t].directions) == cs and tr.steps[t].lr == lr, (budget, t)
             assert results[t]["loss"] == ref.step_loss(losses) and results[t]["skipped"] is None
         assert (job / "update.log").read_bytes() == ref.log_bytes(job / "update.log", tmp_path)
-        assert_same_tensors(exported(job, cfg.method), ref.master)
+        assert_same_tensors(exported(job, cfg.method), ref.served())
     assert all(not torch.equal(v, ref.initial[n]) for n, v in ref.master.items())
 
 
@@ -342,6 +356,8 @@ def check_header(h: LogHeader, model_dir: Path, cfg: ZOConfig, master: str, roun
         cfg.weight_decay,
     )
     assert (h.job_seed, h.q) == (cfg.seed, cfg.q)
+    kept = cfg.method == "lora" and cfg.average > 0  # the average a LoRA job serves (none for full)
+    assert h.extra.get("average") == ({"kind": "ema", "decay": cfg.average} if kept else None)
 
 
 # ---------------------------------------------------------------------------------------------- 1. MeZO
@@ -401,7 +417,7 @@ def check_against_textbook(
         )
         assert log == ref.log_bytes(job / "update.log", tmp_path)
         logs.append(log)
-        assert_same_tensors(exported(job, cfg.method), ref.master)
+        assert_same_tensors(exported(job, cfg.method), ref.served())
     assert logs[0] == logs[1] == logs[2]
     # The updates are real: every trainable tensor moved (LoRA B from zero, full weights from the base).
     assert all(not torch.equal(v, ref.initial[n]) for n, v in ref.master.items())
@@ -716,7 +732,7 @@ def test_resume_after_crash_is_bitwise_uninterrupted(models, tmp_path, method, c
     assert tr.step == 6
     assert (tmp_path / "job" / "update.log").read_bytes() == (tmp_path / "ref" / "update.log").read_bytes()
     assert_same_tensors(exported(tmp_path / "job", method), exported(tmp_path / "ref", method))
-    assert_same_tensors(exported(tmp_path / "job", method), TextbookMeZO(model, cfg).run(6).master)
+    assert_same_tensors(exported(tmp_path / "job", method), TextbookMeZO(model, cfg).run(6).served())
     if ckpt_at is not None:
         assert (tmp_path / "job" / "checkpoints" / f"step-{ckpt_at:06d}" / "adapter_config.json").exists()
     ref.log.close()

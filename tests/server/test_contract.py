@@ -318,6 +318,43 @@ def test_checkpoints_and_events_carry_jobmetrics_names(stubs: Stubs, contract_da
         assert set(e.metrics) <= fields | {"tokens_per_second", "step_seconds"}, (e.type, dict(e.metrics))
 
 
+@pytest.mark.parametrize(
+    ("method", "hp", "want"),
+    [
+        ("lora", {}, D.AVERAGE_DECAY["lora"]),
+        ("lora", {"average_decay": 0.0}, 0.0),
+        ("lora", {"average_decay": 0.5}, 0.5),
+        ("full", {}, 0.0),
+    ],
+)
+def test_average_decay_reports_what_the_job_serves(
+    stubs: Stubs, contract_dataset: str, method: str, hp: dict, want: float
+) -> None:
+    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
+    job = stubs.ft.CreateJob(
+        F.CreateJobRequest(
+            method=meth, training_dataset=contract_dataset, hyperparameters=F.Hyperparameters(steps=1, **hp)
+        ),
+        timeout=30,
+    )
+    assert job.hyperparameters.HasField("average_decay") and job.hyperparameters.average_decay == want
+    stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
+    _wait_terminal(stubs, job.id)
+
+
+@pytest.mark.parametrize(("method", "decay"), [("full", 0.9), ("lora", 1.0), ("lora", -0.5)])
+def test_average_decay_refused_with_the_field(stubs: Stubs, contract_dataset: str, method: str, decay: float):
+    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
+    hp = F.Hyperparameters(steps=1, average_decay=decay)
+    with pytest.raises(grpc.RpcError) as exc:
+        stubs.ft.CreateJob(
+            F.CreateJobRequest(method=meth, training_dataset=contract_dataset, hyperparameters=hp), timeout=30
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hyperparameters.average_decay" in exc.value.details()
+    assert ("full-parameter" in exc.value.details()) == (method == "full")
+
+
 def test_model_info_states_the_server_limit(server: ThreadServer, stubs: Stubs) -> None:
     info = stubs.gen.GetModelInfo(G.GetModelInfoRequest(), timeout=10)
     assert info.max_new_tokens == server.cfg.engine.limits.max_new_tokens

@@ -49,7 +49,7 @@ NOISE_KIND_GAUSSIAN: NoiseKind
 NOISE_KIND_RADEMACHER: NoiseKind
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("steps", "learning_rate", "eps", "batch_size", "q", "seed", "lr_schedule", "warmup_steps", "weight_decay", "noise", "master_dtype", "lora", "codec", "eval_every", "max_len", "checkpoint_every", "min_lr_ratio", "loss", "estimator", "keep_best", "early_stopping_patience")
+    __slots__ = ("steps", "learning_rate", "eps", "batch_size", "q", "seed", "lr_schedule", "warmup_steps", "weight_decay", "noise", "master_dtype", "lora", "codec", "eval_every", "max_len", "checkpoint_every", "min_lr_ratio", "loss", "estimator", "keep_best", "early_stopping_patience", "average_decay")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Hyperparameters(_message.Message):
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     KEEP_BEST_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_DECAY_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate: float
     eps: float
@@ -92,7 +93,8 @@ class Hyperparameters(_message.Message):
     estimator: str
     keep_best: bool
     early_stopping_patience: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., eps: _Optional[float] = ..., batch_size: _Optional[int] = ..., q: _Optional[int] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., noise: _Optional[_Union[NoiseKind, str]] = ..., master_dtype: _Optional[str] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., codec: _Optional[str] = ..., eval_every: _Optional[int] = ..., max_len: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., loss: _Optional[str] = ..., estimator: _Optional[str] = ..., keep_best: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ...) -> None: ...
+    average_decay: float
+    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., eps: _Optional[float] = ..., batch_size: _Optional[int] = ..., q: _Optional[int] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., noise: _Optional[_Union[NoiseKind, str]] = ..., master_dtype: _Optional[str] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., codec: _Optional[str] = ..., eval_every: _Optional[int] = ..., max_len: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., loss: _Optional[str] = ..., estimator: _Optional[str] = ..., keep_best: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ..., average_decay: _Optional[float] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("display_name", "method", "hyperparameters", "training_dataset", "validation_dataset", "idempotency_key")
