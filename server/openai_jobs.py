@@ -96,7 +96,11 @@ def _job(rec: Any, base: str) -> dict:
         "n_epochs": spec.get("openai", {}).get("n_epochs", "auto"),
         "batch_size": hp["batch_size"],
         "learning_rate_multiplier": _multiplier(hp),
-        **{k: hp[k] for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len") if k in hp},
+        **{
+            k: hp[k]
+            for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len", "average_decay")
+            if k in hp
+        },
     }
     done = rec.status == "succeeded"
     return {

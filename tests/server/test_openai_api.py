@@ -251,11 +251,12 @@ def test_files_and_jobs(client: openai.OpenAI, url: str, model: str, tmp_path: P
     assert exc.value.body["param"] == "purpose"
 
     # 8 records, 2 epochs, batch 4 -> 4 steps; learning_rate_multiplier 2 -> twice grzo's default lr
-    hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0, "eps": 0.01}
+    hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0, "eps": 0.01, "average_decay": 0.5}
     job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="pairs", hyperparameters=hp)
     assert (
         job.hyperparameters.model_extra["steps"] == 4 and job.hyperparameters.learning_rate_multiplier == 2.0
     )
+    assert job.hyperparameters.model_extra["average_decay"] == 0.5
     long = client.fine_tuning.jobs.create(model=model, training_file=f.id, hyperparameters={"steps": 100000})
     jobs = client.fine_tuning.jobs.list(limit=1)
     assert [j.id for j in jobs.data] == [long.id] and jobs.has_more
