@@ -60,7 +60,7 @@ def test_header_entry_and_bad_values():
             ZOConfig(average_decay=decay)
     with pytest.raises(ValueError, match="average_decay: a full-parameter job keeps no average"):
         ZOConfig(method="full", average_decay=0.9)
-    assert ZOConfig().average == 0.95 and ZOConfig(method="full").average == 0.0
+    assert ZOConfig().average == 0.9 and ZOConfig(method="full").average == 0.0
     assert ZOConfig(average_decay=0).average == 0.0
 
 

@@ -284,7 +284,10 @@ def test_transfer_seconds_are_the_uploads_time_on_the_copy_stream(models, regist
     assert [u[0].tag for u in ups[:6]] == [f"h2d {i}" for i in range(3)] * 2
     copies = sum(r.end - r.start for u in ups[:6] for r in u)
     spans = sum(u[-1].end - u[0].start for u in ups)
-    assert copies > 0.002 and copies <= st.stats.transfer_seconds <= spans + 0.005 * len(ups)
+    # The staging path adds the host copies into the ring, which the copy timeline does not hold and which a
+    # loaded CPU stretches: there the bound only catches gross miscounts (milliseconds taken for seconds).
+    slack = 0.005 * len(ups) if register else 0.5
+    assert copies > 0.002 and copies <= st.stats.transfer_seconds <= spans + slack
     st.close()
 
 
