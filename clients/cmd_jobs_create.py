@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from zostream import defaults as D
 from zostream.clients.cli import UsageError
 from zostream.clients.client import ZostreamClient, ZostreamError
 from zostream.clients.cmd_jobs_events import follow
@@ -60,6 +61,13 @@ def register_create(jobs_sub: argparse._SubParsersAction, common: Callable[..., 
     p.add_argument("--warmup-steps", type=nonneg_int, metavar="N", help="linear warmup steps")
     p.add_argument("--min-lr-ratio", type=nonneg_float, metavar="R", help="decay floor as a fraction of --lr")
     p.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="decoupled weight decay")
+    p.add_argument(
+        "--average-decay",
+        type=nonneg_float,
+        metavar="D",
+        help="LoRA: serve the EMA of the factors with this decay; 0: the last step's (server default: "
+        f"{D.AVERAGE_DECAY['lora']:g})",
+    )
     p.add_argument("--noise", choices=("gaussian", "rademacher"), help="perturbation distribution")
     p.add_argument(
         "--master-dtype", choices=("float32", "bfloat16", "float16"), help="trained weights' dtype"

@@ -459,6 +459,8 @@ def test_cli_jobs_create_uploads_then_creates(
             "--keep-best",
             "--early-stopping-patience",
             "3",
+            "--average-decay",
+            "0",
         ]
     )
     assert rc == 0 and capsys.readouterr().out == "job-new\n"
@@ -475,6 +477,7 @@ def test_cli_jobs_create_uploads_then_creates(
         True,
         3,
     )
+    assert hp.HasField("average_decay") and hp.average_decay == 0  # 0 is sent: the last step's factors
 
 
 def _generate_args(addr: str, **kw: Any) -> argparse.Namespace:
