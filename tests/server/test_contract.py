@@ -262,6 +262,20 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     _wait_terminal(stubs, other.id)
 
 
+def _resolved(stubs: Stubs, dataset: str, method: str, hp: dict) -> F.Hyperparameters:
+    """The hyperparameters a one-step job reports once created (then cancelled)."""
+    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
+    job = stubs.ft.CreateJob(
+        F.CreateJobRequest(
+            method=meth, training_dataset=dataset, hyperparameters=F.Hyperparameters(steps=1, **hp)
+        ),
+        timeout=30,
+    )
+    stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
+    _wait_terminal(stubs, job.id)
+    return job.hyperparameters
+
+
 @pytest.mark.parametrize(
     ("method", "hp", "want"),
     [
@@ -285,17 +299,8 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
 def test_each_estimator_reports_its_documented_defaults(
     stubs: Stubs, contract_dataset: str, method: str, hp: dict, want: tuple
 ) -> None:
-    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
-    job = stubs.ft.CreateJob(
-        F.CreateJobRequest(
-            method=meth, training_dataset=contract_dataset, hyperparameters=F.Hyperparameters(steps=1, **hp)
-        ),
-        timeout=30,
-    )
-    h = job.hyperparameters
+    h = _resolved(stubs, contract_dataset, method, hp)
     assert (h.estimator, h.q, h.learning_rate, h.eps, h.lr_schedule) == pytest.approx(want)
-    stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
-    _wait_terminal(stubs, job.id)
 
 
 def test_checkpoints_and_events_carry_jobmetrics_names(stubs: Stubs, contract_dataset: str) -> None:
@@ -330,16 +335,8 @@ def test_checkpoints_and_events_carry_jobmetrics_names(stubs: Stubs, contract_da
 def test_average_decay_reports_what_the_job_serves(
     stubs: Stubs, contract_dataset: str, method: str, hp: dict, want: float
 ) -> None:
-    meth = {"full": Cm.TUNING_METHOD_FULL, "lora": Cm.TUNING_METHOD_LORA}[method]
-    job = stubs.ft.CreateJob(
-        F.CreateJobRequest(
-            method=meth, training_dataset=contract_dataset, hyperparameters=F.Hyperparameters(steps=1, **hp)
-        ),
-        timeout=30,
-    )
-    assert job.hyperparameters.HasField("average_decay") and job.hyperparameters.average_decay == want
-    stubs.ft.CancelJob(F.CancelJobRequest(job_id=job.id), timeout=10)
-    _wait_terminal(stubs, job.id)
+    h = _resolved(stubs, contract_dataset, method, hp)
+    assert h.HasField("average_decay") and h.average_decay == want
 
 
 @pytest.mark.parametrize(("method", "decay"), [("full", 0.9), ("lora", 1.0), ("lora", -0.5)])
