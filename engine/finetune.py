@@ -147,7 +147,9 @@ def open_trainer(
     else:
         log = UpdateLog.create(log_path, header, loss=True)
     if spec is not None:
-        averaged_kept = "average" in log.header.extra
+        averaged_kept = (
+            Average.from_header(log.header.extra) is not None
+        )  # the header's reading, as the trainer's
         adapter, averaged, at = _latest_lora(job, store, device, len(log), averaged_kept)
         if adapter is None:  # from the initial factors: the trainer catches up on the whole log
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0

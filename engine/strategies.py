@@ -56,7 +56,7 @@ class LoraStrategy:
 
     def on_written(self, g: int, step: int, done: bool) -> None:
         # The adapter's state is saved whole at checkpoints; the average follows each applied step.
-        if done and self.average is not None and g > 0:
+        if done and self.average is not None:  # group 0 (outer) holds no factors: an empty update
             self.average.update(self.averaged.tensors, self.tensors(g, None))
 
     def applied(self, g: int, upto: int) -> None:
