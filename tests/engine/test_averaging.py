@@ -120,16 +120,24 @@ def test_resume_from_a_checkpoint_is_bitwise_uninterrupted(models, tmp_path, dro
     assert_same_tensors(exported(job, "lora"), TextbookMeZO(model, cfg).run(8).served())
 
 
-def test_a_job_keeps_the_average_it_started_with(models, tmp_path):
-    """Resumed with another decay (or with none), a job serves the average its log's header records."""
+@pytest.mark.parametrize("started, resumed", [(0.5, 0.0), (0.0, 0.9)])
+def test_a_job_keeps_the_average_it_started_with(models, tmp_path, started, resumed):
+    """Resumed with another decay (or with none), a job serves the average its log's header records; one
+    started without an average (as every job before averages existed) resumes under today's default and
+    keeps serving its iterate. The CLI's settings check (resume_config) lets both reopen."""
+    from zostream.engine.resume import resume_config
+    from zostream.engine.store import WeightStore
+
     model = models("llama")
     job: Path = tmp_path / "job"
-    first = base_cfg("lora", steps=4, lr=5e-2, average_decay=0.5)
+    first = base_cfg("lora", steps=4, lr=5e-2, average_decay=started)
     tr = open_job(model, job, first)
     for _ in range(2):
         tr.run_step()
     tr.log.close()
-    tr = open_job(model, job, base_cfg("lora", steps=4, lr=5e-2, average_decay=0))
+    again = base_cfg("lora", steps=4, lr=5e-2, average_decay=resumed)
+    assert resume_config(again, WeightStore(model), job / "update.log") == again
+    tr = open_job(model, job, again)
     while not tr.done:
         tr.run_step()
     export(tr, job)
