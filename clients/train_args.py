@@ -107,7 +107,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d["average_decay"],
         metavar="D",
         help="LoRA: evaluate, export and serve the EMA of the factors with this decay; 0: the last "
-        f"step's (default: {D.AVERAGE_DECAY['lora']:g} for lora, 0 for full)",
+        f"step's (default: {D.AVERAGE_DECAY['lora']:g} for lora, 0 for full; a resumed job keeps the "
+        "decay it started with)",
     )
     p.add_argument(
         "--noise", choices=NOISE, default=d["noise"], help="perturbation distribution (default: gaussian)"
