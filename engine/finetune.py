@@ -34,6 +34,9 @@ from .update_log_format import LogHeader
 from .working_copy import WorkingCopy
 
 _CKPT = re.compile(r"^step-(\d{6,})$")
+# Header entries a log keeps from the job's start whatever a resume asks (none, where the log predates them):
+# its steps replay with the update mask and the slow-climb rule it began with, and it serves as it began.
+KEPT_ON_RESUME = ("update_mask", "climb", "average")
 
 
 def lora_spec(cfg: ZOConfig, store: WeightStore) -> LoraSpec:
@@ -135,21 +138,17 @@ def open_trainer(
             rng.check_replayable(logged.generator_version, logged.noise)
         except ValueError as err:
             raise PreconditionError(f"cannot resume {job}: {err}", "generator_version") from None
-        # A version-1 Rademacher log continues under its own header: its noise bits are unchanged. A log
-        # keeps the update mask it started with (none before masks existed): its steps replay that way;
-        # and the slow-climb rule it started with (none before it existed), so resume decides as before;
-        # and the average it started with (none before averages existed), so it serves as it began.
-        kept = ("update_mask", "climb", "average")
-        extra = {k: v for k, v in header.extra.items() if k not in kept}
-        extra |= {k: logged.extra[k] for k in kept if k in logged.extra}
+        # A version-1 Rademacher log continues under its own header: its noise bits are unchanged. The
+        # KEPT_ON_RESUME entries stay those the log started with (absent where it predates them).
+        extra = {k: v for k, v in header.extra.items() if k not in KEPT_ON_RESUME}
+        extra |= {k: logged.extra[k] for k in KEPT_ON_RESUME if k in logged.extra}
         header = dataclasses.replace(header, generator_version=logged.generator_version, extra=extra)
         log = UpdateLog.open(log_path, expect=header)
     else:
         log = UpdateLog.create(log_path, header, loss=True)
     if spec is not None:
-        averaged_kept = (
-            Average.from_header(log.header.extra) is not None
-        )  # the header's reading, as the trainer's
+        # whether the job keeps an average: the header's reading, as the trainer's and replay's
+        averaged_kept = Average.from_header(log.header.extra) is not None
         adapter, averaged, at = _latest_lora(job, store, device, len(log), averaged_kept)
         if adapter is None:  # from the initial factors: the trainer catches up on the whole log
             adapter, at = LoraAdapter.init(spec, store.family, store.spec, device), 0

@@ -63,9 +63,8 @@ def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig
             continue
         if f.name in ("scope", "extra"):
             for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
-                # update_mask, climb, average: a log keeps the ones it started with (finetune.open_trainer;
-                # a job started before averages existed serves its iterate, whatever decay resume asks)
-                kept = ("steps", "update_mask", "climb", "average")
+                # steps: checked below; the others a log keeps from its start (finetune.open_trainer)
+                kept = ("steps", *finetune.KEPT_ON_RESUME)
                 if a.get(key) == b.get(key) or (f.name == "extra" and key in kept):
                     continue
                 name = _SCOPE_FIELDS.get(key, key) if f.name == "scope" else key
