@@ -18,10 +18,11 @@ def hyperparameters(steps: int, **kw: Any) -> finetuning_pb2.Hyperparameters:
     """Hyperparameters from keyword args named as its fields (None: the server's default).
 
     Enums take names ("cosine", "rademacher"); LoRA takes `lora` (a dict of LoraConfig fields) or
-    the shortcuts lora_r / lora_alpha / lora_target_modules.
+    the shortcuts lora_r / lora_alpha / lora_target_modules / lora_init_scale.
     """
     lora = dict(kw.pop("lora", None) or {})
-    for short, name in (("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_target_modules", "target_modules")):
+    shortcuts = ("r", "alpha", "target_modules", "init_scale")
+    for short, name in ((f"lora_{n}", n) for n in shortcuts):
         if (v := kw.pop(short, None)) is not None:
             lora[name] = list(v) if name == "target_modules" else v
     fields = {k: v for k, v in kw.items() if v is not None}

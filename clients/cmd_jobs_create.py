@@ -75,6 +75,12 @@ def register_create(jobs_sub: argparse._SubParsersAction, common: Callable[..., 
     p.add_argument("--lora-r", type=positive_int, metavar="R", help="LoRA rank")
     p.add_argument("--lora-alpha", type=positive_float, metavar="A", help="LoRA alpha")
     p.add_argument(
+        "--lora-init-scale",
+        type=positive_float,
+        metavar="S",
+        help=f"LoRA A factors' init bound as a multiple of PEFT's (server default: {D.LORA_INIT_SCALE:g})",
+    )
+    p.add_argument(
         "--lora-targets",
         metavar="M1,M2",
         help="comma-separated module names (e.g. q_proj,v_proj), or all-linear",
@@ -130,8 +136,11 @@ def _create(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     if args.lora_targets is not None and not targets:
         raise UsageError("--lora-targets: give at least one module name, e.g. q_proj,v_proj")
-    if args.method == "full" and any(v is not None for v in (args.lora_r, args.lora_alpha, targets)):
-        raise UsageError("--lora-r/--lora-alpha/--lora-targets: only apply to --method lora")
+    lora_args = (args.lora_r, args.lora_alpha, targets, args.lora_init_scale)
+    if args.method == "full" and any(v is not None for v in lora_args):
+        raise UsageError(
+            "--lora-r/--lora-alpha/--lora-targets/--lora-init-scale: only apply to --method lora"
+        )
 
     def body(client: ZostreamClient) -> int:
         train = upload_file(client, args.data, "--data") if args.data else args.dataset
@@ -166,6 +175,7 @@ def _create(args: argparse.Namespace) -> int:
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_target_modules=targets,
+            lora_init_scale=args.lora_init_scale,
         )
         if args.json:
             print_json(job)

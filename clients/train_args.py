@@ -124,6 +124,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--lora-alpha", type=float, default=d["lora_alpha"], metavar="A", help=f"default: {d['lora_alpha']:g}"
     )
     p.add_argument(
+        "--lora-init-scale",
+        type=float,
+        default=d["lora_init_scale"],
+        metavar="S",
+        help="LoRA: the A factors' init bound as a multiple of PEFT's 1/sqrt(in); B starts at 0 "
+        f"(default: {d['lora_init_scale']:g}; a resumed job keeps the init it started with)",
+    )
+    p.add_argument(
         "--lora-targets",
         default=",".join(d["lora_targets"]),
         metavar="M1,M2",
@@ -221,6 +229,7 @@ def zo_config(args: argparse.Namespace) -> Any:
             lora_r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_targets=targets,
+            lora_init_scale=args.lora_init_scale,
             max_len=args.max_len,
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,

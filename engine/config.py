@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -176,6 +177,7 @@ class ZOConfig:
     lora_r: int = D.LORA_R
     lora_alpha: float = D.lora_alpha(D.LORA_R)
     lora_targets: tuple[str, ...] = D.LORA_TARGETS
+    lora_init_scale: float = D.LORA_INIT_SCALE  # A's init bound over PEFT's 1/sqrt(in) (engine/peft.py)
     max_len: int = D.MAX_LEN
     eval_every: int = D.EVAL_EVERY
     checkpoint_every: int = D.CHECKPOINT_EVERY  # 0: only the export after the last step
@@ -245,6 +247,9 @@ class ZOConfig:
                 "a full-parameter job keeps no average of its weights (it would be a second copy of the "
                 "model); set 0, or use method lora",
             )
+        s = self.lora_init_scale
+        if isinstance(s, bool) or not isinstance(s, float | int) or not (0 < s <= 100 and math.isfinite(s)):
+            bad("lora_init_scale", f"must be a number in (0, 100] (1: PEFT's init), got {s!r}")
         if self.noise not in NOISE:
             bad("noise", f"must be gaussian or rademacher, got {self.noise!r}")
         if self.master_dtype not in MASTER_DTYPES:

@@ -37,12 +37,14 @@ _CKPT = re.compile(r"^step-(\d{6,})$")
 # Header entries a log keeps from the job's start whatever a resume asks (none, where the log predates them):
 # its steps replay with the update mask and the slow-climb rule it began with, and it serves as it began.
 KEPT_ON_RESUME = ("update_mask", "climb", "average")
+# Likewise in the scope: the LoRA init the factors started from (absent: PEFT's, scale 1).
+KEPT_IN_SCOPE_ON_RESUME = ("init_scale",)
 
 
 def lora_spec(cfg: ZOConfig, store: WeightStore) -> LoraSpec:
     """A LoRA job's adapter shape, its targets resolved against the model ("all-linear": every module)."""
     targets = resolve_targets(cfg.lora_targets, store.family.module_names(store.spec))
-    return LoraSpec(cfg.lora_r, cfg.lora_alpha, targets, cfg.seed)
+    return LoraSpec(cfg.lora_r, cfg.lora_alpha, targets, cfg.seed, cfg.lora_init_scale)
 
 
 def log_header(
@@ -130,6 +132,10 @@ def open_trainer(
     log_path = job / "update.log"
     logged = read_header(log_path) if log_path.exists() else None
     cfg = resolve_objective(cfg, train, logged)
+    if spec is not None and logged is not None and logged.scope.get("kind") == "lora":
+        # Kept on resume, as KEPT_ON_RESUME: the log replays from the A factors its job started with.
+        cfg = dataclasses.replace(cfg, lora_init_scale=LoraSpec.from_scope(logged.scope).init_scale)
+        spec = lora_spec(cfg, store)
     job.mkdir(parents=True, exist_ok=True)
     master, rounding = master_dtype_for(cfg, store.dtype)
     header = log_header(cfg, store, master, rounding, compute_dtype)

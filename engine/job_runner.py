@@ -43,6 +43,8 @@ def zo_config(spec: dict[str, Any]) -> ZOConfig:
         hp["lora_targets"] = tuple(hp["lora_targets"])
     hp.pop("codec", None)
     hp.setdefault("average_decay", 0.0)  # jobs stored before the field served their iterates
+    if spec["method"] == "lora":
+        hp.setdefault("lora_init_scale", 1.0)  # jobs stored before the field started from PEFT's init
     for k in LIFECYCLE_KEYS:
         hp.pop(k, None)
     return ZOConfig(**hp)

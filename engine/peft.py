@@ -26,6 +26,7 @@ from .store import open_safetensors, read_safetensors_header, save_safetensors
 PEFT_PREFIX = "base_model.model."
 INIT_STREAM = 2  # rng stream reserved for adapter init (0: noise z, 1: stochastic rounding)
 INIT_SEED_KEY = "zostream_init_seed"
+INIT_SCALE_KEY = "zostream_init_scale"  # written only when not 1 (PEFT's init)
 # PEFT LoraConfig fields whose non-default values change the forward (scale, extra terms, layer subsets).
 _PLAIN_LORA: dict[str, Any] = {
     "use_rslora": False,
@@ -117,6 +118,21 @@ class LoraSpec:
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_seed: int = 0
+    # A's init bound as a multiple of PEFT's 1/sqrt(in). B starts at 0 whatever it is, so the adapter starts
+    # as the base model; a larger A makes each step on B move B·A further from the first step on, while A's
+    # own random walk (which grows it 2-3x within 100 normalised steps) soon dominates either way.
+    init_scale: float = 1.0
+
+    @classmethod
+    def from_scope(cls, sc: dict[str, Any]) -> LoraSpec:
+        """The spec an update log's scope records (init_scale absent: PEFT's init, as logs before it)."""
+        return cls(
+            int(sc["r"]),
+            float(sc["alpha"]),
+            tuple(sc["targets"]),
+            int(sc["init_seed"]),
+            float(sc.get("init_scale", 1.0)),
+        )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or not 1 <= self.r <= 1024:
@@ -125,6 +141,9 @@ class LoraSpec:
             raise RequestError(f"must be a positive number, got {self.alpha!r}", "lora_alpha")
         if not self.targets:
             raise RequestError("name at least one module, e.g. q_proj,v_proj", "lora_targets")
+        ok = isinstance(self.init_scale, float | int) and not isinstance(self.init_scale, bool)
+        if not (ok and 0 < self.init_scale <= 100 and math.isfinite(self.init_scale)):
+            raise RequestError(f"must be a number in (0, 100], got {self.init_scale!r}", "lora_init_scale")
 
     @property
     def scale(self) -> float:
@@ -137,6 +156,8 @@ class LoraSpec:
             "alpha": self.alpha,
             "targets": list(self.targets),
             "init_seed": self.init_seed,
+            # only when not PEFT's: logs of jobs with PEFT's init keep the header they always had
+            **({"init_scale": float(self.init_scale)} if self.init_scale != 1.0 else {}),
         }
 
 
@@ -178,11 +199,12 @@ class LoraAdapter:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def init(cls, spec: LoraSpec, family: Any, mspec: Any, device: torch.device) -> LoraAdapter:
-        """PEFT's default init: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0; A from our generator."""
+        """PEFT's default init scaled by spec.init_scale: A ~ U(±init_scale/√in) (PEFT: kaiming_uniform(a=√5)
+        = U(±1/√in)), B = 0; A from our generator."""
         tensors: dict[str, torch.Tensor] = {}
         for name, shape in cls.expected(spec, family, mspec).items():
             if ".lora_A." in name:
-                bound = 1.0 / math.sqrt(shape[1])
+                bound = spec.init_scale / math.sqrt(shape[1])
                 u = rng.uniform(spec.init_seed, name, 0, shape[0] * shape[1], device, stream=INIT_STREAM)
                 tensors[name] = ((u * 2.0 - 1.0) * bound).view(shape)
             else:
@@ -243,7 +265,13 @@ class LoraAdapter:
         save_safetensors(
             {k: v.detach().cpu() for k, v in self.tensors.items()},
             out / "adapter_model.safetensors",
-            metadata={"format": "pt", INIT_SEED_KEY: str(self.spec.init_seed)},
+            metadata={
+                "format": "pt",
+                INIT_SEED_KEY: str(self.spec.init_seed),
+                **(
+                    {INIT_SCALE_KEY: repr(float(self.spec.init_scale))} if self.spec.init_scale != 1.0 else {}
+                ),
+            },
         )
         tmp = out / "adapter_config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=2))
@@ -274,7 +302,11 @@ class LoraAdapter:
         targets = saved_targets(cfg.get("target_modules"), family, mspec, d)
         _, meta = read_safetensors_header(d / "adapter_model.safetensors")
         seed = int(cfg.get(INIT_SEED_KEY, meta.get(INIT_SEED_KEY, 0)))  # in the config: older exports
-        spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, seed)
+        try:
+            init_scale = float(meta.get(INIT_SCALE_KEY, 1.0))
+        except ValueError:
+            raise RequestError(f"{d}: metadata {INIT_SCALE_KEY} is not a number", "adapter") from None
+        spec = LoraSpec(int(cfg["r"]), float(cfg["lora_alpha"]), targets, seed, init_scale)
         raw = open_safetensors(d / "adapter_model.safetensors")
         want = cls.expected(spec, family, mspec)
         extra = sorted(n for n in raw if n not in want)  # e.g. a pattern that also picked lm_head

@@ -44,8 +44,7 @@ def replay_lora(
     progress: bool = False,
 ) -> LoraAdapter:
     h = log.header
-    sc = h.scope
-    spec = LoraSpec(int(sc["r"]), float(sc["alpha"]), tuple(sc["targets"]), int(sc["init_seed"]))
+    spec = LoraSpec.from_scope(h.scope)
     adapter = LoraAdapter.init(spec, store.family, store.spec, torch.device(device))
     steps = tqdm(log.steps(0, upto), desc="replay", disable=not progress, unit="step")
     return replay_steps(adapter, steps, h)

@@ -64,8 +64,12 @@ def resume_config(cfg: ZOConfig, store: WeightStore, log_path: Path) -> ZOConfig
         if f.name in ("scope", "extra"):
             for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):  # kind first
                 # steps: checked below; the others a log keeps from its start (finetune.open_trainer)
-                kept = ("steps", *finetune.KEPT_ON_RESUME)
-                if a.get(key) == b.get(key) or (f.name == "extra" and key in kept):
+                kept = (
+                    ("steps", *finetune.KEPT_ON_RESUME)
+                    if f.name == "extra"
+                    else finetune.KEPT_IN_SCOPE_ON_RESUME
+                )
+                if a.get(key) == b.get(key) or key in kept:
                     continue
                 name = _SCOPE_FIELDS.get(key, key) if f.name == "scope" else key
                 raise RequestError(f"{where} {key}={a.get(key)!r}, got {b.get(key)!r}; {fix}", name)

@@ -98,7 +98,9 @@ class LogHeader:
     """Everything replay needs besides the base weights and the per-step records."""
 
     base_fingerprint: str
-    scope: dict[str, Any]  # {"kind": "full"} | {"kind": "lora", "r", "alpha", "targets", "init_seed"}
+    scope: dict[
+        str, Any
+    ]  # {"kind": "full"} | {"kind": "lora", "r", "alpha", "targets", "init_seed"[, "init_scale"]}
     noise: str
     generator_version: int
     master_dtype: str
@@ -129,6 +131,9 @@ class LogHeader:
                 raise bad(f"scope.targets must be a non-empty list of module names, got {targets!r}")
             if not _is_int(scope.get("init_seed")):
                 raise bad("scope.init_seed must be an int (replay rebuilds the LoRA init from it)")
+            init_scale = scope.get("init_scale", 1.0)
+            if not (_is_num(init_scale) and 0 < init_scale <= 100):
+                raise bad(f"scope.init_scale must be a number in (0, 100] when present, got {init_scale!r}")
         object.__setattr__(self, "scope", scope)
         if self.noise not in NOISE_KINDS:
             raise bad(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")

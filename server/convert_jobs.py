@@ -53,6 +53,7 @@ HP_FIELDS = {
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_targets": "lora.target_modules",
+    "lora_init_scale": "lora.init_scale",
 }
 
 
@@ -98,6 +99,7 @@ def job_spec(
         if hp.lora.HasField("alpha")
         else D.lora_alpha(int(hp.lora.r) or D.LORA_R),
         "lora_targets": list(hp.lora.target_modules) or list(D.LORA_TARGETS),
+        "lora_init_scale": float(hp.lora.init_scale) if hp.lora.HasField("init_scale") else D.LORA_INIT_SCALE,
         "loss": hp.loss or "auto",
         "estimator": hp.estimator or D.ESTIMATOR,  # resolved by ZOConfig below; the job reports which
     }
@@ -107,7 +109,7 @@ def job_spec(
         fields["eps"] = float(hp.eps)
     if hp.HasField("average_decay"):
         fields["average_decay"] = float(hp.average_decay)
-    for k in ("lr", "eps", "weight_decay", "min_lr_ratio", "average_decay"):
+    for k in ("lr", "eps", "weight_decay", "min_lr_ratio", "average_decay", "lora_init_scale"):
         if k in fields and not math.isfinite(fields[k]):
             raise RequestError("must be a finite number", f"hyperparameters.{HP_FIELDS.get(k, k)}")
     if not 0.0 <= fields["min_lr_ratio"] <= 1.0:
@@ -151,7 +153,12 @@ def job_spec(
         from zostream.engine.peft import LoraSpec, resolve_targets
 
         try:
-            LoraSpec(fields["lora_r"], fields["lora_alpha"], tuple(fields["lora_targets"]))
+            LoraSpec(
+                fields["lora_r"],
+                fields["lora_alpha"],
+                tuple(fields["lora_targets"]),
+                init_scale=fields["lora_init_scale"],
+            )
             if modules is not None:
                 resolve_targets(fields["lora_targets"], modules)
         except RequestError as exc:
@@ -206,7 +213,12 @@ def job_pb(rec: JobRecord) -> finetuning_pb2.Job:
         average_decay=hp.get("average_decay", 0.0),  # jobs stored before the field served their iterates
         keep_best=hp.get("keep_best", D.KEEP_BEST),
         early_stopping_patience=hp.get("early_stopping_patience", D.EARLY_STOPPING_PATIENCE),
-        lora=common_pb2.LoraConfig(r=hp["lora_r"], alpha=hp["lora_alpha"], target_modules=hp["lora_targets"]),
+        lora=common_pb2.LoraConfig(
+            r=hp["lora_r"],
+            alpha=hp["lora_alpha"],
+            target_modules=hp["lora_targets"],
+            init_scale=hp.get("lora_init_scale", 1.0),  # jobs stored before the field: PEFT's init
+        ),
     )
     # As resolved (Job.hyperparameters): an unset learning rate / eps reports the default the job uses.
     est = hp.get("estimator", "mezo")  # jobs stored before the field ran mezo

@@ -54,6 +54,7 @@ EXTRAS = {
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_target_modules": "lora.target_modules",
+    "lora_init_scale": "lora.init_scale",
 }
 OPENAI_HP = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _SCHEDULES = {
@@ -69,6 +70,7 @@ _FIELDS = {
     "hyperparameters.lora.r": "hyperparameters.lora_r",
     "hyperparameters.lora.alpha": "hyperparameters.lora_alpha",
     "hyperparameters.lora.target_modules": "hyperparameters.lora_target_modules",
+    "hyperparameters.lora.init_scale": "hyperparameters.lora_init_scale",
 }
 
 
@@ -98,7 +100,16 @@ def _job(rec: Any, base: str) -> dict:
         "learning_rate_multiplier": _multiplier(hp),
         **{
             k: hp[k]
-            for k in ("steps", "eps", "q", "lora_r", "lora_alpha", "max_len", "average_decay")
+            for k in (
+                "steps",
+                "eps",
+                "q",
+                "lora_r",
+                "lora_alpha",
+                "lora_init_scale",
+                "max_len",
+                "average_decay",
+            )
             if k in hp
         },
     }
@@ -285,6 +296,8 @@ def _hyperparameters(h: Any, hp: dict, seed: Any, n_records: int) -> None:
         h.lora.r = int(v)
     if (v := num("lora_alpha")) is not None:
         h.lora.alpha = v
+    if (v := num("lora_init_scale")) is not None:
+        h.lora.init_scale = v
     targets = hp.get("lora_target_modules")
     if targets is not None:
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):

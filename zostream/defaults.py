@@ -76,6 +76,9 @@ AVERAGE_DECAY = {"lora": 0.9, "full": 0.0}
 LORA_R = 8
 LORA_ALPHA_PER_R = 2.0  # unset alpha: 2r (scale 2.0), MeZO's LoRA setting (r 8, alpha 16)
 LORA_TARGETS = ("q_proj", "v_proj")
+# LoRA's A factors start at this multiple of PEFT's init bound (1/sqrt(in)); B starts at 0 (bench/RESULTS.md,
+# "a larger A at the start")
+LORA_INIT_SCALE = 1.0
 MAX_LEN = 512
 CHECKPOINT_EVERY = 0  # no intermediate checkpoints; the result is exported after the last step
 EVAL_EVERY = 0
@@ -137,6 +140,7 @@ DOCUMENTED: dict[str, str] = {
     "Hyperparameters.average_decay": f"Unset: {_g(AVERAGE_DECAY['lora'])} for LORA",
     "LoraConfig.r": f"0: {LORA_R}",
     "LoraConfig.alpha": f"Unset: {_g(LORA_ALPHA_PER_R)} * r",
+    "LoraConfig.init_scale": f"Unset: {_g(LORA_INIT_SCALE)}",
     "LoraConfig.target_modules": "Empty: [" + ", ".join(f'"{t}"' for t in LORA_TARGETS) + "]",
     "DatasetMetadata.name": f"1-{NAME_MAX_CHARS} characters",
     "ImportUpdateLogMetadata.adapter_id": f"1-{NAME_MAX_CHARS} characters",

@@ -7,6 +7,7 @@ of test_trainer.py (its own forwards, noise application and EMA) for whole jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,55 @@ def test_a_job_keeps_the_average_it_started_with(models, tmp_path, started, resu
     export(tr, job)
     tr.log.close()
     assert_same_tensors(exported(job, "lora"), TextbookMeZO(model, first).run(4).served())
+
+
+@pytest.mark.parametrize("started, resumed", [(3.0, 1.0), (1.0, 3.0)])
+def test_a_job_keeps_the_lora_init_it_started_with(models, tmp_path, started, resumed):
+    """The A factors' init scale is in the log's scope (absent at 1: logs of PEFT's init keep their header):
+    a job killed after 2 steps and resumed with another --lora-init-scale replays and trains on from the
+    factors it started with; the export is the textbook run (its own init, test_trainer.lora_init) at that
+    scale, and replaying the log gives the same adapter."""
+    from zostream.engine.resume import resume_config
+    from zostream.engine.store import WeightStore
+    from zostream.engine.update_log import read_header
+
+    model = models("llama")
+    job: Path = tmp_path / "job"
+    first = base_cfg("lora", steps=4, lr=5e-2, average_decay=0.9, lora_init_scale=started)
+    tr = open_job(model, job, first)
+    for _ in range(2):
+        tr.run_step()
+    tr.log.close()
+    scope = read_header(job / "update.log").scope
+    assert scope.get("init_scale") == (None if started == 1.0 else started)
+    again = dataclasses.replace(first, lora_init_scale=resumed)
+    assert resume_config(again, WeightStore(model), job / "update.log") == again
+    tr = open_job(model, job, again)
+    while not tr.done:
+        tr.run_step()
+    export(tr, job)
+    tr.log.close()
+    want = TextbookMeZO(model, first).run(4).served()
+    assert_same_tensors(exported(job, "lora"), want)
+    out = replay(model, job / "update.log", tmp_path / "replayed")
+    assert_same_tensors(load_file(out / "adapter_model.safetensors"), want)
+
+
+def test_lora_init_scale_is_checked_and_saved_with_the_factors(models, tmp_path):
+    """ZOConfig refuses a bad scale naming the field; a saved adapter carries its spec's init scale (a
+    checkpoint's factors reopen with it, and resume rebuilds the initial factors from it)."""
+    from zostream.engine.peft import LoraAdapter, LoraSpec
+    from zostream.engine.store import WeightStore
+
+    for bad in (0, -1.0, 101.0, float("inf"), True):
+        with pytest.raises(ValueError, match="lora_init_scale"):
+            ZOConfig(lora_init_scale=bad)
+    store = WeightStore(models("llama"))
+    for scale in (1.0, 2.5):
+        spec = LoraSpec(4, 8.0, ("q_proj", "v_proj"), init_seed=3, init_scale=scale)
+        ad = LoraAdapter.init(spec, store.family, store.spec, torch.device("cpu"))
+        name = next(n for n in ad.tensors if ".lora_A." in n)
+        bound = scale / ad.tensors[name].shape[1] ** 0.5
+        assert 0.5 * bound < ad.tensors[name].abs().max().item() <= bound
+        back = LoraAdapter.load_peft(ad.save_peft(tmp_path / str(scale)), store.family, store.spec, "cpu")
+        assert back.spec == spec

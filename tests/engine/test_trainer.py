@@ -161,14 +161,16 @@ def lora_modules(targets: tuple[str, ...]) -> list[str]:
 def lora_init(
     base: dict[str, torch.Tensor], layer_prefix: Callable[[int], str], layers: int, cfg: ZOConfig
 ) -> dict[str, torch.Tensor]:
-    """PEFT's default LoRA init (A ~ U(±1/sqrt(in)), B = 0); A from rng stream 2 seeded by the job seed."""
+    """PEFT's default LoRA init times cfg.lora_init_scale (A ~ U(±scale/sqrt(in)), B = 0); A from rng stream 2
+    seeded by the job seed."""
     out = {}
     for i in range(layers):
         for mod in lora_modules(cfg.lora_targets):
             out_f, in_f = base[layer_prefix(i) + mod + ".weight"].shape
             name = PEFT_PREFIX + layer_prefix(i) + mod
             u = rng.uniform(cfg.seed, name + ".lora_A.weight", 0, cfg.lora_r * in_f, CPU, stream=2)
-            out[name + ".lora_A.weight"] = ((u * 2.0 - 1.0) * (1.0 / math.sqrt(in_f))).view(cfg.lora_r, in_f)
+            bound = cfg.lora_init_scale / math.sqrt(in_f)
+            out[name + ".lora_A.weight"] = ((u * 2.0 - 1.0) * bound).view(cfg.lora_r, in_f)
             out[name + ".lora_B.weight"] = torch.zeros(out_f, cfg.lora_r)
     return out
 

@@ -231,10 +231,11 @@ def test_job_settings_resolve_to_the_documented_defaults(stubs: Stubs, contract_
     assert (hp.estimator, hp.lr_schedule) == ("grzo", F.LR_SCHEDULE_COSINE)
     assert (hp.batch_size, hp.q, hp.max_len) == (D.BATCH_SIZE, D.GRZO_Q, D.MAX_LEN)
     assert (hp.learning_rate, hp.eps) == (D.GRZO_LR["lora"], D.GRZO_EPS["lora"])
-    assert (hp.lora.r, hp.lora.alpha, list(hp.lora.target_modules)) == (
+    assert (hp.lora.r, hp.lora.alpha, list(hp.lora.target_modules), hp.lora.init_scale) == (
         D.LORA_R,
         D.lora_alpha(D.LORA_R),
         list(D.LORA_TARGETS),
+        D.LORA_INIT_SCALE,
     )
     assert hp.master_dtype == D.LORA_MASTER_DTYPE  # a documented value, never "auto"
     assert (hp.checkpoint_every, hp.eval_every) == (0, 0)
@@ -350,6 +351,20 @@ def test_average_decay_refused_with_the_field(stubs: Stubs, contract_dataset: st
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hyperparameters.average_decay" in exc.value.details()
     assert ("full-parameter" in exc.value.details()) == (method == "full")
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, 101.0, float("nan")])
+def test_lora_init_scale_refused_with_the_field(stubs: Stubs, contract_dataset: str, scale: float):
+    hp = F.Hyperparameters(steps=1, lora=Cm.LoraConfig(init_scale=scale))
+    with pytest.raises(grpc.RpcError) as exc:
+        stubs.ft.CreateJob(
+            F.CreateJobRequest(
+                method=Cm.TUNING_METHOD_LORA, training_dataset=contract_dataset, hyperparameters=hp
+            ),
+            timeout=30,
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hyperparameters.lora.init_scale" in exc.value.details()
 
 
 def test_model_info_states_the_server_limit(server: ThreadServer, stubs: Stubs) -> None:

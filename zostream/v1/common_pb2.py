@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18zostream/v1/common.proto\x12\x0bzostream.v1\"M\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\tB\x08\n\x06_alpha\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"9\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t*]\n\x0cTuningMethod\x12\x1d\n\x19TUNING_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12TUNING_METHOD_FULL\x10\x01\x12\x16\n\x12TUNING_METHOD_LORA\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18zostream/v1/common.proto\x12\x0bzostream.v1\"u\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x17\n\ninit_scale\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_init_scale\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"9\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t*]\n\x0cTuningMethod\x12\x1d\n\x19TUNING_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12TUNING_METHOD_FULL\x10\x01\x12\x16\n\x12TUNING_METHOD_LORA\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zostream.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TUNINGMETHOD']._serialized_start=238
-  _globals['_TUNINGMETHOD']._serialized_end=331
+  _globals['_TUNINGMETHOD']._serialized_start=278
+  _globals['_TUNINGMETHOD']._serialized_end=371
   _globals['_LORACONFIG']._serialized_start=41
-  _globals['_LORACONFIG']._serialized_end=118
-  _globals['_USAGE']._serialized_start=120
-  _globals['_USAGE']._serialized_end=177
-  _globals['_ERRORINFO']._serialized_start=179
-  _globals['_ERRORINFO']._serialized_end=236
+  _globals['_LORACONFIG']._serialized_end=158
+  _globals['_USAGE']._serialized_start=160
+  _globals['_USAGE']._serialized_end=217
+  _globals['_ERRORINFO']._serialized_start=219
+  _globals['_ERRORINFO']._serialized_end=276
 # @@protoc_insertion_point(module_scope)

@@ -17,14 +17,16 @@ TUNING_METHOD_FULL: TuningMethod
 TUNING_METHOD_LORA: TuningMethod
 
 class LoraConfig(_message.Message):
-    __slots__ = ("r", "alpha", "target_modules")
+    __slots__ = ("r", "alpha", "target_modules", "init_scale")
     R_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    INIT_SCALE_FIELD_NUMBER: _ClassVar[int]
     r: int
     alpha: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    init_scale: float
+    def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., init_scale: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
