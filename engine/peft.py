@@ -119,8 +119,9 @@ class LoraSpec:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_seed: int = 0
     # A's init bound as a multiple of PEFT's 1/sqrt(in). B starts at 0 whatever it is, so the adapter starts
-    # as the base model; a larger A makes each step on B move B·A further from the first step on, while A's
-    # own random walk (which grows it 2-3x within 100 normalised steps) soon dominates either way.
+    # as the base model; a larger A makes each step on B move B·A further from the first step on (while B = 0,
+    # A's own perturbations reach no loss: its normalised steps random-walk it, RMS 0.024 -> 0.055 in 100
+    # steps at scale 1 on a 576-wide model, so the init's share of A fades as training goes on).
     init_scale: float = 1.0
 
     @classmethod

@@ -98,9 +98,8 @@ class LogHeader:
     """Everything replay needs besides the base weights and the per-step records."""
 
     base_fingerprint: str
-    scope: dict[
-        str, Any
-    ]  # {"kind": "full"} | {"kind": "lora", "r", "alpha", "targets", "init_seed"[, "init_scale"]}
+    # {"kind": "full"} | {"kind": "lora", "r", "alpha", "targets", "init_seed"[, "init_scale"]}
+    scope: dict[str, Any]
     noise: str
     generator_version: int
     master_dtype: str
