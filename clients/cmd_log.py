@@ -130,6 +130,7 @@ def log_info(args: argparse.Namespace) -> int:
     ex = h.get("extra", {})
     if scope == "lora":
         scope += f" r={sc['r']} alpha={sc['alpha']:g} targets={','.join(sc['targets'])}"
+        scope += f" init_scale={sc.get('init_scale', 1.0):g}"
         avg = ex.get("average")
         scope += f"; serves the EMA of its factors, decay {avg['decay']:g}" if avg else "; serves its factors"
     sched = f"{ex['lr_schedule']} (lr {ex.get('lr')})" if "lr_schedule" in ex else "n/a"
