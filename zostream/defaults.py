@@ -76,8 +76,8 @@ AVERAGE_DECAY = {"lora": 0.9, "full": 0.0}
 LORA_R = 8
 LORA_ALPHA_PER_R = 2.0  # unset alpha: 2r (scale 2.0), MeZO's LoRA setting (r 8, alpha 16)
 LORA_TARGETS = ("q_proj", "v_proj")
-# LoRA's A factors start at this multiple of PEFT's init bound (1/sqrt(in)); B starts at 0 (bench/RESULTS.md,
-# "a larger A at the start")
+# LoRA's A factors start at this multiple of PEFT's init bound (1/sqrt(in)); B starts at 0. PEFT's own: a
+# larger A starts faster and ends lower (bench/RESULTS.md, "a larger LoRA A at the start").
 LORA_INIT_SCALE = 1.0
 MAX_LEN = 512
 CHECKPOINT_EVERY = 0  # no intermediate checkpoints; the result is exported after the last step
