@@ -121,59 +121,52 @@ def test_resume_from_a_checkpoint_is_bitwise_uninterrupted(models, tmp_path, dro
     assert_same_tensors(exported(job, "lora"), TextbookMeZO(model, cfg).run(8).served())
 
 
-@pytest.mark.parametrize("started, resumed", [(0.5, 0.0), (0.0, 0.9)])
-def test_a_job_keeps_the_average_it_started_with(models, tmp_path, started, resumed):
-    """Resumed with another decay (or with none), a job serves the average its log's header records; one
-    started without an average (as every job before averages existed) resumes under today's default and
-    keeps serving its iterate. The CLI's settings check (resume_config) lets both reopen."""
+def kill_and_resume(model: Path, job: Path, first: ZOConfig, again: ZOConfig) -> dict[str, torch.Tensor]:
+    """Run `first` for 2 of its 4 steps, then reopen the job with `again` (the CLI's settings check,
+    resume_config, must let it) and run it to the end: the export."""
     from zostream.engine.resume import resume_config
     from zostream.engine.store import WeightStore
 
-    model = models("llama")
-    job: Path = tmp_path / "job"
-    first = base_cfg("lora", steps=4, lr=5e-2, average_decay=started)
     tr = open_job(model, job, first)
     for _ in range(2):
         tr.run_step()
     tr.log.close()
-    again = base_cfg("lora", steps=4, lr=5e-2, average_decay=resumed)
     assert resume_config(again, WeightStore(model), job / "update.log") == again
     tr = open_job(model, job, again)
     while not tr.done:
         tr.run_step()
     export(tr, job)
     tr.log.close()
-    assert_same_tensors(exported(job, "lora"), TextbookMeZO(model, first).run(4).served())
+    return exported(job, "lora")
+
+
+@pytest.mark.parametrize("started, resumed", [(0.5, 0.0), (0.0, 0.9)])
+def test_a_job_keeps_the_average_it_started_with(models, tmp_path, started, resumed):
+    """Resumed with another decay (or with none), a job serves the average its log's header records; one
+    started without an average (as every job before averages existed) resumes under today's default and
+    keeps serving its iterate."""
+    model = models("llama")
+    first = base_cfg("lora", steps=4, lr=5e-2, average_decay=started)
+    again = dataclasses.replace(first, average_decay=resumed)
+    got = kill_and_resume(model, tmp_path / "job", first, again)
+    assert_same_tensors(got, TextbookMeZO(model, first).run(4).served())
 
 
 @pytest.mark.parametrize("started, resumed", [(3.0, 1.0), (1.0, 3.0)])
 def test_a_job_keeps_the_lora_init_it_started_with(models, tmp_path, started, resumed):
     """The A factors' init scale is in the log's scope (absent at 1: logs of PEFT's init keep their header):
-    a job killed after 2 steps and resumed with another --lora-init-scale replays and trains on from the
-    factors it started with; the export is the textbook run (its own init, test_trainer.lora_init) at that
-    scale, and replaying the log gives the same adapter."""
-    from zostream.engine.resume import resume_config
-    from zostream.engine.store import WeightStore
+    a job resumed with another --lora-init-scale replays and trains on from the factors it started with;
+    the export is the textbook run (its own init, test_trainer.lora_init) at that scale, and replaying the
+    log gives the same adapter."""
     from zostream.engine.update_log import read_header
 
     model = models("llama")
     job: Path = tmp_path / "job"
     first = base_cfg("lora", steps=4, lr=5e-2, average_decay=0.9, lora_init_scale=started)
-    tr = open_job(model, job, first)
-    for _ in range(2):
-        tr.run_step()
-    tr.log.close()
-    scope = read_header(job / "update.log").scope
-    assert scope.get("init_scale") == (None if started == 1.0 else started)
-    again = dataclasses.replace(first, lora_init_scale=resumed)
-    assert resume_config(again, WeightStore(model), job / "update.log") == again
-    tr = open_job(model, job, again)
-    while not tr.done:
-        tr.run_step()
-    export(tr, job)
-    tr.log.close()
+    got = kill_and_resume(model, job, first, dataclasses.replace(first, lora_init_scale=resumed))
+    assert read_header(job / "update.log").scope.get("init_scale") == (None if started == 1.0 else started)
     want = TextbookMeZO(model, first).run(4).served()
-    assert_same_tensors(exported(job, "lora"), want)
+    assert_same_tensors(got, want)
     out = replay(model, job / "update.log", tmp_path / "replayed")
     assert_same_tensors(load_file(out / "adapter_model.safetensors"), want)
 
