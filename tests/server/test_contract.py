@@ -353,6 +353,26 @@ def test_average_decay_refused_with_the_field(stubs: Stubs, contract_dataset: st
     assert ("full-parameter" in exc.value.details()) == (method == "full")
 
 
+def test_lora_init_scale_reaches_the_job(stubs: Stubs, contract_dataset: str, tmp_path: Path) -> None:
+    """LoraConfig.init_scale is reported by the job and is the scale its update log's scope records (what
+    replay rebuilds the initial factors from)."""
+    from tests.server.test_server import export_log
+    from zostream.engine.update_log import read_header
+
+    hp = F.Hyperparameters(steps=1, lora=Cm.LoraConfig(init_scale=2.5))
+    job = stubs.ft.CreateJob(
+        F.CreateJobRequest(
+            method=Cm.TUNING_METHOD_LORA, training_dataset=contract_dataset, hyperparameters=hp
+        ),
+        timeout=30,
+    )
+    assert job.hyperparameters.lora.init_scale == 2.5
+    done = _wait_terminal(stubs, job.id)
+    assert done.status == F.JOB_STATUS_SUCCEEDED, done.error.message
+    (tmp_path / "update.log").write_bytes(export_log(stubs, job_id=job.id))
+    assert read_header(tmp_path / "update.log").scope["init_scale"] == 2.5
+
+
 @pytest.mark.parametrize("scale", [0.0, -1.0, 101.0, float("nan")])
 def test_lora_init_scale_refused_with_the_field(stubs: Stubs, contract_dataset: str, scale: float):
     hp = F.Hyperparameters(steps=1, lora=Cm.LoraConfig(init_scale=scale))

@@ -238,6 +238,9 @@ def test_files_and_jobs(client: openai.OpenAI, url: str, model: str, tmp_path: P
     bad = post(url, "/v1/fine_tuning/jobs", {"model": model, "training_file": f.id,
                                              "hyperparameters": {"lora_r": 0}})  # fmt: skip
     assert_error(bad, 400, "hyperparameters.lora_r")
+    bad = post(url, "/v1/fine_tuning/jobs", {"model": model, "training_file": f.id,
+                                             "hyperparameters": {"lora_init_scale": 0}})  # fmt: skip
+    assert_error(bad, 400, "hyperparameters.lora_init_scale")
     assert_error(post(url, "/v1/fine_tuning/jobs", {"model": "other", "training_file": f.id}), 400, "model")
     with pytest.raises(openai.BadRequestError) as exc:
         client.files.create(file=("x.jsonl", b'{"prompt": "1"}\n'), purpose="fine-tune")
@@ -252,11 +255,13 @@ def test_files_and_jobs(client: openai.OpenAI, url: str, model: str, tmp_path: P
 
     # 8 records, 2 epochs, batch 4 -> 4 steps; learning_rate_multiplier 2 -> twice grzo's default lr
     hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0, "eps": 0.01, "average_decay": 0.5}
+    hp["lora_init_scale"] = 2.0
     job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="pairs", hyperparameters=hp)
     assert (
         job.hyperparameters.model_extra["steps"] == 4 and job.hyperparameters.learning_rate_multiplier == 2.0
     )
     assert job.hyperparameters.model_extra["average_decay"] == 0.5
+    assert job.hyperparameters.model_extra["lora_init_scale"] == 2.0
     long = client.fine_tuning.jobs.create(model=model, training_file=f.id, hyperparameters={"steps": 100000})
     jobs = client.fine_tuning.jobs.list(limit=1)
     assert [j.id for j in jobs.data] == [long.id] and jobs.has_more
