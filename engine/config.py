@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -247,9 +246,12 @@ class ZOConfig:
                 "a full-parameter job keeps no average of its weights (it would be a second copy of the "
                 "model); set 0, or use method lora",
             )
-        s = self.lora_init_scale
-        if isinstance(s, bool) or not isinstance(s, float | int) or not (0 < s <= 100 and math.isfinite(s)):
-            bad("lora_init_scale", f"must be a number in (0, 100] (1: PEFT's init), got {s!r}")
+        if not D.lora_init_scale_ok(self.lora_init_scale):
+            bad(
+                "lora_init_scale",
+                f"must be a number in (0, {D.LORA_INIT_SCALE_MAX:g}] (1: PEFT's init), "
+                f"got {self.lora_init_scale!r}",
+            )
         if self.noise not in NOISE:
             bad("noise", f"must be gaussian or rademacher, got {self.noise!r}")
         if self.master_dtype not in MASTER_DTYPES:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from zostream import defaults as D
+
 from . import rng
 from .errors import RequestError
 from .models.attention import LoraWeights
@@ -142,9 +144,11 @@ class LoraSpec:
             raise RequestError(f"must be a positive number, got {self.alpha!r}", "lora_alpha")
         if not self.targets:
             raise RequestError("name at least one module, e.g. q_proj,v_proj", "lora_targets")
-        ok = isinstance(self.init_scale, float | int) and not isinstance(self.init_scale, bool)
-        if not (ok and 0 < self.init_scale <= 100 and math.isfinite(self.init_scale)):
-            raise RequestError(f"must be a number in (0, 100], got {self.init_scale!r}", "lora_init_scale")
+        if not D.lora_init_scale_ok(self.init_scale):
+            raise RequestError(
+                f"must be a number in (0, {D.LORA_INIT_SCALE_MAX:g}], got {self.init_scale!r}",
+                "lora_init_scale",
+            )
 
     @property
     def scale(self) -> float:

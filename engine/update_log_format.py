@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from zostream import defaults as D
+
 MAGIC = b"ZOLOG\0"
 FORMAT_PLAIN = 1
 FORMAT_COMPACTED = 2
@@ -131,8 +133,11 @@ class LogHeader:
             if not _is_int(scope.get("init_seed")):
                 raise bad("scope.init_seed must be an int (replay rebuilds the LoRA init from it)")
             init_scale = scope.get("init_scale", 1.0)
-            if not (_is_num(init_scale) and 0 < init_scale <= 100):
-                raise bad(f"scope.init_scale must be a number in (0, 100] when present, got {init_scale!r}")
+            if not D.lora_init_scale_ok(init_scale):
+                raise bad(
+                    f"scope.init_scale must be a number in (0, {D.LORA_INIT_SCALE_MAX:g}] when present, "
+                    f"got {init_scale!r}"
+                )
         object.__setattr__(self, "scope", scope)
         if self.noise not in NOISE_KINDS:
             raise bad(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")

@@ -10,6 +10,7 @@ This module imports nothing but the standard library: a client-only install has 
 
 from __future__ import annotations
 
+import math
 import re
 
 # ---- generation ------------------------------------------------------------------------------------
@@ -79,6 +80,15 @@ LORA_TARGETS = ("q_proj", "v_proj")
 # LoRA's A factors start at this multiple of PEFT's init bound (1/sqrt(in)); B starts at 0. PEFT's own: a
 # larger A starts faster and ends lower (bench/RESULTS.md, "a larger LoRA A at the start").
 LORA_INIT_SCALE = 1.0
+LORA_INIT_SCALE_MAX = 100.0
+
+
+def lora_init_scale_ok(s: object) -> bool:
+    """A LoRA init scale any layer accepts (config, adapter spec, a log's scope): a number in (0, MAX]."""
+    ok = isinstance(s, int | float) and not isinstance(s, bool)
+    return ok and math.isfinite(s) and 0 < s <= LORA_INIT_SCALE_MAX
+
+
 MAX_LEN = 512
 CHECKPOINT_EVERY = 0  # no intermediate checkpoints; the result is exported after the last step
 EVAL_EVERY = 0
