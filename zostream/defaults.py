@@ -150,7 +150,9 @@ DOCUMENTED: dict[str, str] = {
     "Hyperparameters.average_decay": f"Unset: {_g(AVERAGE_DECAY['lora'])} for LORA",
     "LoraConfig.r": f"0: {LORA_R}",
     "LoraConfig.alpha": f"Unset: {_g(LORA_ALPHA_PER_R)} * r",
-    "LoraConfig.init_scale": f"Unset: {_g(LORA_INIT_SCALE)}",
+    "LoraConfig.init_scale": (
+        f"In (0, {_g(LORA_INIT_SCALE_MAX)}]; 1 is PEFT's init. Unset: {_g(LORA_INIT_SCALE)}"
+    ),
     "LoraConfig.target_modules": "Empty: [" + ", ".join(f'"{t}"' for t in LORA_TARGETS) + "]",
     "DatasetMetadata.name": f"1-{NAME_MAX_CHARS} characters",
     "ImportUpdateLogMetadata.adapter_id": f"1-{NAME_MAX_CHARS} characters",
