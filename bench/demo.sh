@@ -8,6 +8,7 @@
 set -euo pipefail
 MODEL="${1:?usage: demo.sh MODEL_DIR}"
 WORK="${ZOSTREAM_DEMO_DIR:-$(mktemp -d -t zostream-demo.XXXXXX)}"
+mkdir -p "$WORK"  # a ZOSTREAM_DEMO_DIR that does not exist yet is made
 PORT="${ZOSTREAM_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 STEPS="${ZOSTREAM_DEMO_STEPS:-600}"
 EVAL_EVERY=$(( STEPS >= 6 ? STEPS / 6 : STEPS ))  # held-out accuracy six times along the run

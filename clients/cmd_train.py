@@ -244,18 +244,15 @@ def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any
     """(device, compute dtype, base streamer, store). LoRA jobs stream the frozen base through an
     Engine's streamer (with the --codec decoder); full jobs stream their own working copy, so they get
     no base streamer (it would hold a second copy of the resident blocks)."""
-    import torch
-
     from zostream.clients.common import check_device
     from zostream.engine.config import LimitsConfig
-    from zostream.engine.engine_setup import resolve_device
+    from zostream.engine.engine_setup import compute_dtype, resolve_device
 
     if cfg.method == "lora":
         eng = open_engine(args, LimitsConfig(**LIMITS), tokenizer=tok)
         return eng.device, eng.dtype, eng.streamer, eng.store
     check_device(args.device)
-    dtype = store.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    return resolve_device(args.device), dtype, None, store
+    return resolve_device(args.device), compute_dtype(args.dtype, store.dtype, args.device), None, store
 
 
 def _run(args: argparse.Namespace, cfg: Any, ses: Any, progress: report.Progress, dist: Any = None) -> int:

@@ -76,7 +76,7 @@ def add_runtime_args(p: argparse.ArgumentParser, codec: bool = True, gpu_memory:
         "--dtype",
         choices=COMPUTE_DTYPES,
         default="auto",
-        help="compute dtype (default: auto, the model's dtype)",
+        help="compute dtype (default: auto, the model's dtype; float32 on a CPU without fast kernels for it)",
     )
     if gpu_memory:
         p.add_argument(

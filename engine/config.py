@@ -113,7 +113,7 @@ class LimitsConfig:
 class EngineConfig:
     model_dir: str
     device: str = "auto"  # auto | cpu | cuda | cuda:N | emu (CPU memory playing a GPU: engine/emu.py)
-    compute_dtype: str = "auto"  # auto: the model's dtype
+    compute_dtype: str = "auto"  # auto: the model's dtype; float32 on a CPU without its kernels
     stream: StreamConfig = field(default_factory=StreamConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

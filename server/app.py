@@ -188,6 +188,13 @@ class App:
                 str(engine.device),
             )
             self.engine = engine
+            log.info(
+                "engine ready: %s (%s weights) computing in %s on %s",
+                Path(self.cfg.engine.model_dir).name,
+                str(engine.store.dtype).removeprefix("torch."),
+                str(engine.dtype).removeprefix("torch."),
+                self.cfg.engine.device if self.cfg.engine.device == "emu" else str(engine.device),
+            )
         except Exception as exc:  # noqa: BLE001
             self.engine_error = f"{type(exc).__name__}: {exc}"
             log.error("engine failed to start: %s", self.engine_error)

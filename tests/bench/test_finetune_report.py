@@ -84,6 +84,7 @@ def test_rescore_rebuilds_each_checkpoint_and_scores_it_as_the_job_did(ft, tmp_p
     train = [sys.executable, "-m", "zostream", "train", "--model", str(model), "--method", "lora"]
     train += ["--data", str(data), "--eval", str(data), "--out", str(job), "--steps", "4"]
     train += ["--batch-size", "2", "--eval-every", "4", "--max-len", "16", "--device", "cpu"]
+    train += ["--dtype", "bfloat16"]  # on every CPU (auto: float32 on one without bf16 kernels)
     subprocess.run(train, check=True)
     rows = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in rows if r.get("type") == "eval"}
