@@ -150,6 +150,14 @@ class FineTuning(finetuning_pb2_grpc.FineTuningServicer):
                 yield CJ.event_pb(ev)
             if rec.terminal and not self.jobs.events(rec.id, last):
                 return
+            if self.app.draining:  # end the stream before the server's stop cancels it; clients follow again
+                raise RequestError(
+                    f"the server is shutting down; follow again with after_event_id={last}",
+                    "",
+                    code="UNAVAILABLE",
+                    reason="SERVER_DRAINING",
+                    retry_after_s=1.0,
+                )
             await asyncio.to_thread(self.jobs.wait_for_change, 0.5)
 
     @rpc

@@ -539,10 +539,34 @@ def test_job_survives_kill_9_and_sigterm(model_dir: Path, tmp_path: Path) -> Non
         procs.append(p)
         s = p.stubs()
         wait_until(lambda: get_job(s, job_id).progress.steps_done > logged, 60, "a step after resuming")
+        # A client following the job's events (raw stub, no reconnects) while SIGTERM lands.
+        followed: list[int] = []
+        ended: list[grpc.RpcError] = []
+        own = grpc.insecure_channel(f"127.0.0.1:{p.port}")  # p.kill closes the test's channel
+
+        def follow() -> None:
+            try:
+                for ev in Stubs(own).ft.StreamJobEvents(F.StreamJobEventsRequest(job_id=job_id), timeout=60):
+                    followed.append(ev.id)
+            except grpc.RpcError as exc:
+                ended.append(exc)
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_until(lambda: len(followed) > 0, 30, "the follower's first event")
         t0 = time.monotonic()
         p.kill(signal.SIGTERM)
         assert p.proc.wait(20) == 0, p.output()
         assert time.monotonic() - t0 < 20
+        follower.join(10)
+        own.close()
+        # The stream ended as the proto says: UNAVAILABLE / SERVER_DRAINING, naming where to follow again,
+        # not cancelled under the server's stop (which logged a traceback per open stream).
+        assert ended and ended[0].code() == grpc.StatusCode.UNAVAILABLE, ended
+        assert status_details(ended[0].trailing_metadata())["reason"] == "SERVER_DRAINING"
+        assert f"after_event_id={followed[-1]}" in ended[0].details()
+        assert followed == list(range(1, len(followed) + 1))
+        assert "Exception not handled" not in p.output()
         on_disk = json.loads((d1 / "jobs" / job_id / "status.json").read_text())
         assert on_disk["status"] == "running", "the job finished before SIGTERM; make its steps slower"
         events = [json.loads(x) for x in (d1 / "jobs" / job_id / "events.jsonl").read_text().splitlines()]

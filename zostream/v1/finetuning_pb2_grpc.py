@@ -183,7 +183,9 @@ class FineTuningServicer:
     def StreamJobEvents(self, request, context):
         """Streams a job's events, oldest first: those already recorded after `after_event_id`, then new
         ones as they happen. The stream ends after the job's final event (succeeded / failed /
-        cancelled). To resume after a disconnect, pass the last id received as `after_event_id`.
+        cancelled). To resume after a disconnect, pass the last id received as `after_event_id`. When
+        the server shuts down (SIGTERM) the stream ends with UNAVAILABLE (reason SERVER_DRAINING) once
+        the events recorded so far are sent; follow again, there or on the restarted server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
