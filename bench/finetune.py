@@ -23,11 +23,12 @@ evaluated on the held-out set every --evals-th of the budget. Runs:
 A forward is one pass of the batch (B records); a grzo or MeZO step costs 2, an FZOO step q+1. Output: a table
 per task in RESULTS-form (printed, and appended to --results), a JSON of every curve, and a PNG plot.
 
-A job scores the held-out set in its compute dtype (bf16 for the demo model), the peer in fp32. The scoring
-precision moves a four-label task's accuracy by 0.01-0.03 (bench/RESULTS.md): --score-dtype float32 scores
-every evaluated checkpoint of the engine's jobs again in fp32 (rebuilt from the update log: `zostream log
-export --upto K`, then `zostream eval --dtype float32`), for a comparison at equal scoring precision. Only the
-accuracy is rescored (the job's own stays in the curve as accuracy_job); the candidate CE column is the job's.
+A job scores the held-out set in its compute dtype (bf16 for the demo model; float32 on a CPU without bf16
+kernels), the peer in fp32. The scoring precision moves a four-label task's accuracy by 0.01-0.03
+(bench/RESULTS.md): --score-dtype float32 scores every evaluated checkpoint of the engine's jobs again in fp32
+(rebuilt from the update log: `zostream log export --upto K`, then `zostream eval --dtype float32`), for a
+comparison at equal scoring precision. Only the accuracy is rescored (the job's own stays in the curve as
+accuracy_job); the candidate CE column is the job's.
 
   python bench/finetune.py --model DIR --out DIR [--method lora] [--seeds 0,1,2] [--forwards 1200]
 """

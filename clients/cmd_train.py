@@ -252,7 +252,9 @@ def _base(args: argparse.Namespace, cfg: Any, store: Any, tok: Any) -> tuple[Any
         eng = open_engine(args, LimitsConfig(**LIMITS), tokenizer=tok)
         return eng.device, eng.dtype, eng.streamer, eng.store
     check_device(args.device)
-    return resolve_device(args.device), compute_dtype(args.dtype, store.dtype, args.device), None, store
+    host = getattr(args, "host_memory", None)
+    dtype = compute_dtype(args.dtype, store.dtype, args.device, store.num_parameters(), host)
+    return resolve_device(args.device), dtype, None, store
 
 
 def _run(args: argparse.Namespace, cfg: Any, ses: Any, progress: report.Progress, dist: Any = None) -> int:

@@ -43,7 +43,13 @@ class Engine:
         self.store = WeightStore(cfg.model_dir)
         self.family, self.spec = self.store.family, self.store.spec
         self.device = setup.resolve_device(cfg.device)
-        self.dtype = setup.compute_dtype(cfg.compute_dtype, self.store.dtype, cfg.device)
+        self.dtype = setup.compute_dtype(
+            cfg.compute_dtype,
+            self.store.dtype,
+            cfg.device,
+            self.store.num_parameters(),
+            cfg.stream.host_memory_bytes,
+        )
         self.tokenizer = tokenizer if tokenizer is not None else setup.load_tokenizer(cfg.model_dir)
         self.eos_ids = setup.eos_ids(self.tokenizer, self.store.raw_config)
         self.codec, self.codec_cache = setup.open_codec(self.store, cfg, self.device)

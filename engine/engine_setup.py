@@ -6,6 +6,8 @@ device or a tokenizer call them directly.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,8 @@ from .errors import RequestError
 from .kv_cache import KVPlan, PagedKVCache, kv_bytes_per_token, plan_kv
 from .store import WeightStore
 from .streamer import LayerStreamer
+
+log = logging.getLogger("zostream.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,16 +49,35 @@ def cpu_has_fast_kernels(dtype: torch.dtype) -> bool:
         return True
 
 
-def compute_dtype(name: str, model_dtype: torch.dtype, device: str) -> torch.dtype:
+def ram_bytes() -> int:
+    """Physical memory of this machine (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def compute_dtype(
+    name: str, model_dtype: torch.dtype, device: str, num_params: int = 0, host_memory: int | None = None
+) -> torch.dtype:
     """The dtype blocks are computed in for --dtype `name` on --device `device`. "auto": the model's
     dtype, except on the CPU (--device cpu, or auto without CUDA) when it has no fast kernels for it:
-    float32 there, as transformers computes on a CPU. The emulated device stands for a GPU, so it
-    computes in the model's dtype wherever it runs."""
+    float32 there, as transformers computes on a CPU, if the float32 copies of the weights (`num_params`
+    x 4 bytes; the mmap'd weights themselves are used without a copy only in the model's dtype) take at
+    most half the machine's RAM and no --host-memory budget asks for a base larger than RAM. The
+    emulated device stands for a GPU, so it computes in the model's dtype wherever it runs."""
     if name != "auto":
         return DTYPES[name]
     on_cpu = device != "emu" and resolve_device(device).type == "cpu"
     if on_cpu and model_dtype != torch.float32 and not cpu_has_fast_kernels(model_dtype):
-        return torch.float32
+        if host_memory is None and num_params * 4 <= ram_bytes() // 2:
+            return torch.float32
+        log.warning(
+            "computing in %s, which this CPU multiplies slowly (no AVX-512): float32 copies of the "
+            "weights would not fit in RAM%s; --dtype float32 forces them",
+            str(model_dtype).removeprefix("torch."),
+            "" if host_memory is None else " under --host-memory",
+        )
     return model_dtype
 
 

@@ -64,6 +64,20 @@ def test_auto_rule(monkeypatch, fast):
         assert setup.compute_dtype("auto", torch.bfloat16, "auto") == slow_cpu
 
 
+def test_auto_keeps_the_model_dtype_when_float32_copies_would_not_fit(monkeypatch, caplog):
+    """The mmap'd weights are used in place only in their own dtype: float32 means a copy of every weight.
+    A base whose copies would take over half the RAM, or one run under --host-memory (larger than RAM),
+    keeps the model's dtype, with a warning saying so and how to force float32."""
+    monkeypatch.setattr(setup, "cpu_has_fast_kernels", lambda dtype: False)
+    monkeypatch.setattr(setup, "ram_bytes", lambda: 8 * 2**30)
+    assert setup.compute_dtype("auto", torch.bfloat16, "cpu", num_params=2**30) == torch.float32  # 4 GiB
+    caplog.clear()
+    assert setup.compute_dtype("auto", torch.bfloat16, "cpu", num_params=2**30 + 1) == torch.bfloat16
+    assert "--dtype float32" in caplog.text
+    assert setup.compute_dtype("auto", torch.bfloat16, "cpu", 1000, host_memory=2**20) == torch.bfloat16
+    assert setup.compute_dtype("float32", torch.bfloat16, "cpu", 2**40, host_memory=2**20) == torch.float32
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_engine_on_a_bf16_base_computes_in_the_resolved_dtype(monkeypatch, tmp_path, fast):
     """The engine takes the rule's dtype and generates with it; in float32 its greedy tokens are those of
