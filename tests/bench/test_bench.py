@@ -150,3 +150,18 @@ def test_zo_peer_runs_every_row_on_a_tiny_model(tmp_path, capsys):
     }
     want = {"2 forwards (hf)", "2 forwards (zs)", "zostream full", "peer full", "zostream lora", "peer lora"}
     assert want <= rows
+
+
+def test_cpu_dtype_prints_each_dtype_and_the_auto_choice(capsys):
+    """bench/cpu_dtype.py at its smallest: a row per dtype with a finite positive rate, and the dtype the
+    engine's rule picks on this CPU (the rule itself: tests/engine/test_compute_dtype.py)."""
+    from zostream.engine import engine_setup as setup
+
+    with bench_modules("cpu_dtype") as mods:
+        assert mods["cpu_dtype"].main(["--threads", "1", "--tokens", "8", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert {"float32", "bfloat16", "float16"} <= rows.keys()
+    assert all(_finite_positive(rows[d][3].strip()) for d in ("float32", "bfloat16", "float16"))
+    want = setup.compute_dtype("auto", torch.bfloat16, "cpu", num_params=134_515_008)
+    assert out.rstrip().endswith(str(want))
