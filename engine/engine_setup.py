@@ -72,11 +72,15 @@ def compute_dtype(
     if on_cpu and model_dtype != torch.float32 and not cpu_has_fast_kernels(model_dtype):
         if host_memory is None and num_params * 4 <= ram_bytes() // 2:
             return torch.float32
+        why = (
+            "float32 copies of the weights would take over half the RAM"
+            if host_memory is None
+            else "--host-memory reads the base from disk in place, which float32 copies would not"
+        )
         log.warning(
-            "computing in %s, which this CPU multiplies slowly (no AVX-512): float32 copies of the "
-            "weights would not fit in RAM%s; --dtype float32 forces them",
+            "computing in %s, which this CPU multiplies slowly (no AVX-512): %s; --dtype float32 forces it",
             str(model_dtype).removeprefix("torch."),
-            "" if host_memory is None else " under --host-memory",
+            why,
         )
     return model_dtype
 
